@@ -1,0 +1,160 @@
+"""`mdt`: the command-line entry point.
+
+    mdt pipeline configs/pipelines/demo.yaml [--set stages.dacpt.train.steps=50]
+    mdt train CONFIG [--set train.steps=10] [--resume]
+    mdt eval CONFIG [--checkpoint RUN_OR_CKPT]          -> <run_dir>/eval.json
+    mdt eval pick-base CONFIG --candidates A B C [--set-name domain]
+    mdt data preprocess --input a.jsonl b.txt --tokenizer tokenizer.json --output-prefix out/corpus
+    mdt data demo-corpus --out-dir data/demo
+
+Every command takes `--set a.b=c` overrides. Errors in input print one clear message (set
+MDT_TRACEBACK=1 to see the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from megatron_domain.config import ConfigError, DemoDataConfig, load_config, load_pipeline
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.steps=10 (repeatable)")
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from megatron_domain.pipeline import run_pipeline
+
+    pipe, stages = load_pipeline(args.config, args.overrides)
+    report = run_pipeline(pipe, stages, progress=not args.no_progress)
+    print(f"report: {os.path.join(pipe.out_dir, 'report.md')}")
+    failed = [c for c in report.get("checks", []) if not c["passed"]]
+    for check in report.get("checks", []):
+        print(f"{'PASS' if check['passed'] else 'FAIL'}: {check['description']}: {check['measured']}")
+    return 1 if failed else 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from megatron_domain.engine import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps({"run_dir": str(result.run_dir), "final_loss": result.losses[-1] if result.losses else None,
+                      "checkpoint": str(result.final_checkpoint)}))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from megatron_domain.eval.harness import run_eval
+
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(run_eval(cfg, args.checkpoint, args.out), indent=2))
+    return 0
+
+
+def _cmd_pick_base(args: argparse.Namespace) -> int:
+    from megatron_domain.eval.harness import pick_base
+
+    cfg = load_config(args.config, args.overrides)
+    ranking = pick_base(cfg, args.candidates, args.set_name)
+    for entry in ranking:
+        print(f"{entry['rank']}. {entry['candidate']}: {args.set_name} ppl {entry['ppl']:.3f}")
+    print(json.dumps({"best": ranking[0]["candidate"], "ranking": ranking}))
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from megatron_domain.data.preprocess import preprocess
+    from megatron_domain.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer, args.eod_token)
+    stats = preprocess(args.input, tokenizer, args.output_prefix, json_key=args.json_key,
+                       progress=not args.no_progress)
+    print(json.dumps({"output_prefix": args.output_prefix, **stats}))
+    return 0
+
+
+def _cmd_demo_corpus(args: argparse.Namespace) -> int:
+    from megatron_domain.data.demo_corpus import prepare_demo_data
+
+    manifest = prepare_demo_data(args.out_dir, DemoDataConfig(enabled=True, vocab_size=args.vocab_size),
+                                 progress=not args.no_progress)
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `mdt` argument parser."""
+    parser = argparse.ArgumentParser(prog="mdt", description="megatron-domain: domain-specialized LLM training")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pipeline", help="run a multi-stage pipeline (e.g. configs/pipelines/demo.yaml)")
+    p.add_argument("config")
+    _add_set(p)
+    p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("train", help="train one stage")
+    p.add_argument("config")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    _add_set(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="held-out perplexity -> <run_dir>/eval.json ('mdt eval pick-base ...' ranks bases)")
+    p.add_argument("config")
+    p.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: model.init_from)")
+    p.add_argument("--out", default=None, help="output JSON (default <run_dir>/eval.json)")
+    _add_set(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("preprocess", help="JSONL/text -> tokenized Megatron indexed dataset (.bin/.idx)")
+    q.add_argument("--input", nargs="+", required=True, help="JSONL files ({\"text\": ...} per line) or text files")
+    q.add_argument("--tokenizer", required=True, help="tokenizer.json or a Hugging Face model folder")
+    q.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    q.add_argument("--json-key", default="text")
+    q.add_argument("--eod-token", default="", help="end-of-document token (default: auto-detect)")
+    q.set_defaults(func=_cmd_preprocess)
+    q = data_sub.add_parser("demo-corpus", help="extract and tokenize the embedded demo corpora")
+    q.add_argument("--out-dir", required=True)
+    q.add_argument("--vocab-size", type=int, default=2048)
+    q.set_defaults(func=_cmd_demo_corpus)
+    for action in list(sub.choices.values()) + list(data_sub.choices.values()):
+        action.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def build_pick_base_parser() -> argparse.ArgumentParser:
+    """`mdt eval pick-base`: a separate parser, since `eval` takes the config positionally."""
+    p = argparse.ArgumentParser(prog="mdt eval pick-base",
+                                description="rank candidate base checkpoints by held-out in-domain perplexity")
+    p.add_argument("config")
+    p.add_argument("--candidates", nargs="+", required=True, help="checkpoint or run directories")
+    p.add_argument("--set-name", default="domain", help="the eval set to rank by (default: domain)")
+    _add_set(p)
+    p.set_defaults(func=_cmd_pick_base)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "pick-base"]:
+        args = build_pick_base_parser().parse_args(argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+        if os.environ.get("MDT_TRACEBACK"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,515 @@
+"""Typed configuration tree, loaded from YAML with `--set a.b=c` overrides.
+
+Every command reads one of two roots: `Config` (one training / eval run) or `PipelineConfig`
+(several stages run one after another). Loading collects *all* problems before failing:
+unknown keys (with the nearest valid key suggested), wrong types and semantic checks
+(`validate`), each reported with its dotted path and what to do about it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_PRESET_DIR = REPO_ROOT / "configs" / "models"
+
+MODES = ("pretrain",)
+DTYPES = ("fp32", "bf16")
+ACTIVATION_CHECKPOINTING = ("none", "full")
+ATTENTION_BACKENDS = ("sdpa",)
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found in a configuration, one per line."""
+
+    def __init__(self, problems: list[str], source: str = ""):
+        self.problems = list(problems)
+        head = f"invalid configuration{f' in {source}' if source else ''} ({len(problems)} problem(s)):"
+        super().__init__("\n".join([head] + [f"  - {p}" for p in problems]))
+
+
+# --------------------------------------------------------------------------- dataclass tree
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling; `type: llama3` is Llama 3.1's long-context scheme."""
+
+    type: str = "none"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class ModelConfig:
+    """Llama-family decoder shape. `preset` names a file in configs/models/ (or a YAML path)."""
+
+    preset: str = ""
+    vocab_size: int = 0
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    num_layers: int = 0
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    rms_norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    attention_backend: str = "sdpa"
+    init_from: str = ""
+
+    @property
+    def resolved_head_dim(self) -> int:
+        """Head dimension: `head_dim` when set, else hidden_size / num_heads."""
+        return self.head_dim or (self.hidden_size // max(self.num_heads, 1))
+
+
+@dataclass
+class CorpusConfig:
+    """One tokenized corpus (Megatron indexed dataset prefix) and its blend weight."""
+
+    path: str = ""
+    weight: float = 1.0
+    name: str = ""
+
+
+@dataclass
+class DataConfig:
+    """Training data: tokenizer, packed sequence length and the weighted corpus blend."""
+
+    tokenizer: str = ""
+    eod_token: str = ""
+    seq_len: int = 512
+    corpora: list[CorpusConfig] = field(default_factory=list)
+    cache_dir: str = ""
+    seed: int = 1234
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to `min_lr`."""
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """The loop: steps, batch sizes, precision, checkpointing and logging."""
+
+    run_dir: str = "runs/default"
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 4
+    dtype: str = "fp32"
+    activation_checkpointing: str = "none"
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 0
+    exit_at_step: int = 0
+    peak_tflops: float = 0.0
+    progress: bool = True
+
+
+@dataclass
+class EvalSetConfig:
+    """A named held-out set (indexed dataset prefix)."""
+
+    name: str = ""
+    path: str = ""
+
+
+@dataclass
+class EvalConfig:
+    """Held-out perplexity sets; `max_rows` caps rows of `seq_len` tokens per set (0 = all)."""
+
+    sets: list[EvalSetConfig] = field(default_factory=list)
+    max_rows: int = 0
+    batch_size: int = 8
+    seq_len: int = 0
+
+
+@dataclass
+class Config:
+    """One run of the engine in one mode."""
+
+    mode: str = "pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class DemoDataConfig:
+    """The embedded demo corpora (Python's own docs), prepared before the first stage."""
+
+    enabled: bool = False
+    vocab_size: int = 2048
+    heldout_fraction: float = 0.1
+    max_general_docs: int = 0
+    max_domain_docs: int = 0
+    seed: int = 0
+
+
+@dataclass
+class PplCheckConfig:
+    """Acceptance check: relative perplexity change of `set` over `stage` must be <= max_change
+    (e.g. -0.30 = at least 30% lower; 0.05 = at most 5% higher)."""
+
+    stage: str = ""
+    set: str = ""
+    max_change: float = 0.0
+
+
+@dataclass
+class PipelineConfig:
+    """Stages run in order; each stage = `defaults` deep-merged with the stage's own keys."""
+
+    out_dir: str = "runs/pipeline"
+    demo_data: DemoDataConfig = field(default_factory=DemoDataConfig)
+    defaults: dict = field(default_factory=dict)
+    stages: list[dict] = field(default_factory=list)
+    checks: list[PplCheckConfig] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- dict -> dataclass
+
+
+def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, problems)
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+            return []
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_convert(item_tp, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+            return {}
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{path}: expected true or false, got {value!r}")
+        return False
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        problems.append(f"{path}: expected an integer, got {value!r}")
+        return 0
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(f"{path}: expected a number, got {value!r}")
+        return 0.0
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.append(f"{path}: expected a string, got {value!r}")
+        return ""
+    return value
+
+
+def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
+    """Construct dataclass `cls` from a mapping, recording unknown keys and type errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{path or '<root>'}: expected a mapping, got {type(data).__name__} {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
+            problems.append(f"{dotted}: unknown key; {hint}")
+            continue
+        kwargs[key] = _convert(hints[key], value, dotted, problems)
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- YAML, overrides
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a missing or malformed file raises ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {path} does not exist"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping, got {type(data).__name__}"])
+    return data
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Return `base` with `override` merged in recursively (mappings merge, the rest replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (values parsed as YAML). List items are addressed by index
+    or, for lists of mappings with a `name`, by that name (`stages.dacpt.train.steps=5`)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError([f"--set {item!r}: expected KEY=VALUE, e.g. train.steps=10"])
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        parts = key.strip().split(".")
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                index = _list_index(node, part, key)
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError([f"--set {key}: {'.'.join(parts[:i])} is not a mapping"])
+            if last:
+                node[part] = value
+            else:
+                if not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+                node = node[part]
+    return data
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+        return int(part)
+    for index, entry in enumerate(node):
+        if isinstance(entry, dict) and entry.get("name") == part:
+            return index
+    names = [str(e.get("name")) for e in node if isinstance(e, dict) and "name" in e]
+    raise ConfigError([f"--set {key}: no list item {part!r}; use an index 0..{len(node) - 1}"
+                       + (f" or one of the names {names}" if names else "")])
+
+
+def resolve_model_preset(model: dict, path: str, problems: list[str]) -> dict:
+    """Overlay the user's model keys on the preset named by `model.preset`."""
+    preset = model.get("preset")
+    if not preset:
+        return model
+    candidate = Path(str(preset))
+    preset_file = candidate if candidate.suffix in (".yaml", ".yml") else MODEL_PRESET_DIR / f"{preset}.yaml"
+    if not preset_file.is_file():
+        known = sorted(p.stem for p in MODEL_PRESET_DIR.glob("*.yaml"))
+        close = difflib.get_close_matches(str(preset), known, n=1)
+        problems.append(f"{path}.preset: unknown preset {preset!r}; "
+                        + (f"did you mean '{close[0]}'? " if close else "")
+                        + f"known presets: {', '.join(known)}")
+        return model
+    base = load_yaml(preset_file)
+    return deep_merge(base, model)
+
+
+def config_from_dict(data: dict, source: str = "", path: str = "") -> Config:
+    """Build and validate a `Config`; raises ConfigError listing every problem."""
+    problems: list[str] = []
+    data = dict(data)
+    if isinstance(data.get("model"), dict):
+        data["model"] = resolve_model_preset(data["model"], _join(path, "model"), problems)
+    cfg = _build(Config, data, path, problems)
+    problems.extend(validate(cfg, path))
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a run config from YAML and apply `--set` overrides."""
+    data = apply_overrides(load_yaml(path), overrides or [])
+    return config_from_dict(data, source=str(path))
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config, prefix: str = "") -> list[str]:
+    """Semantic checks across the tree; returns problems as 'dotted.path: what and the fix'."""
+    p = lambda key: _join(prefix, key)  # noqa: E731
+    problems: list[str] = []
+    m, d, o, t, e = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.eval
+    if cfg.mode not in MODES:
+        problems.append(f"{p('mode')}: unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        if getattr(m, key) <= 0:
+            problems.append(f"{p('model.' + key)}: must be > 0, got {getattr(m, key)}; "
+                            "set it or choose a model.preset")
+    if m.num_heads > 0 and m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads:
+        problems.append(f"{p('model.num_kv_heads')}: model.num_heads ({m.num_heads}) must be a multiple "
+                        f"of model.num_kv_heads ({m.num_kv_heads})")
+    if m.head_dim == 0 and m.num_heads > 0 and m.hidden_size % m.num_heads:
+        problems.append(f"{p('model.hidden_size')}: {m.hidden_size} is not divisible by model.num_heads "
+                        f"({m.num_heads}); set model.head_dim explicitly")
+    if m.resolved_head_dim % 2:
+        problems.append(f"{p('model.head_dim')}: RoPE needs an even head dimension, got {m.resolved_head_dim}")
+    if m.rope_scaling.type not in ("none", "llama3"):
+        problems.append(f"{p('model.rope_scaling.type')}: unknown {m.rope_scaling.type!r}; use none or llama3")
+    if m.attention_backend not in ATTENTION_BACKENDS:
+        problems.append(f"{p('model.attention_backend')}: unknown {m.attention_backend!r}; "
+                        f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if d.seq_len <= 0:
+        problems.append(f"{p('data.seq_len')}: must be > 0, got {d.seq_len}")
+    elif m.max_seq_len > 0 and d.seq_len > m.max_seq_len:
+        problems.append(f"{p('data.seq_len')}: {d.seq_len} exceeds model.max_seq_len ({m.max_seq_len}); "
+                        "lower data.seq_len or raise model.max_seq_len")
+    if e.seq_len > 0 and m.max_seq_len > 0 and e.seq_len > m.max_seq_len:
+        problems.append(f"{p('eval.seq_len')}: {e.seq_len} exceeds model.max_seq_len ({m.max_seq_len})")
+    for i, corpus in enumerate(d.corpora):
+        if not corpus.path:
+            problems.append(f"{p(f'data.corpora[{i}].path')}: empty; give an indexed dataset prefix "
+                            "(the path without .bin/.idx), e.g. from `mdt data preprocess`")
+        if corpus.weight <= 0:
+            problems.append(f"{p(f'data.corpora[{i}].weight')}: must be > 0, got {corpus.weight}")
+    for i, s in enumerate(e.sets):
+        if not s.name or not s.path:
+            problems.append(f"{p(f'eval.sets[{i}]')}: needs both name and path, got name={s.name!r} path={s.path!r}")
+    names = [s.name for s in e.sets]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{p('eval.sets')}: the name {dup!r} is used twice; eval set names must be unique")
+    if o.lr <= 0:
+        problems.append(f"{p('optim.lr')}: must be > 0, got {o.lr}")
+    if o.min_lr < 0 or o.min_lr > o.lr:
+        problems.append(f"{p('optim.min_lr')}: must be in [0, optim.lr={o.lr}], got {o.min_lr}")
+    if o.warmup_steps < 0:
+        problems.append(f"{p('optim.warmup_steps')}: must be >= 0, got {o.warmup_steps}")
+    if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
+        problems.append(f"{p('optim.beta1')}/{p('optim.beta2')}: must be in [0, 1), got {o.beta1}, {o.beta2}")
+    if o.clip_grad < 0:
+        problems.append(f"{p('optim.clip_grad')}: must be >= 0 (0 disables clipping), got {o.clip_grad}")
+    if t.steps <= 0:
+        problems.append(f"{p('train.steps')}: must be > 0, got {t.steps}")
+    if t.micro_batch_size <= 0:
+        problems.append(f"{p('train.micro_batch_size')}: must be > 0, got {t.micro_batch_size}")
+    elif t.global_batch_size % t.micro_batch_size:
+        problems.append(f"{p('train.global_batch_size')}: {t.global_batch_size} is not a multiple of "
+                        f"train.micro_batch_size ({t.micro_batch_size}); make it micro x accumulation steps")
+    if t.dtype not in DTYPES:
+        problems.append(f"{p('train.dtype')}: unknown {t.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if t.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        problems.append(f"{p('train.activation_checkpointing')}: unknown {t.activation_checkpointing!r}; "
+                        f"choose one of {', '.join(ACTIVATION_CHECKPOINTING)}")
+    if t.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"{p('train.device')}: unknown {t.device!r}; choose auto, cpu or cuda")
+    if t.exit_at_step < 0 or t.exit_at_step > t.steps:
+        problems.append(f"{p('train.exit_at_step')}: must be in [0, train.steps={t.steps}], got {t.exit_at_step}")
+    if t.checkpoint_every < 0 or t.log_every <= 0:
+        problems.append(f"{p('train.checkpoint_every')}/{p('train.log_every')}: need checkpoint_every >= 0 "
+                        f"and log_every > 0, got {t.checkpoint_every}, {t.log_every}")
+    return problems
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple[PipelineConfig, list[Config]]:
+    """Load a pipeline and build every stage's `Config`; all problems of all stages at once."""
+    data = apply_overrides(load_yaml(path), overrides or [])
+    problems: list[str] = []
+    pipe = _build(PipelineConfig, data, "", problems)
+    if not pipe.stages:
+        problems.append("stages: the pipeline has no stages; add at least one under `stages:`")
+    stage_configs: list[Config] = []
+    seen: set[str] = set()
+    for i, stage in enumerate(pipe.stages):
+        stage = dict(stage)
+        name = str(stage.pop("name", "") or "")
+        where = f"stages[{name or i}]"
+        if not name:
+            problems.append(f"stages[{i}].name: every stage needs a unique name")
+        elif name in seen:
+            problems.append(f"{where}.name: the name {name!r} is used twice")
+        seen.add(name)
+        merged = substitute(deep_merge(pipe.defaults, stage), {"out_dir": pipe.out_dir, "stage": name})
+        merged.setdefault("train", {})
+        if isinstance(merged["train"], dict):
+            merged["train"].setdefault("run_dir", str(Path(pipe.out_dir) / name))
+        try:
+            stage_configs.append(config_from_dict(merged, path=where))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    complete = len(stage_configs) == len(pipe.stages)
+    stage_sets = {n: [s.name for s in c.eval.sets] for n, c in zip(stage_names(pipe), stage_configs)} if complete else {}
+    for i, check in enumerate(pipe.checks):
+        if check.stage not in seen:
+            problems.append(f"checks[{i}].stage: no stage named {check.stage!r}; stages: {', '.join(sorted(seen))}")
+        elif complete and check.set not in stage_sets[check.stage]:
+            problems.append(f"checks[{i}].set: {check.set!r} is not an eval set of stage {check.stage!r} "
+                            f"({', '.join(stage_sets[check.stage])})")
+    if problems:
+        raise ConfigError(problems, str(path))
+    return pipe, stage_configs
+
+
+def stage_names(pipe: PipelineConfig) -> list[str]:
+    """The stage names in run order."""
+    return [str(s.get("name")) for s in pipe.stages]
+
+
+def substitute(data: Any, values: dict[str, str]) -> Any:
+    """Replace `{out_dir}`-style placeholders in every string of a nested structure."""
+    if isinstance(data, dict):
+        return {k: substitute(v, values) for k, v in data.items()}
+    if isinstance(data, list):
+        return [substitute(v, values) for v in data]
+    if isinstance(data, str):
+        for key, value in values.items():
+            data = data.replace("{" + key + "}", str(value))
+    return data
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain-dict copy of a config dataclass (for logs and checkpoints)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,1 @@
+"""Data: tokenizers, Megatron indexed corpora, blending, packing and the demo corpora."""

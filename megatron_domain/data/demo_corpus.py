@@ -1,0 +1,113 @@
+"""The embedded demo corpora, extracted from the local Python installation (no downloads).
+
+- domain: the Python language reference shipped in `pydoc_data.topics`, each topic cut into
+  sections at paragraph boundaries;
+- general: the standard library's docstrings (modules, classes, functions), read with `ast`
+  from the source files (nothing is imported).
+
+Held-out documents are chosen by a hash of their key, so the split is stable across runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import sysconfig
+from pathlib import Path
+
+from megatron_domain.config import DemoDataConfig
+from megatron_domain.data.indexed import write_indexed_dataset
+from megatron_domain.data.preprocess import tokenize_documents
+from megatron_domain.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo", "ensurepip"}
+MANIFEST_VERSION = 1
+
+
+def domain_documents(section_chars: int = 1500) -> list[tuple[str, str]]:
+    """(key, text) sections of the language reference topics, ~`section_chars` long each."""
+    from pydoc_data.topics import topics
+
+    docs = []
+    for topic in sorted(topics):
+        section, part = [], 0
+        for paragraph in topics[topic].split("\n\n"):
+            section.append(paragraph)
+            if sum(len(p) for p in section) >= section_chars:
+                docs.append((f"{topic}#{part}", "\n\n".join(section).strip()))
+                section, part = [], part + 1
+        if section and "\n\n".join(section).strip():
+            docs.append((f"{topic}#{part}", "\n\n".join(section).strip()))
+    return docs
+
+
+def general_documents(min_chars: int = 40) -> list[tuple[str, str]]:
+    """(key, docstring) for every module, class and function docstring of the stdlib sources."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    docs = []
+    for root, dirs, files in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(root, name)
+            try:
+                tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            rel = os.path.relpath(path, stdlib)
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    text = ast.get_docstring(node)
+                    if text and len(text) >= min_chars:
+                        docs.append((f"{rel}:{getattr(node, 'name', '<module>')}:{getattr(node, 'lineno', 0)}", text))
+    return docs
+
+
+def is_heldout(key: str, fraction: float, seed: int) -> bool:
+    """Stable pseudo-random choice of held-out documents by hashing their key."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+
+
+def split_documents(docs: list[tuple[str, str]], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train texts, held-out texts)."""
+    train = [text for key, text in docs if not is_heldout(key, fraction, seed)]
+    heldout = [text for key, text in docs if is_heldout(key, fraction, seed)]
+    return train, heldout
+
+
+def prepare_demo_data(out_dir: str | os.PathLike, cfg: DemoDataConfig, progress: bool = True) -> dict:
+    """Extract both corpora, train the demo tokenizer on the training halves, and write
+    `tokenizer.json` and the indexed datasets {general,domain}_{train,heldout} to `out_dir`.
+    Reuses earlier output when its manifest matches the settings."""
+    out = Path(out_dir)
+    manifest_file = out / "manifest.json"
+    settings = {"version": MANIFEST_VERSION, "vocab_size": cfg.vocab_size, "heldout_fraction": cfg.heldout_fraction,
+                "max_general_docs": cfg.max_general_docs, "max_domain_docs": cfg.max_domain_docs, "seed": cfg.seed}
+    if manifest_file.is_file():
+        manifest = json.loads(manifest_file.read_text())
+        if manifest.get("settings") == settings:
+            return manifest
+    corpora = {"general": general_documents(), "domain": domain_documents()}
+    limits = {"general": cfg.max_general_docs, "domain": cfg.max_domain_docs}
+    splits = {}
+    for name, docs in corpora.items():
+        if limits[name]:
+            docs = docs[:: max(1, len(docs) // limits[name])][: limits[name]]  # evenly spread subset
+        splits[name] = split_documents(docs, cfg.heldout_fraction, cfg.seed)
+    train_texts = splits["general"][0] + splits["domain"][0]
+    tokenizer = train_bpe_tokenizer(train_texts, cfg.vocab_size, out / "tokenizer.json")
+    tokenizer = load_tokenizer(out / "tokenizer.json")
+    stats = {}
+    for name, (train, heldout) in splits.items():
+        for split, texts in (("train", train), ("heldout", heldout)):
+            docs = tokenize_documents(iter(texts), tokenizer, progress=progress, desc=f"{name}_{split}")
+            stats[f"{name}_{split}"] = write_indexed_dataset(out / f"{name}_{split}", docs, tokenizer.vocab_size)
+    manifest = {"settings": settings, "tokenizer": str(out / "tokenizer.json"), "datasets": stats}
+    tmp = manifest_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, manifest_file)
+    return manifest

@@ -1,0 +1,1 @@
+"""Evaluation harness: held-out perplexity on named sets, base-model selection, reports."""

@@ -1,0 +1,68 @@
+"""`mdt eval`: held-out perplexity of a checkpoint on the configured sets -> eval.json, and
+`mdt eval pick-base`: rank candidate checkpoints by in-domain perplexity (lowest first)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_domain.checkpoint import load_model_weights
+from megatron_domain.config import Config
+from megatron_domain.data.tokenizer import load_tokenizer
+from megatron_domain.eval.perplexity import evaluate_sets, write_json_atomic
+from megatron_domain.models.llama import build_model, materialize
+from megatron_domain.parallel.distributed import ensure_process_group
+
+
+def _device(cfg: Config) -> torch.device:
+    if cfg.train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.train.device)
+
+
+def load_eval_model(cfg: Config, checkpoint: str | None, device: torch.device) -> torch.nn.Module:
+    """The model to evaluate: `checkpoint`, else `model.init_from`, else the seeded random init."""
+    source = checkpoint or cfg.model.init_from
+    model = materialize(build_model(cfg.model), device, seed=None if source else cfg.train.seed)
+    if source:
+        load_model_weights(source, model)
+    return model
+
+
+def evaluate_model(cfg: Config, model: torch.nn.Module, device: torch.device) -> dict:
+    """Perplexity on every `eval.sets` entry with the config's tokenizer and sequence length."""
+    if not cfg.eval.sets:
+        raise ValueError("eval.sets: no held-out sets configured; add entries {name, path}")
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
+    seq_len = cfg.eval.seq_len or cfg.data.seq_len
+    return evaluate_sets(model, cfg.eval.sets, seq_len, tokenizer.eod_id, cfg.eval.batch_size, device, cfg.eval.max_rows)
+
+
+def run_eval(cfg: Config, checkpoint: str | None = None, out_file: str | None = None) -> dict:
+    """Evaluate and write `<run_dir>/eval.json` (or `out_file`): {"ppl": {set: value}, ...}."""
+    device = _device(cfg)
+    ensure_process_group(device)
+    model = load_eval_model(cfg, checkpoint, device)
+    result = evaluate_model(cfg, model, device)
+    result["checkpoint"] = checkpoint or cfg.model.init_from or "random-init"
+    write_json_atomic(out_file or Path(cfg.train.run_dir) / "eval.json", result)
+    return result
+
+
+def pick_base(cfg: Config, candidates: list[str], set_name: str) -> list[dict]:
+    """Rank candidate checkpoints (or run dirs) by held-out perplexity on `set_name`."""
+    names = [s.name for s in cfg.eval.sets]
+    if set_name not in names:
+        raise ValueError(f"--set-name {set_name!r} is not among eval.sets ({', '.join(names) or 'none'})")
+    device = _device(cfg)
+    ensure_process_group(device)
+    ranking = []
+    for candidate in candidates:
+        model = load_eval_model(cfg, candidate, device)
+        ppl = evaluate_model(cfg, model, device)["ppl"]
+        ranking.append({"candidate": candidate, "ppl": ppl[set_name], "all_ppl": ppl})
+    ranking.sort(key=lambda r: r["ppl"])
+    for i, entry in enumerate(ranking):
+        entry["rank"] = i + 1
+    return ranking

@@ -1,0 +1,77 @@
+"""Throughput, MFU and the per-step metrics log (`metrics.jsonl`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) per GPU, from the vendors' data sheets.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024,
+                          repeats: int = 5) -> float:
+    """Best observed FLOP/s of a square matmul: the MFU denominator where no data sheet applies."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(device: torch.device, configured_tflops: float = 0.0, dtype: torch.dtype = torch.float32) -> float:
+    """Peak FLOP/s for MFU: the configured value, a GPU's data-sheet bf16 peak, else the
+    measured matmul rate of this device in the training dtype (CPU)."""
+    if configured_tflops > 0:
+        return configured_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value
+    return measured_matmul_flops(device, dtype)
+
+
+class MetricsLog:
+    """Appends one JSON object per line to `<run_dir>/metrics.jsonl` (rank 0 only)."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines for steps > `step` (written after the checkpoint we resume from)."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", -1) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        """Append one record."""
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """All records of a run's metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,214 @@
+"""Llama-family decoder (Llama 3.x, Qwen2.5, Mistral): RMSNorm, RoPE (+ Llama 3.1 scaling),
+GQA, SwiGLU, optional q/k/v bias and tied embeddings.
+
+Parameter names are Hugging Face's without the `model.` prefix (`embed_tokens.weight`,
+`layers.0.self_attn.q_proj.weight`, ..., `norm.weight`, `lm_head.weight`), so HF conversion
+is a rename table. RoPE uses HF's rotate-half convention, so q/k weights need no permutation.
+Layers live in a ModuleDict keyed by their global index so pipeline stages can drop layers
+and keep names stable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_domain.config import ModelConfig
+from megatron_domain.models.attention import ATTENTION_BACKENDS, AttentionContext
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H] -> [..., H]."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        """Ones."""
+        nn.init.ones_(self.weight)
+
+
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies [D/2] with optional Llama 3.1 scaling (HF `_compute_llama3_parameters`)."""
+    dim = cfg.resolved_head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    rs = cfg.rope_scaling
+    if rs.type == "llama3":
+        low_freq_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_freq_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rs.factor, inv_freq)
+        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids [B, S] -> cos, sin [B, 1, S, D] (fp32 math, cast to `dtype`)."""
+    freqs = position_ids[..., None].float() * inv_freq.float()  # [B, S, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, D]
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [..., D] with halves (a, b) -> (-b, a)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, D] rotated by position."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.resolved_head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.attend = ATTENTION_BACKENDS[cfg.attention_backend]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """x [B, S, H] -> [B, S, H]."""
+        bsz, seq, _ = x.shape
+        q = self.q_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # [B, Hq, S, D]
+        k = self.k_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+        v = self.v_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = self.attend(q, k, v, ctx)  # [B, Hq, S, D]
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))  # [B, S, H]
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, S, H] -> [B, S, H]."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """x [B, S, H] -> [B, S, H]."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """The decoder; `forward` returns logits, `hidden_states` the final normed hidden states."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.num_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("rope_inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def output_weight(self) -> torch.Tensor:
+        """The [V, H] output projection (the embedding when tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor,
+                      document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, position_ids, document_ids [B, S] -> final hidden states [B, S, H]."""
+        x = self.embed_tokens(tokens)  # [B, S, H]
+        cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)  # [B, 1, S, D]
+        ctx = AttentionContext.build(document_ids)
+        for layer in self.layers.values():
+            x = layer(x, cos, sin, ctx)
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, V]. `document_ids` enables per-document masking."""
+        return F.linear(self.hidden_states(tokens, position_ids, document_ids), self.output_weight())
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Deterministic init: N(0, init_std) for linears/embeddings, zero biases, unit norms."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for name, param in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32).mul_(self.cfg.init_std))
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (needed after building on the meta device)."""
+        self.rope_inv_freq = rope_inv_freq(self.cfg, device=self.embed_tokens.weight.device)
+
+
+def materialize(model: Transformer, device: torch.device | str, seed: int | None) -> Transformer:
+    """Allocate a meta-device model on `device`; initialize it when `seed` is given."""
+    model.to_empty(device=device)
+    if seed is None:
+        model.reset_buffers()
+    else:
+        model.init_weights(seed)
+    return model
+
+
+def build_model(cfg: ModelConfig) -> Transformer:
+    """Build on the meta device (no memory); call `materialize` once converters are applied."""
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts {total, embedding, non_embedding} computed from shapes alone."""
+    model = build_model(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.embed_tokens.weight.numel()
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs per trained token: 6 x (non-embedding params, incl. output layer) for the
+    matmuls (forward 2, backward 4) + 12 x layers x (heads x head_dim) x seq_len for attention
+    scores and values (PaLM appendix B convention, no causal discount)."""
+    counts = count_parameters(cfg)
+    matmul_params = counts["non_embedding"] + (cfg.vocab_size * cfg.hidden_size if cfg.tie_embeddings else 0)
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
+    return float(6 * matmul_params + attention)

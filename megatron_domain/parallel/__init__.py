@@ -1,0 +1,1 @@
+"""Parallelism and model transforms applied in DESIGN.md's fixed build order."""

@@ -1,0 +1,31 @@
+"""Process-group setup. Under torchrun the environment names the rendezvous; a plain single
+process gets a world of one over an in-memory store (megatron-core's dataset builders and
+DCP expect an initialized default group)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """Initialize the default group once: NCCL on CUDA, gloo on CPU."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend=backend)
+    else:
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def rank() -> int:
+    """Global rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """World size (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1

@@ -1,0 +1,77 @@
+"""`mdt pipeline`: run stages one after another, evaluating before and after each, and
+write `<out_dir>/report.json`, `report.md` and `loss_curves.png`.
+
+    mdt pipeline configs/pipelines/demo.yaml
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megatron_domain.config import Config, PipelineConfig, stage_names
+from megatron_domain.data.demo_corpus import prepare_demo_data
+from megatron_domain.engine import resolve_device, train
+from megatron_domain.eval.harness import evaluate_model, load_eval_model
+from megatron_domain.eval.perplexity import write_json_atomic
+from megatron_domain.eval.report import write_report
+from megatron_domain.parallel.distributed import ensure_process_group
+
+
+def evaluate_stage_input(cfg: Config, device: torch.device) -> dict:
+    """Perplexities of the model a stage starts from (its init_from, or its random init)."""
+    model = load_eval_model(cfg, None, device)
+    return evaluate_model(cfg, model, device)
+
+
+def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = True) -> dict:
+    """Run every stage; returns the report dict (also written to disk)."""
+    out = Path(pipe.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if pipe.demo_data.enabled:
+        if progress:
+            tqdm.write(f"preparing the demo corpora in {out / 'data'} ...")
+        prepare_demo_data(out / "data", pipe.demo_data, progress=progress)
+    report: dict = {"out_dir": str(out), "stages": []}
+    for name, cfg in zip(stage_names(pipe), stages):
+        device = resolve_device(cfg.train.device)
+        ensure_process_group(device)
+        if cfg.train.num_threads > 0:
+            torch.set_num_threads(cfg.train.num_threads)
+        before = evaluate_stage_input(cfg, device)
+        write_json_atomic(Path(cfg.train.run_dir) / "eval_before.json", before)
+        start = time.perf_counter()
+        result = train(cfg, progress=progress)
+        train_time = time.perf_counter() - start
+        after = evaluate_model(cfg, load_eval_model(cfg, str(result.final_checkpoint), device), device)
+        after["checkpoint"] = str(result.final_checkpoint)
+        write_json_atomic(Path(cfg.train.run_dir) / "eval.json", after)
+        entry = {"name": name, "mode": cfg.mode, "eval_before": before, "eval_after": after,
+                 "run_dir": str(cfg.train.run_dir), "train_time_s": train_time, "final_loss": result.losses[-1]}
+        report["stages"].append(entry)
+        if progress:
+            summary = ", ".join(f"{k}: {before['ppl'][k]:.1f} -> {after['ppl'][k]:.1f}" for k in after["ppl"])
+            tqdm.write(f"[{name}] held-out perplexity {summary}")
+        write_report(report, out)
+    report["checks"] = evaluate_checks(pipe, report)
+    write_report(report, out)
+    return report
+
+
+def evaluate_checks(pipe: PipelineConfig, report: dict) -> list[dict]:
+    """Each configured perplexity check: measured relative change vs its limit."""
+    by_name = {s["name"]: s for s in report["stages"]}
+    results = []
+    for check in pipe.checks:
+        stage = by_name[check.stage]
+        before, after = stage["eval_before"]["ppl"][check.set], stage["eval_after"]["ppl"][check.set]
+        change = (after - before) / before
+        bound = f"at least {-check.max_change:.0%} lower" if check.max_change < 0 else f"at most {check.max_change:.0%} higher"
+        results.append({"stage": check.stage, "set": check.set, "max_change": check.max_change,
+                        "measured": f"{change:+.1%} ({before:.2f} -> {after:.2f})", "change": change,
+                        "passed": change <= check.max_change,
+                        "description": f"{check.stage}: {check.set} perplexity {bound}"})
+    return results

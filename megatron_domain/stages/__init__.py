@@ -1,0 +1,61 @@
+"""Stages are modes of the one engine. A stage provides:
+
+- `setup(ctx)`: build its data (and anything else it needs) from the StageContext;
+- `batches(step) -> list[micro-batch]`: the micro-batches of one optimizer step for this rank;
+- `forward_step(batch, model) -> (output, loss_fn)`: run the model; `loss_fn(output)` returns
+  `(loss_sum, num_tokens, metrics)` so the engine can normalize over micro-batches and ranks;
+- `state_dict()` / `load_state_dict()`: the data cursor, saved in every checkpoint.
+
+Stages never import each other or the engine. A new stage is one file plus an entry here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from megatron_domain.config import Config
+from megatron_domain.data.tokenizer import TextTokenizer
+
+STAGES = {"pretrain": "megatron_domain.stages.pretrain:PretrainStage"}
+
+
+@dataclass
+class StageContext:
+    """What the engine hands a stage at setup."""
+
+    cfg: Config
+    tokenizer: TextTokenizer
+    device: torch.device
+    run_dir: Path
+    dp_rank: int = 0
+    dp_size: int = 1
+
+
+LossFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+class Stage(Protocol):
+    """The contract between the engine and a stage."""
+
+    def setup(self, ctx: StageContext) -> None: ...
+
+    def batches(self, step: int) -> list[dict]: ...
+
+    def forward_step(self, batch: dict, model: torch.nn.Module) -> tuple[Any, LossFn]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def create_stage(mode: str) -> Stage:
+    """Instantiate the stage registered for `mode`."""
+    if mode not in STAGES:
+        raise ValueError(f"mode: unknown {mode!r}; registered stages: {', '.join(STAGES)}")
+    module, name = STAGES[mode].split(":")
+    return getattr(importlib.import_module(module), name)()

@@ -1,0 +1,73 @@
+"""`mode: pretrain`: causal-LM training on a weighted blend of packed corpora (base
+pre-training and DACPT with replay are the same stage with different blends).
+
+Departures from the plain recipe: documents are packed with per-document attention and
+position resets (no attention or loss across an EOD), as in DESIGN.md "Data".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_domain.data.indexed import build_blended_dataset, check_prefix
+from megatron_domain.data.packing import PackedSampleStream
+from megatron_domain.losses import masked_cross_entropy_sum
+from megatron_domain.stages import StageContext
+
+
+class PretrainStage:
+    """Blended, packed causal-LM batches; the cursor counts consumed samples (global)."""
+
+    def __init__(self) -> None:
+        self.consumed_samples = 0
+        self.stream: PackedSampleStream | None = None
+
+    def setup(self, ctx: StageContext) -> None:
+        """Build the blended dataset for the whole run (steps x global batch samples)."""
+        cfg = ctx.cfg
+        if not cfg.data.corpora:
+            raise ValueError("data.corpora: the pretrain mode needs at least one corpus "
+                             "(a list of {path, weight})")
+        for i, corpus in enumerate(cfg.data.corpora):
+            check_prefix(corpus.path, f"data.corpora[{i}].path")
+        self.global_batch = cfg.train.global_batch_size
+        self.micro_batch = cfg.train.micro_batch_size
+        self.dp_rank, self.dp_size = ctx.dp_rank, ctx.dp_size
+        if self.global_batch % (self.micro_batch * self.dp_size):
+            raise ValueError(f"train.global_batch_size ({self.global_batch}) must be a multiple of "
+                             f"micro_batch_size x data-parallel size ({self.micro_batch} x {self.dp_size})")
+        cache = cfg.data.cache_dir or str(Path(ctx.run_dir) / "data_cache")
+        dataset = build_blended_dataset(
+            [c.path for c in cfg.data.corpora], [c.weight for c in cfg.data.corpora],
+            num_samples=cfg.train.steps * self.global_batch, seq_len=cfg.data.seq_len,
+            vocab_size=ctx.tokenizer.vocab_size, eod_id=ctx.tokenizer.eod_id, seed=cfg.data.seed, cache_dir=cache)
+        self.stream = PackedSampleStream(dataset, ctx.tokenizer.eod_id)
+
+    def batches(self, step: int) -> list[dict]:
+        """This rank's micro-batches of the next global batch; advances the cursor."""
+        per_rank = self.global_batch // self.dp_size
+        start = self.consumed_samples + self.dp_rank * per_rank
+        micro = [self.stream.micro_batch(start + i, self.micro_batch) for i in range(0, per_rank, self.micro_batch)]
+        self.consumed_samples += self.global_batch
+        return micro
+
+    def forward_step(self, batch: dict, model: torch.nn.Module):
+        """Logits of the packed rows; the loss function sums masked next-token CE."""
+        logits = model(batch["tokens"], batch["position_ids"], batch["document_ids"])  # [B, S, V]
+
+        def loss_fn(output: torch.Tensor):
+            loss_sum, count = masked_cross_entropy_sum(output.flatten(0, 1), batch["labels"].flatten(),
+                                                       batch["loss_mask"].flatten())
+            return loss_sum, count, {}
+
+        return logits, loss_fn
+
+    def state_dict(self) -> dict:
+        """The data cursor."""
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved cursor."""
+        self.consumed_samples = int(state["consumed_samples"])

@@ -1,0 +1,70 @@
+"""Shared fixtures: two small synthetic corpora ("alpha" and "beta", different word
+distributions), a tokenizer trained on them, and a tiny-model config that trains in seconds."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_domain.config import config_from_dict
+from megatron_domain.data.indexed import write_indexed_dataset
+from megatron_domain.data.preprocess import tokenize_documents
+from megatron_domain.data.tokenizer import train_bpe_tokenizer
+
+ALPHA_WORDS = "the function returns a list of values from the module and raises an error when".split()
+BETA_WORDS = "an expression evaluates to an object whose type determines the operations it supports".split()
+
+
+def synthetic_documents(words: list[str], count: int, seed: int) -> list[str]:
+    """`count` pseudo-sentences of 5..60 words drawn from `words`."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) + "." for _ in range(count)]
+
+
+@pytest.fixture(scope="session")
+def corpora(tmp_path_factory) -> dict:
+    """Paths of the tokenizer and of train/held-out indexed datasets for both corpora."""
+    root = tmp_path_factory.mktemp("corpora")
+    alpha = synthetic_documents(ALPHA_WORDS, 300, seed=1)
+    beta = synthetic_documents(BETA_WORDS, 300, seed=2)
+    tok = train_bpe_tokenizer(alpha + beta, 400, root / "tokenizer.json")
+    out = {"tokenizer": str(root / "tokenizer.json"), "eod_id": tok.eod_id, "vocab_size": tok.vocab_size}
+    for name, docs in (("alpha", alpha), ("beta", beta)):
+        for split, part in (("train", docs[:260]), ("heldout", docs[260:])):
+            prefix = root / f"{name}_{split}"
+            write_indexed_dataset(prefix, tokenize_documents(iter(part), tok, progress=False), tok.vocab_size)
+            out[f"{name}_{split}"] = str(prefix)
+    return out
+
+
+def tiny_config_dict(corpora: dict, run_dir: Path | str, **train) -> dict:
+    """A pretrain config of the tiny-test model over the synthetic blend (80% alpha, 20% beta)."""
+    return {
+        "mode": "pretrain",
+        "model": {"preset": "tiny-test"},
+        "data": {"tokenizer": corpora["tokenizer"], "seq_len": 64,
+                 "corpora": [{"name": "alpha", "path": corpora["alpha_train"], "weight": 0.8},
+                             {"name": "beta", "path": corpora["beta_train"], "weight": 0.2}]},
+        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
+        "train": {"run_dir": str(run_dir), "steps": 6, "micro_batch_size": 4, "global_batch_size": 4,
+                  "device": "cpu", "progress": False, **train},
+        "eval": {"sets": [{"name": "alpha", "path": corpora["alpha_heldout"]},
+                          {"name": "beta", "path": corpora["beta_heldout"]}], "batch_size": 4},
+    }
+
+
+@pytest.fixture
+def tiny_config(corpora, tmp_path):
+    """Factory: tiny_config(**train_overrides) -> validated Config writing to tmp_path/run."""
+    def make(run_name: str = "run", **train):
+        return config_from_dict(tiny_config_dict(corpora, tmp_path / run_name, **train))
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.set_num_threads(2)
+    yield

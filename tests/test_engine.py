@@ -1,0 +1,104 @@
+"""Engine: exact resume, gradient accumulation, metrics log, checkpoints, clear setup errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_domain.checkpoint import latest_checkpoint
+from megatron_domain.config import ConfigError, config_from_dict
+from megatron_domain.engine import train
+from megatron_domain.metrics import read_metrics
+from megatron_domain.optim import lr_at
+
+from conftest import tiny_config_dict
+
+
+def test_resume_equals_uninterrupted_run(tiny_config):
+    """Stop at step N/2 (checkpoint, exit), resume: the loss sequence equals the straight run."""
+    straight = train(tiny_config("straight", steps=8)).losses
+    first = train(tiny_config("resumed", steps=8, exit_at_step=4)).losses
+    assert len(first) == 4
+    second = train(tiny_config("resumed", steps=8), resume=True).losses
+    assert first + second == straight  # bitwise: same data cursor, optimizer, schedule and RNG
+    records = read_metrics(tiny_config("resumed").train.run_dir)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["loss"] for r in records] == straight
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+        assert all(key in r for r in records)
+    assert straight[-1] < straight[0]
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_config):
+    """global 8 = 2 x micro 4 gives the same (token-weighted) losses as one micro-batch of 8."""
+    big = train(tiny_config("big", steps=3, micro_batch_size=8, global_batch_size=8)).losses
+    accumulated = train(tiny_config("acc", steps=3, micro_batch_size=4, global_batch_size=8)).losses
+    assert max(abs(a - b) for a, b in zip(big, accumulated)) <= 1e-5
+
+
+def test_activation_checkpointing_same_losses(tiny_config):
+    """Recomputing activations changes memory, not math."""
+    plain = train(tiny_config("plain", steps=3)).losses
+    ac = train(tiny_config("ac", steps=3, activation_checkpointing="full")).losses
+    assert max(abs(a - b) for a, b in zip(plain, ac)) <= 1e-6
+
+
+def test_checkpoints_are_complete_and_atomic(tiny_config):
+    """Every N steps and at the end; no temporary directory left; `latest` points at the last."""
+    cfg = tiny_config("ckpt", steps=4, checkpoint_every=2)
+    train(cfg)
+    root = latest_checkpoint(cfg.train.run_dir).parent
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000002", "step_0000004"]
+    extra = json.loads((root / "step_0000004" / "extra.json").read_text())
+    assert extra["stage"]["consumed_samples"] == 4 * cfg.train.global_batch_size
+    assert extra["scheduler"]["last_epoch"] == 4
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_config):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(tiny_config("none"), resume=True)
+
+
+def test_tokenizer_larger_than_model_vocab(corpora, tmp_path):
+    data = tiny_config_dict(corpora, tmp_path / "run")
+    data["model"]["vocab_size"] = 100
+    with pytest.raises(ValueError, match=r"model.vocab_size is 100; set model.vocab_size >= \d+"):
+        train(config_from_dict(data))
+
+
+def test_seq_len_above_model_maximum(corpora, tmp_path):
+    data = tiny_config_dict(corpora, tmp_path / "run")
+    data["data"]["seq_len"] = 4096
+    with pytest.raises(ConfigError, match=r"data.seq_len: 4096 exceeds model.max_seq_len \(256\)"):
+        config_from_dict(data)
+
+
+def test_missing_corpus_names_the_field(corpora, tmp_path):
+    data = tiny_config_dict(corpora, tmp_path / "run")
+    data["data"]["corpora"][1]["path"] = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=r"data.corpora\[1\].path: .*missing.bin does not exist"):
+        train(config_from_dict(data))
+
+
+def test_lr_schedule_warmup_then_cosine(tiny_config):
+    cfg = tiny_config().optim
+    assert lr_at(0, cfg, 100) == pytest.approx(cfg.lr / cfg.warmup_steps)
+    assert lr_at(cfg.warmup_steps, cfg, 100) == pytest.approx(cfg.lr)
+    assert lr_at(100, cfg, 100) == pytest.approx(cfg.min_lr)
+    mid = lr_at((100 + cfg.warmup_steps) // 2, cfg, 100)
+    assert mid == pytest.approx((cfg.lr + cfg.min_lr) / 2, rel=0.05)
+
+
+def test_no_weight_decay_on_norms_and_biases(tiny_config):
+    from megatron_domain.models.llama import build_model, materialize
+    from megatron_domain.optim import parameter_groups
+
+    cfg = config_from_dict({"model": {"preset": "tiny-test", "qkv_bias": True}, "data": {"seq_len": 64}})
+    model = materialize(build_model(cfg.model), "cpu", seed=0)
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(n.endswith(("norm.weight", "bias")) for n in (names[id(p)] for p in no_decay["params"]))
+    assert all(names[id(p)].endswith("proj.weight") or "embed" in names[id(p)] or "lm_head" in names[id(p)]
+               for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
