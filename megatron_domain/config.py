@@ -143,9 +143,11 @@ class EvalSetConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out perplexity sets; `max_rows` caps rows of `seq_len` tokens per set (0 = all)."""
+    """Held-out perplexity sets; `interval` > 0 also evaluates every that many training steps
+    (logged as `eval_ppl/<name>`); `max_rows` caps rows of `seq_len` tokens per set (0 = all)."""
 
     sets: list[EvalSetConfig] = field(default_factory=list)
+    interval: int = 0
     max_rows: int = 0
     batch_size: int = 8
     seq_len: int = 0

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from megatron_domain.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from megatron_domain.config import Config, to_dict
 from megatron_domain.data.tokenizer import TextTokenizer, load_tokenizer
+from megatron_domain.eval.perplexity import evaluate_sets
 from megatron_domain.metrics import MetricsLog, peak_flops
 from megatron_domain.models.llama import Transformer, build_model, count_parameters, training_flops_per_token
 from megatron_domain.optim import build_optimizer, build_scheduler
@@ -157,6 +158,10 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None) -> Tr
         if device.type == "cuda":
             record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         result.losses.append(loss)
+        if cfg.eval.interval and cfg.eval.sets and (step + 1) % cfg.eval.interval == 0:
+            evaluation = evaluate_sets(model, cfg.eval.sets, cfg.eval.seq_len or cfg.data.seq_len, tokenizer.eod_id,
+                                       cfg.eval.batch_size, device, cfg.eval.max_rows)
+            record.update({f"eval_ppl/{name}": value for name, value in evaluation["ppl"].items()})
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
             log.write(record)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.1%}")

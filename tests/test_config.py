@@ -1,0 +1,83 @@
+"""Config: every problem at once with dotted paths, nearest-key suggestions, overrides, presets."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_domain.config import ConfigError, apply_overrides, config_from_dict, load_config, load_pipeline
+
+
+def test_unknown_key_suggests_nearest():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"model": {"preset": "tiny-test", "hiden_size": 64}, "data": {"seq_len": 64}})
+    assert "model.hiden_size: unknown key; did you mean 'hidden_size'?" in str(err.value)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"model": {"preset": "tiny-test", "num_kv_heads": 3},
+                          "data": {"seq_len": 1024}, "optim": {"lr": -1, "warmupsteps": 3},
+                          "train": {"micro_batch_size": 3, "global_batch_size": 8, "dtype": "fp16"}})
+    text = str(err.value)
+    for expected in ["model.num_kv_heads: model.num_heads (4) must be a multiple of model.num_kv_heads (3)",
+                     "data.seq_len: 1024 exceeds model.max_seq_len (256)",
+                     "optim.lr: must be > 0, got -1.0",
+                     "optim.min_lr: must be in [0, optim.lr=-1.0]",
+                     "optim.warmupsteps: unknown key; did you mean 'warmup_steps'?",
+                     "train.global_batch_size: 8 is not a multiple of train.micro_batch_size (3)",
+                     "train.dtype: unknown 'fp16'"]:
+        assert expected in text
+    assert len(err.value.problems) == 7
+
+
+def test_type_errors_name_the_path():
+    with pytest.raises(ConfigError, match=r"train.steps: expected an integer, got 'ten'"):
+        config_from_dict({"model": {"preset": "tiny-test"}, "data": {"seq_len": 64}, "train": {"steps": "ten"}})
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ConfigError, match=r"model.preset: unknown preset 'llama3.1-9b'; did you mean 'llama3.1-8b'"):
+        config_from_dict({"model": {"preset": "llama3.1-9b"}})
+
+
+def test_preset_values_can_be_overridden():
+    cfg = config_from_dict({"model": {"preset": "qwen2.5-7b", "num_layers": 2}, "data": {"seq_len": 128}})
+    assert cfg.model.qkv_bias and cfg.model.num_layers == 2 and cfg.model.hidden_size == 3584
+
+
+def test_set_overrides_parse_yaml_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {preset: tiny-test}\ndata: {seq_len: 64}\n")
+    cfg = load_config(path, ["train.steps=7", "optim.lr=1e-3", "model.tie_embeddings=true", "train.run_dir=x/y"])
+    assert (cfg.train.steps, cfg.optim.lr, cfg.model.tie_embeddings, cfg.train.run_dir) == (7, 1e-3, True, "x/y")
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["train.steps"])
+
+
+def test_list_items_addressed_by_name_or_index():
+    data = {"stages": [{"name": "a", "train": {"steps": 1}}, {"name": "b"}]}
+    out = apply_overrides(data, ["stages.b.train.steps=5", "stages.0.train.steps=2"])
+    assert out["stages"][1]["train"]["steps"] == 5 and out["stages"][0]["train"]["steps"] == 2
+    with pytest.raises(ConfigError, match=r"no list item 'c'; .* or one of the names \['a', 'b'\]"):
+        apply_overrides(data, ["stages.c.train.steps=5"])
+
+
+def test_pipeline_errors_name_the_stage(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("defaults: {model: {preset: tiny-test}, data: {seq_len: 64}}\n"
+                    "stages:\n  - {name: one, optim: {lr: 0}}\n  - {name: two, train: {stepz: 3}}\n"
+                    "checks:\n  - {stage: three, set: x}\n")
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(path)
+    text = str(err.value)
+    assert "stages[one].optim.lr: must be > 0" in text
+    assert "stages[two].train.stepz: unknown key; did you mean 'steps'?" in text
+    assert "checks[0].stage: no stage named 'three'" in text
+
+
+def test_demo_pipeline_config_is_valid():
+    pipe, stages = load_pipeline("configs/pipelines/demo.yaml")
+    assert [s.mode for s in stages] == ["pretrain", "pretrain"]
+    assert stages[1].model.init_from.endswith("base_pretrain")
+    weights = {c.name: c.weight for c in stages[1].data.corpora}
+    assert weights == {"domain": 0.9, "general": 0.1}
