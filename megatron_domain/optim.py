@@ -19,12 +19,18 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw_implementation(device: torch.device) -> dict:
+    """Fused AdamW on CUDA; the multi-tensor (foreach) path on CPU, where torch 2.13's fused CPU
+    kernel measured ~8x slower than foreach (1M params, 2 AVX2 cores: 280 ms vs 36 ms a step)."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """torch AdamW; the fused kernel where the device supports it (CUDA and CPU in torch >= 2.4)."""
+    """torch AdamW over `parameter_groups`, implementation chosen by `adamw_implementation`."""
     groups = parameter_groups(model, cfg.weight_decay)
     device = next(model.parameters()).device
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             **adamw_implementation(device))
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

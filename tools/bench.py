@@ -62,7 +62,10 @@ def run_one(args) -> dict:
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model, forward_loss, flops_per_token = build(args.impl, args.preset, args.seq, device, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    from megatron_domain.optim import adamw_implementation
+
+    # the same torch AdamW implementation for both (the engine's choice for this device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **adamw_implementation(device))
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size if args.impl == "hf" else model.cfg.vocab_size
     tokens = torch.randint(0, vocab, (args.batch, args.seq + 1), generator=gen).to(device)

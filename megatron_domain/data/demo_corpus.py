@@ -23,7 +23,20 @@ from megatron_domain.data.preprocess import tokenize_documents
 from megatron_domain.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo", "ensurepip"}
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 3
+
+
+def unwrap_paragraphs(text: str) -> str:
+    """Join the hard-wrapped lines of prose paragraphs with spaces; paragraphs holding code
+    (indented lines, `>>>` prompts) keep their line breaks. Both corpora are wrapped at
+    different widths, and where a line break falls says nothing about either domain."""
+    out = []
+    for paragraph in text.split("\n\n"):
+        lines = paragraph.split("\n")
+        is_code = any(line.startswith((" ", "\t", ">>>", "...")) for line in lines)
+        has_heading = any(line.strip() and set(line.strip()) <= set("=*-~^") for line in lines)
+        out.append(paragraph if is_code or has_heading else " ".join(line.strip() for line in lines if line.strip()))
+    return "\n\n".join(out)
 
 
 def domain_documents(section_chars: int = 1500) -> list[tuple[str, str]]:
@@ -34,7 +47,7 @@ def domain_documents(section_chars: int = 1500) -> list[tuple[str, str]]:
     for topic in sorted(topics):
         section, part = [], 0
         for paragraph in topics[topic].split("\n\n"):
-            section.append(paragraph)
+            section.append(unwrap_paragraphs(paragraph))
             if sum(len(p) for p in section) >= section_chars:
                 docs.append((f"{topic}#{part}", "\n\n".join(section).strip()))
                 section, part = [], part + 1
@@ -44,7 +57,8 @@ def domain_documents(section_chars: int = 1500) -> list[tuple[str, str]]:
 
 
 def general_documents(min_chars: int = 40) -> list[tuple[str, str]]:
-    """(key, docstring) for every module, class and function docstring of the stdlib sources."""
+    """(module path, text): one document per stdlib module holding its module, class and
+    function docstrings (module first, then breadth-first), paragraphs unwrapped."""
     stdlib = sysconfig.get_paths()["stdlib"]
     docs = []
     for root, dirs, files in os.walk(stdlib):
@@ -57,12 +71,14 @@ def general_documents(min_chars: int = 40) -> list[tuple[str, str]]:
                 tree = ast.parse(Path(path).read_text(encoding="utf-8"))
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue
-            rel = os.path.relpath(path, stdlib)
+            parts = []
             for node in ast.walk(tree):
                 if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                     text = ast.get_docstring(node)
                     if text and len(text) >= min_chars:
-                        docs.append((f"{rel}:{getattr(node, 'name', '<module>')}:{getattr(node, 'lineno', 0)}", text))
+                        parts.append(unwrap_paragraphs(text))
+            if parts:
+                docs.append((os.path.relpath(path, stdlib), "\n\n".join(parts)))
     return docs
 
 
