@@ -99,3 +99,17 @@ def test_blend_ratio_of_sampled_tokens(corpora, tmp_path):
         alpha_only = set(tok.encode(" function returns module"))
         beta_rows = batch["tokens"][batch["dataset_id"] == 1]
         assert not (set(beta_rows.flatten().tolist()) & alpha_only)
+
+
+def test_tokenizer_from_model_folder_and_explicit_eod(corpora, tmp_path):
+    """A Hugging Face model folder (holding tokenizer.json) loads; data.eod_token picks the EOD."""
+    import shutil
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(corpora["tokenizer"], folder / "tokenizer.json")
+    tok = load_tokenizer(folder)
+    assert tok.eod_id == corpora["eod_id"] and tok.vocab_size == corpora["vocab_size"]
+    assert load_tokenizer(folder, eod_token="<|endoftext|>").eod_id == tok.eod_id
+    with pytest.raises(ValueError, match="set data.eod_token"):
+        load_tokenizer(folder, eod_token="</not-a-token>")
