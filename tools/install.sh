@@ -13,3 +13,5 @@ fi
 extras=""
 if [ "${1:-}" = "test" ]; then extras="[test]"; fi
 python -m pip install -e ".${extras}"
+# pyenv installs console scripts behind shims that only appear after a rehash
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
