@@ -25,7 +25,7 @@ from megatron_domain.metrics import MetricsLog, peak_flops
 from megatron_domain.models.llama import Transformer, build_model, count_parameters, training_flops_per_token
 from megatron_domain.optim import build_optimizer, build_scheduler
 from megatron_domain.parallel.apply import build_trainable_model
-from megatron_domain.parallel.distributed import ensure_process_group
+from megatron_domain.parallel.distributed import ensure_process_group, resolve_device
 from megatron_domain.stages import StageContext, create_stage
 
 
@@ -36,15 +36,6 @@ class TrainResult:
     run_dir: Path
     losses: list[float] = field(default_factory=list)
     final_checkpoint: Path | None = None
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
-    return torch.device(name)
 
 
 def autocast_context(cfg: Config, device: torch.device):
@@ -75,6 +66,47 @@ def prepare_model(cfg: Config, device: torch.device) -> Transformer:
 def move_batch(batch: dict, device: torch.device) -> dict:
     """Tensors of a micro-batch to `device` (non-blocking on CUDA)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step measured."""
+
+    loss: float  # token-weighted mean over the step's micro-batches
+    loss_tokens: int
+    tokens_seen: int
+    grad_norm: float  # before clipping
+    lr: float  # the LR this step used
+
+
+def optimizer_step(cfg: Config, stage, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, device: torch.device) -> StepStats:
+    """Forward/backward over the stage's micro-batches, normalize gradients by the total number
+    of loss tokens (exact over micro-batches), clip, AdamW step, advance the LR schedule."""
+    loss_sum = torch.zeros((), device=device)
+    tokens = torch.zeros((), device=device)
+    seen_tokens = 0
+    for batch in stage.batches(step):
+        batch = move_batch(batch, device)
+        with autocast_context(cfg, device):
+            output, loss_fn = stage.forward_step(batch, model)
+            mb_loss, mb_tokens, _ = loss_fn(output)
+        mb_loss.backward()
+        loss_sum += mb_loss.detach()
+        tokens += mb_tokens.detach()
+        seen_tokens += batch["tokens"].numel()
+    scale = 1.0 / tokens.clamp(min=1)
+    params = [p for p in model.parameters() if p.grad is not None]
+    for p in params:
+        p.grad.mul_(scale)
+    max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return StepStats(loss=(loss_sum * scale).item(), loss_tokens=int(tokens.item()), tokens_seen=seen_tokens,
+                     grad_norm=float(grad_norm), lr=lr)
 
 
 def train(cfg: Config, resume: bool = False, progress: bool | None = None) -> TrainResult:
@@ -120,41 +152,18 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None) -> Tr
         tqdm.write(f"[{run_dir.name}] model: {params['total'] / 1e6:.2f}M parameters "
                    f"({params['non_embedding'] / 1e6:.2f}M non-embedding), {flops_per_token / 1e6:.1f} MFLOP/token")
     result = TrainResult(run_dir=run_dir)
-    params_list = [p for p in model.parameters() if p.requires_grad]
     model.train()
     for step in range(start_step, cfg.train.steps):
         t0 = time.perf_counter()
-        micro_batches = stage.batches(step)
-        loss_sum = torch.zeros((), device=device)
-        tokens = torch.zeros((), device=device)
-        seen_tokens = 0
-        for batch in micro_batches:
-            batch = move_batch(batch, device)
-            with autocast_context(cfg, device):
-                output, loss_fn = stage.forward_step(batch, model)
-                mb_loss, mb_tokens, _ = loss_fn(output)
-            mb_loss.backward()
-            loss_sum += mb_loss.detach()
-            tokens += mb_tokens.detach()
-            seen_tokens += batch["tokens"].numel()
-        # exact token-weighted mean over all micro-batches: scale the summed gradients once
-        scale = 1.0 / tokens.clamp(min=1)
-        for p in params_list:
-            if p.grad is not None:
-                p.grad.mul_(scale)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params_list, cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        loss = (loss_sum * scale).item()
+        stats = optimizer_step(cfg, stage, model, optimizer, scheduler, step, device)
+        loss = stats.loss
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
-        tokens_per_s = seen_tokens / elapsed
-        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+        tokens_per_s = stats.tokens_seen / elapsed
+        record = {"step": step + 1, "loss": loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                   "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
-                  "loss_tokens": int(tokens.item()), "step_time_s": elapsed}
+                  "loss_tokens": stats.loss_tokens, "step_time_s": elapsed}
         if device.type == "cuda":
             record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         result.losses.append(loss)

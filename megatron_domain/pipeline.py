@@ -14,11 +14,11 @@ from tqdm import tqdm
 
 from megatron_domain.config import Config, PipelineConfig, stage_names
 from megatron_domain.data.demo_corpus import prepare_demo_data
-from megatron_domain.engine import resolve_device, train
+from megatron_domain.engine import train
 from megatron_domain.eval.harness import evaluate_model, load_eval_model
 from megatron_domain.eval.perplexity import write_json_atomic
 from megatron_domain.eval.report import write_report
-from megatron_domain.parallel.distributed import ensure_process_group
+from megatron_domain.parallel.distributed import ensure_process_group, resolve_device
 
 
 def evaluate_stage_input(cfg: Config, device: torch.device) -> dict:

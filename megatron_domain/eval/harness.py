@@ -12,13 +12,7 @@ from megatron_domain.config import Config
 from megatron_domain.data.tokenizer import load_tokenizer
 from megatron_domain.eval.perplexity import evaluate_sets, write_json_atomic
 from megatron_domain.models.llama import build_model, materialize
-from megatron_domain.parallel.distributed import ensure_process_group
-
-
-def _device(cfg: Config) -> torch.device:
-    if cfg.train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.train.device)
+from megatron_domain.parallel.distributed import ensure_process_group, resolve_device
 
 
 def load_eval_model(cfg: Config, checkpoint: str | None, device: torch.device) -> torch.nn.Module:
@@ -41,7 +35,7 @@ def evaluate_model(cfg: Config, model: torch.nn.Module, device: torch.device) ->
 
 def run_eval(cfg: Config, checkpoint: str | None = None, out_file: str | None = None) -> dict:
     """Evaluate and write `<run_dir>/eval.json` (or `out_file`): {"ppl": {set: value}, ...}."""
-    device = _device(cfg)
+    device = resolve_device(cfg.train.device)
     ensure_process_group(device)
     model = load_eval_model(cfg, checkpoint, device)
     result = evaluate_model(cfg, model, device)
@@ -55,7 +49,7 @@ def pick_base(cfg: Config, candidates: list[str], set_name: str) -> list[dict]:
     names = [s.name for s in cfg.eval.sets]
     if set_name not in names:
         raise ValueError(f"--set-name {set_name!r} is not among eval.sets ({', '.join(names) or 'none'})")
-    device = _device(cfg)
+    device = resolve_device(cfg.train.device)
     ensure_process_group(device)
     ranking = []
     for candidate in candidates:

@@ -10,6 +10,15 @@ import torch
 import torch.distributed as dist
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
 def ensure_process_group(device: torch.device) -> None:
     """Initialize the default group once: NCCL on CUDA, gloo on CPU."""
     if dist.is_initialized():
