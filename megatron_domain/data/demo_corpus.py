@@ -20,7 +20,7 @@ from pathlib import Path
 from megatron_domain.config import DemoDataConfig
 from megatron_domain.data.indexed import write_indexed_dataset
 from megatron_domain.data.preprocess import tokenize_documents
-from megatron_domain.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from megatron_domain.data.tokenizer import train_bpe_tokenizer
 
 SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo", "ensurepip"}
 MANIFEST_VERSION = 3
@@ -116,7 +116,6 @@ def prepare_demo_data(out_dir: str | os.PathLike, cfg: DemoDataConfig, progress:
         splits[name] = split_documents(docs, cfg.heldout_fraction, cfg.seed)
     train_texts = splits["general"][0] + splits["domain"][0]
     tokenizer = train_bpe_tokenizer(train_texts, cfg.vocab_size, out / "tokenizer.json")
-    tokenizer = load_tokenizer(out / "tokenizer.json")
     stats = {}
     for name, (train, heldout) in splits.items():
         for split, texts in (("train", train), ("heldout", heldout)):
