@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict)
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
 EXTRA_FILE = "extra.json"
 
@@ -47,9 +47,32 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    extra: dict) -> Path:
-    """Write checkpoint `step` atomically; `extra` (JSON-able: scheduler, data cursor, ...)."""
+def _options(strict: bool = True) -> StateDictOptions:
+    # flattened optimizer state: keys are parameter names, so a checkpoint does not depend on
+    # how parameters were split into pipeline chunks and optimizers
+    return StateDictOptions(flatten_optimizer_state_dict=True, strict=strict)
+
+
+def _model_states(parts: list[torch.nn.Module]) -> list[dict]:
+    return [get_model_state_dict(part, options=_options()) for part in parts]
+
+
+def _optimizer_states(parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer]) -> list[dict]:
+    return [get_optimizer_state_dict(part, opt, options=_options()) for part, opt in zip(parts, optimizers)]
+
+
+def _merge(states: list[dict]) -> dict:
+    merged: dict = {}
+    for state in states:
+        merged.update(state)
+    return merged
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, parts: list[torch.nn.Module],
+                    optimizers: list[torch.optim.Optimizer], extra: dict) -> Path:
+    """Write checkpoint `step` atomically: model and optimizer state of every model part of
+    every rank (DCP, keyed by parameter name), this rank's RNG, and `extra` (JSON-able:
+    scheduler, data cursor, ...) from rank 0."""
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:07d}"
     tmp = root / f"step_{step:07d}.tmp"
@@ -57,8 +80,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    state = {"model": _merge(_model_states(parts)), "optim": _merge(_optimizer_states(parts, optimizers))}
+    dcp.save(state, checkpoint_id=str(tmp))
     torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
@@ -95,25 +118,32 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return latest
 
 
-def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG from `path`; returns the `extra` dict."""
+def load_checkpoint(path: str | os.PathLike, parts: list[torch.nn.Module],
+                    optimizers: list[torch.optim.Optimizer]) -> dict:
+    """Restore model and optimizer state into this rank's parts (any parallel layout: DCP
+    reshards by parameter name) and this rank's RNG; returns the `extra` dict."""
     path = resolve_checkpoint(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    model_states, optim_states = _model_states(parts), _optimizer_states(parts, optimizers)
+    state = {"model": _merge(model_states), "optim": _merge(optim_states)}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for part, opt, model_sd, optim_sd in zip(parts, optimizers, model_states, optim_states):
+        set_model_state_dict(part, {k: state["model"][k] for k in model_sd}, options=_options())
+        set_optimizer_state_dict(part, opt, {k: state["optim"][k] for k in optim_sd}, options=_options())
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / EXTRA_FILE).read_text())
 
 
-def load_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> Path:
-    """Load only the model weights of a checkpoint (or a run's latest) into `model`."""
+def load_model_weights(path: str | os.PathLike, parts: list[torch.nn.Module] | torch.nn.Module) -> Path:
+    """Load only the model weights of a checkpoint (or a run's latest) into `parts`."""
+    parts = parts if isinstance(parts, list) else [parts]
     path = resolve_checkpoint(path)
-    state = {"model": get_model_state_dict(model)}
+    model_states = _model_states(parts)
+    state = {"model": _merge(model_states)}
     dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+    for part, model_sd in zip(parts, model_states):
+        set_model_state_dict(part, {k: state["model"][k] for k in model_sd}, options=_options())
     return path
 
 

@@ -23,7 +23,9 @@ MODEL_PRESET_DIR = REPO_ROOT / "configs" / "models"
 
 MODES = ("pretrain",)
 DTYPES = ("fp32", "bf16")
-ACTIVATION_CHECKPOINTING = ("none", "full")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble")
+MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble")
 ATTENTION_BACKENDS = ("sdpa",)
 
 
@@ -134,6 +136,31 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Parallel degrees; their product is the world size. `-1` means "the rest of the world
+    size" (at most one degree may be -1). Mesh order (outer -> inner): pp, dp_replicate,
+    dp_shard, tp, so TP groups are the closest ranks (one node) and PP the farthest.
+
+    - tp: tensor parallel (DTensor column/row sharding, vocab-parallel embedding, output and
+      cross-entropy); `sequence_parallel` also shards norms and residuals along the sequence.
+    - pp: pipeline stages (`torch.distributed.pipelining`); `pp_virtual_stages` model chunks
+      per rank for the interleaved / zero-bubble schedules; `pp_layers` gives the layer count
+      of every stage (pp x virtual entries, in stage order) for uneven splits.
+    - dp_shard: FSDP2 (`fully_shard`) degree; dp_replicate: replicas of the sharded group (HSDP,
+      or DDP-like when dp_shard is 1).
+    """
+
+    tp: int = 1
+    pp: int = 1
+    dp_shard: int = -1
+    dp_replicate: int = 1
+    sequence_parallel: bool = True
+    pp_schedule: str = "1f1b"
+    pp_virtual_stages: int = 1
+    pp_layers: list[int] = field(default_factory=list)
+
+
+@dataclass
 class EvalSetConfig:
     """A named held-out set (indexed dataset prefix)."""
 
@@ -163,6 +190,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 @dataclass
@@ -453,6 +481,62 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
     if t.checkpoint_every < 0 or t.log_every <= 0:
         problems.append(f"{p('train.checkpoint_every')}/{p('train.log_every')}: need checkpoint_every >= 0 "
                         f"and log_every > 0, got {t.checkpoint_every}, {t.log_every}")
+    problems.extend(validate_parallel(cfg, prefix))
+    return problems
+
+
+def validate_parallel(cfg: Config, prefix: str = "") -> list[str]:
+    """The checks of `parallel.*` that need no world size (ParallelDims checks the rest)."""
+    p = lambda key: _join(prefix, key)  # noqa: E731
+    par, m, d = cfg.parallel, cfg.model, cfg.data
+    problems: list[str] = []
+    degrees = {"tp": par.tp, "pp": par.pp, "dp_shard": par.dp_shard, "dp_replicate": par.dp_replicate}
+    for key, value in degrees.items():
+        if value == 0 or value < -1:
+            problems.append(f"{p('parallel.' + key)}: must be >= 1, or -1 for the rest of the world size; got {value}")
+    if sum(v == -1 for v in degrees.values()) > 1:
+        problems.append(f"{p('parallel')}: at most one degree may be -1, got "
+                        + ", ".join(f"{k}={v}" for k, v in degrees.items() if v == -1))
+    if par.tp > 1:
+        for key in ("num_heads", "num_kv_heads", "vocab_size", "intermediate_size"):
+            value = getattr(m, key)
+            if value > 0 and value % par.tp:
+                problems.append(f"{p('parallel.tp')}: model.{key} ({value}) must be divisible by parallel.tp "
+                                f"({par.tp}); choose a tp that divides it")
+        if par.sequence_parallel and d.seq_len % par.tp:
+            problems.append(f"{p('parallel.sequence_parallel')}: data.seq_len ({d.seq_len}) must be divisible by "
+                            f"parallel.tp ({par.tp}); change seq_len or set parallel.sequence_parallel=false")
+    if par.pp_schedule not in PIPELINE_SCHEDULES:
+        problems.append(f"{p('parallel.pp_schedule')}: unknown {par.pp_schedule!r}; choose one of "
+                        f"{', '.join(PIPELINE_SCHEDULES)}")
+    if par.pp_virtual_stages < 1:
+        problems.append(f"{p('parallel.pp_virtual_stages')}: must be >= 1, got {par.pp_virtual_stages}")
+    elif par.pp > 1 or par.pp == -1:
+        multi = par.pp_schedule in MULTI_STAGE_SCHEDULES
+        if multi and par.pp_virtual_stages < 2:
+            problems.append(f"{p('parallel.pp_virtual_stages')}: schedule {par.pp_schedule} needs >= 2 virtual "
+                            f"stages per rank, got {par.pp_virtual_stages}")
+        if par.pp_schedule == "zbv_zero_bubble" and par.pp_virtual_stages != 2:
+            problems.append(f"{p('parallel.pp_virtual_stages')}: zbv_zero_bubble runs exactly 2 stages per rank "
+                            f"(V shape), got {par.pp_virtual_stages}")
+        if not multi and par.pp_virtual_stages != 1:
+            problems.append(f"{p('parallel.pp_schedule')}: {par.pp_schedule} runs one stage per rank but "
+                            f"parallel.pp_virtual_stages={par.pp_virtual_stages}; use interleaved_1f1b")
+        if m.tie_embeddings:
+            problems.append(f"{p('parallel.pp')}: tied embeddings (model.tie_embeddings=true) would be split "
+                            "across the first and last pipeline stage; untie them or use parallel.pp=1")
+    if par.pp > 0:
+        stages = par.pp * max(par.pp_virtual_stages, 1)
+        if par.pp_layers:
+            if len(par.pp_layers) != stages or any(n < 1 for n in par.pp_layers):
+                problems.append(f"{p('parallel.pp_layers')}: needs {stages} positive entries (pp {par.pp} x "
+                                f"virtual {par.pp_virtual_stages}), got {par.pp_layers}")
+            elif sum(par.pp_layers) != m.num_layers:
+                problems.append(f"{p('parallel.pp_layers')}: sums to {sum(par.pp_layers)} but model.num_layers is "
+                                f"{m.num_layers}")
+        elif m.num_layers > 0 and m.num_layers < stages:
+            problems.append(f"{p('parallel.pp')}: model.num_layers ({m.num_layers}) < pp x virtual stages "
+                            f"({par.pp} x {par.pp_virtual_stages} = {stages}); every stage needs a layer")
     return problems
 
 

@@ -3,18 +3,23 @@ then step (micro-batches -> token-normalized gradients -> clip -> AdamW -> LR sc
 log, evaluate and checkpoint. The stage supplies data and the loss; the engine owns the rest.
 
     mdt train configs/stages/dacpt.yaml --set train.steps=100 [--resume]
+    torchrun --nproc-per-node 8 -m megatron_domain.cli train CONFIG --set parallel.tp=8
+
+Under torchrun every rank runs `train`; `parallel.*` lays the ranks out (ParallelDims).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from tqdm import tqdm
 
 from megatron_domain.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
@@ -22,11 +27,15 @@ from megatron_domain.config import Config, to_dict
 from megatron_domain.data.tokenizer import TextTokenizer, load_tokenizer
 from megatron_domain.eval.perplexity import evaluate_sets
 from megatron_domain.metrics import MetricsLog, peak_flops
-from megatron_domain.models.llama import Transformer, build_model, count_parameters, training_flops_per_token
+from megatron_domain.models.llama import build_model, count_parameters, training_flops_per_token
 from megatron_domain.optim import build_optimizer, build_scheduler
-from megatron_domain.parallel.apply import build_trainable_model
-from megatron_domain.parallel.distributed import ensure_process_group, resolve_device
-from megatron_domain.stages import StageContext, create_stage
+from megatron_domain.parallel.apply import ParallelModel, build_parallel_model
+from megatron_domain.parallel.dims import ParallelDims, resolve_parallel_dims
+from megatron_domain.parallel.distributed import ensure_process_group, rank, resolve_device, world_size
+from megatron_domain.parallel.grads import clip_grads
+from megatron_domain.parallel.pipeline import build_schedule
+from megatron_domain.parallel.tensor import loss_parallel_context
+from megatron_domain.stages import Stage, StageContext, create_stage
 
 
 @dataclass
@@ -53,14 +62,23 @@ def check_vocab(tokenizer: TextTokenizer, cfg: Config) -> None:
                          "model's own tokenizer")
 
 
-def prepare_model(cfg: Config, device: torch.device) -> Transformer:
-    """Meta-device build -> transforms -> materialize; init from `model.init_from` or a seed."""
-    model = build_model(cfg.model)
+def setup_parallel(cfg: Config, device: torch.device) -> tuple[ParallelDims, DeviceMesh | None]:
+    """Resolve `parallel.*` against the world size and build the device mesh (None when the
+    run is a single process)."""
+    ensure_process_group(device)
+    dims = resolve_parallel_dims(cfg, world_size())
+    return dims, dims.build_mesh(device.type) if dims.is_parallel else None
+
+
+def prepare_model(cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device) -> ParallelModel:
+    """Meta-device build -> parallel transforms -> materialize; init from `model.init_from`
+    (any checkpoint layout) or from the seed."""
     init_from = cfg.model.init_from
-    model = build_trainable_model(model, cfg, device, init_seed=None if init_from else cfg.train.seed)
+    pm = build_parallel_model(build_model(cfg.model), cfg, dims, mesh, device,
+                              init_seed=None if init_from else cfg.train.seed)
     if init_from:
-        load_model_weights(init_from, model)
-    return model
+        load_model_weights(init_from, pm.parts)
+    return pm
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:
@@ -68,119 +86,200 @@ def move_batch(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def concat_micro_batches(micro: list[dict]) -> dict:
+    """One batch [n x b, ...] from n micro-batches (a pipeline schedule splits it back)."""
+    return {k: torch.cat([m[k] for m in micro]) for k in micro[0] if torch.is_tensor(micro[0][k])}
+
+
 @dataclass
 class StepStats:
-    """What one optimizer step measured."""
+    """What one optimizer step measured (loss and tokens over the whole job)."""
 
-    loss: float  # token-weighted mean over the step's micro-batches
+    loss: float  # token-weighted mean over all micro-batches of all data-parallel ranks
     loss_tokens: int
-    tokens_seen: int
-    grad_norm: float  # before clipping
+    grad_norm: float  # of the whole model, before clipping
     lr: float  # the LR this step used
 
 
-def optimizer_step(cfg: Config, stage, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, device: torch.device) -> StepStats:
-    """Forward/backward over the stage's micro-batches, normalize gradients by the total number
-    of loss tokens (exact over micro-batches), clip, AdamW step, advance the LR schedule."""
+@dataclass
+class Trainer:
+    """The pieces one training step needs on this rank."""
+
+    cfg: Config
+    stage: Stage
+    model: ParallelModel
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler]
+    device: torch.device
+    schedule: Any = None  # the pipeline schedule when parallel.pp > 1
+
+    @property
+    def counts_loss(self) -> bool:
+        """Whether this rank's loss sum enters the job's loss: one rank per data-parallel
+        replica (TP peers compute the same loss; only the last pipeline stage computes it)."""
+        coords = self.model.dims.coordinates(rank())
+        return coords["tp"] == 0 and self.model.has_last_stage
+
+
+def forward_backward(trainer: Trainer, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over this rank's micro-batches of `step`; gradients hold loss
+    *sums*. Returns this rank's (loss_sum, loss_tokens), zeros where no loss is computed."""
+    cfg, device, pm = trainer.cfg, trainer.device, trainer.model
+    micro = trainer.stage.batches(step)
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), device=device)
-    seen_tokens = 0
-    for batch in stage.batches(step):
-        batch = move_batch(batch, device)
-        with autocast_context(cfg, device):
-            output, loss_fn = stage.forward_step(batch, model)
+    with loss_parallel_context(pm.dims.tp), autocast_context(cfg, device):
+        if trainer.schedule is not None:
+            pb = trainer.stage.pipeline_batch(concat_micro_batches(micro))
+            kwargs = move_batch(pb.kwargs, device)
+            inputs = (pb.inputs.to(device),) if pm.has_first_stage else ()
+            losses: list[torch.Tensor] = []
+            trainer.schedule.step(*inputs, target=pb.target.to(device), losses=losses, **kwargs)
+            if pm.has_last_stage:
+                loss_sum += torch.stack([loss.detach() for loss in losses]).sum()
+                tokens += pb.loss_tokens.to(device)
+            return loss_sum, tokens
+        model = pm.parts[0]
+        for i, batch in enumerate(micro):
+            if pm.dims.dp > 1:  # reduce-scatter gradients once, after the last micro-batch
+                model.set_requires_gradient_sync(i == len(micro) - 1)
+            output, loss_fn = trainer.stage.forward_step(move_batch(batch, device), model)
             mb_loss, mb_tokens, _ = loss_fn(output)
-        mb_loss.backward()
-        loss_sum += mb_loss.detach()
-        tokens += mb_tokens.detach()
-        seen_tokens += batch["tokens"].numel()
-    scale = 1.0 / tokens.clamp(min=1)
-    params = [p for p in model.parameters() if p.grad is not None]
-    for p in params:
-        p.grad.mul_(scale)
-    max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    return StepStats(loss=(loss_sum * scale).item(), loss_tokens=int(tokens.item()), tokens_seen=seen_tokens,
-                     grad_norm=float(grad_norm), lr=lr)
+            mb_loss.backward()
+            loss_sum += mb_loss.detach()
+            tokens += mb_tokens.detach()
+    return loss_sum, tokens
+
+
+def normalize_gradients(trainer: Trainer, loss_sum: torch.Tensor, tokens: torch.Tensor) -> tuple[float, int]:
+    """Sum this rank's loss and token count over the job and divide every gradient by the job's
+    loss-token count, so gradients are those of the token-mean loss of the whole global batch
+    (exact over micro-batches and data-parallel ranks). Returns (job loss, job loss tokens)."""
+    pm = trainer.model
+    totals = torch.stack([loss_sum, tokens]) * float(trainer.counts_loss)  # [2]
+    if pm.dims.is_parallel:
+        dist.all_reduce(totals)
+    total_tokens = totals[1].clamp(min=1)
+    scale = pm.dims.dp / total_tokens  # FSDP averaged gradients over the dp ranks: undo that
+    for p in pm.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    return (totals[0] / total_tokens).item(), int(totals[1].item())
+
+
+def optimizer_step(trainer: Trainer, step: int) -> StepStats:
+    """One optimizer step: forward/backward, gradients normalized over the job, clipped by the
+    whole model's norm, AdamW step, LR schedule advanced."""
+    cfg, pm = trainer.cfg, trainer.model
+    loss, loss_tokens = normalize_gradients(trainer, *forward_backward(trainer, step))
+    pp_group = pm.mesh["pp"].get_group() if pm.dims.pp > 1 else None
+    grad_norm = clip_grads([p for p in pm.parameters() if p.grad is not None], cfg.optim.clip_grad, pp_group)
+    lr = trainer.schedulers[0].get_last_lr()[0]
+    for optimizer, scheduler in zip(trainer.optimizers, trainer.schedulers):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    return StepStats(loss=loss, loss_tokens=loss_tokens, grad_norm=grad_norm, lr=lr)
+
+
+def build_trainer(cfg: Config, device: torch.device, run_dir: Path, tokenizer: TextTokenizer) -> Trainer:
+    """Mesh, model, stage, optimizers (one per model part) and the pipeline schedule."""
+    dims, mesh = setup_parallel(cfg, device)
+    pm = prepare_model(cfg, dims, mesh, device)
+    coords = dims.coordinates(rank())
+    stage = create_stage(cfg.mode)
+    stage.setup(StageContext(cfg=cfg, tokenizer=tokenizer, device=device, run_dir=run_dir,
+                             dp_rank=coords["dp"], dp_size=dims.dp))
+    optimizers = [build_optimizer(part, cfg.optim) for part in pm.parts]
+    schedulers = [build_scheduler(opt, cfg.optim, cfg.train.steps) for opt in optimizers]
+    schedule = None
+    if dims.pp > 1:
+        if not hasattr(stage, "pipeline_batch"):
+            raise ValueError(f"parallel.pp={dims.pp}: mode {cfg.mode!r} does not support pipeline parallelism; "
+                             "use parallel.pp=1")
+        num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dims.dp)
+        schedule = build_schedule(list(zip(pm.stage_indices, pm.parts)), pm.num_stages, mesh["pp"], device,
+                                  cfg.parallel.pp_schedule, num_micro, stage.pipeline_loss)
+    return Trainer(cfg=cfg, stage=stage, model=pm, optimizers=optimizers, schedulers=schedulers, device=device,
+                   schedule=schedule)
+
+
+def resume_from_latest(trainer: Trainer, run_dir: Path) -> int:
+    """Load the run's latest checkpoint (any parallel layout); returns the step to continue from."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; run without --resume")
+    extra = load_checkpoint(ckpt, trainer.model.parts, trainer.optimizers)
+    for scheduler in trainer.schedulers:
+        scheduler.load_state_dict(extra["scheduler"])
+    trainer.stage.load_state_dict(extra["stage"])
+    return int(extra["step"])
 
 
 def train(cfg: Config, resume: bool = False, progress: bool | None = None) -> TrainResult:
-    """Run `cfg.train.steps` optimizer steps of the stage `cfg.mode`; returns the losses."""
+    """Run `cfg.train.steps` optimizer steps of the stage `cfg.mode` on this rank's share of
+    the parallel layout; returns the job's losses (the same on every rank)."""
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
-    ensure_process_group(device)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
     check_vocab(tokenizer, cfg)
-
-    model = prepare_model(cfg, device)
-    stage = create_stage(cfg.mode)
-    stage.setup(StageContext(cfg=cfg, tokenizer=tokenizer, device=device, run_dir=run_dir))
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    log = MetricsLog(run_dir)
-
-    start_step = 0
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; run without --resume")
-        extra = load_checkpoint(ckpt, model, optimizer)
-        scheduler.load_state_dict(extra["scheduler"])
-        stage.load_state_dict(extra["stage"])
-        start_step = extra["step"]
-        log.truncate_after(start_step)
-    else:
-        log.truncate_after(0)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    trainer = build_trainer(cfg, device, run_dir, tokenizer)
+    dims = trainer.model.dims
+    is_main = rank() == 0
+    log = MetricsLog(run_dir, enabled=is_main)
+    start_step = resume_from_latest(trainer, run_dir) if resume else 0
+    log.truncate_after(start_step)
+    if is_main:
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     params = count_parameters(cfg.model)
     flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
     peak = peak_flops(device, cfg.train.peak_tflops)
-    show = cfg.train.progress if progress is None else progress
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    show = (cfg.train.progress if progress is None else progress) and is_main
     bar = tqdm(total=cfg.train.steps, initial=start_step, desc=f"{cfg.mode} {run_dir.name}", disable=not show,
                unit="step", dynamic_ncols=True)
     if show:
         tqdm.write(f"[{run_dir.name}] model: {params['total'] / 1e6:.2f}M parameters "
-                   f"({params['non_embedding'] / 1e6:.2f}M non-embedding), {flops_per_token / 1e6:.1f} MFLOP/token")
+                   f"({params['non_embedding'] / 1e6:.2f}M non-embedding), {flops_per_token / 1e6:.1f} MFLOP/token; "
+                   f"{dims.describe()}")
     result = TrainResult(run_dir=run_dir)
-    model.train()
+    trainer.model.train()
     for step in range(start_step, cfg.train.steps):
         t0 = time.perf_counter()
-        stats = optimizer_step(cfg, stage, model, optimizer, scheduler, step, device)
-        loss = stats.loss
+        stats = optimizer_step(trainer, step)
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
-        tokens_per_s = stats.tokens_seen / elapsed
-        record = {"step": step + 1, "loss": loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
-                  "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
-                  "loss_tokens": stats.loss_tokens, "step_time_s": elapsed}
+        tokens_per_s = tokens_per_step / elapsed
+        per_gpu = tokens_per_s / dims.world_size
+        record = {"step": step + 1, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                  "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": per_gpu,
+                  "mfu": per_gpu * flops_per_token / peak, "loss_tokens": stats.loss_tokens,
+                  "step_time_s": elapsed, "world_size": dims.world_size}
         if device.type == "cuda":
             record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        result.losses.append(loss)
+        result.losses.append(stats.loss)
         if cfg.eval.interval and cfg.eval.sets and (step + 1) % cfg.eval.interval == 0:
-            evaluation = evaluate_sets(model, cfg.eval.sets, cfg.eval.seq_len or cfg.data.seq_len, tokenizer.eod_id,
-                                       cfg.eval.batch_size, device, cfg.eval.max_rows)
+            with loss_parallel_context(dims.tp):
+                evaluation = evaluate_sets(trainer.model.parts[0], cfg.eval.sets, cfg.eval.seq_len or cfg.data.seq_len,
+                                           tokenizer.eod_id, cfg.eval.batch_size, device, cfg.eval.max_rows)
             record.update({f"eval_ppl/{name}": value for name, value in evaluation["ppl"].items()})
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
             log.write(record)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.1%}")
+        bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.1%}")
         bar.update(1)
         is_last = step + 1 == cfg.train.steps
         exiting = step + 1 == cfg.train.exit_at_step
         if is_last or exiting or (cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0):
             result.final_checkpoint = save_checkpoint(
-                run_dir, step + 1, model, optimizer,
-                {"scheduler": scheduler.state_dict(), "stage": stage.state_dict(), "mode": cfg.mode})
+                run_dir, step + 1, trainer.model.parts, trainer.optimizers,
+                {"scheduler": trainer.schedulers[0].state_dict(), "stage": trainer.stage.state_dict(),
+                 "mode": cfg.mode, "parallel": dims.describe()})
         if exiting:
             break
     bar.close()

@@ -11,10 +11,12 @@ and keep names stable.
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from megatron_domain.config import ModelConfig
 from megatron_domain.models.attention import ATTENTION_BACKENDS, AttentionContext
@@ -131,7 +133,9 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The decoder; `forward` returns logits, `hidden_states` the final normed hidden states."""
+    """The decoder, or one pipeline chunk of it. The full model maps tokens to logits. A
+    pipeline chunk lacks `embed_tokens` (not the first stage: it takes hidden states) and/or
+    `norm` + `lm_head` (not the last stage: it returns hidden states)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -146,38 +150,59 @@ class Transformer(nn.Module):
         """The [V, H] output projection (the embedding when tied)."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor,
-                      document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens, position_ids, document_ids [B, S] -> final hidden states [B, S, H]."""
-        x = self.embed_tokens(tokens)  # [B, S, H]
+    def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs: tokens [B, S] (or hidden states [B, S, H] on a later pipeline chunk) ->
+        logits [B, S, V] (or hidden states [B, S, H] before the last chunk). `document_ids`
+        [B, S] enables per-document masking; `position_ids` [B, S] restart at each document."""
+        x = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs  # [B, S, H]
         cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)  # [B, 1, S, D]
         ctx = AttentionContext.build(document_ids)
         for layer in self.layers.values():
-            x = layer(x, cos, sin, ctx)
-        return self.norm(x)
-
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, S] -> logits [B, S, V]. `document_ids` enables per-document masking."""
-        return F.linear(self.hidden_states(tokens, position_ids, document_ids), self.output_weight())
+            x = layer(x, cos, sin, ctx)  # [B, S, H]
+        if self.norm is None:
+            return x
+        x = self.norm(x)  # [B, S, H]
+        if self.lm_head is not None:
+            return self.lm_head(x)  # [B, S, V]
+        return F.linear(x, self.embed_tokens.weight)  # [B, S, V]
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Deterministic init: N(0, init_std) for linears/embeddings, zero biases, unit norms."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        """Deterministic init that does not depend on the parallel layout: every parameter
+        draws from its own generator seeded by (seed, name): N(0, init_std) for linears and
+        embeddings, zero biases, unit norms. Sharded (DTensor) parameters keep their shard."""
         for name, param in self.named_parameters():
+            name = canonical_name(name)
             if name.endswith("layernorm.weight") or name == "norm.weight":
-                param.fill_(1.0)
+                full = torch.ones(param.shape)
             elif name.endswith(".bias"):
-                param.zero_()
+                full = torch.zeros(param.shape)
             else:
-                param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32).mul_(self.cfg.init_std))
+                gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                full = torch.randn(param.shape, generator=gen, dtype=torch.float32).mul_(self.cfg.init_std)
+            copy_full_tensor(param, full)
         self.reset_buffers()
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (needed after building on the meta device)."""
-        self.rope_inv_freq = rope_inv_freq(self.cfg, device=self.embed_tokens.weight.device)
+        self.rope_inv_freq = rope_inv_freq(self.cfg, device=next(self.parameters()).device)
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name without wrapper prefixes (activation checkpointing, compile)."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def copy_full_tensor(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full (unsharded) tensor into `param`, keeping only this rank's shard when
+    `param` is a DTensor (every rank holds the same `full`, so no communication is needed)."""
+    if isinstance(param, DTensor):
+        shard = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(full)
 
 
 def materialize(model: Transformer, device: torch.device | str, seed: int | None) -> Transformer:

@@ -4,7 +4,10 @@
 - `batches(step) -> list[micro-batch]`: the micro-batches of one optimizer step for this rank;
 - `forward_step(batch, model) -> (output, loss_fn)`: run the model; `loss_fn(output)` returns
   `(loss_sum, num_tokens, metrics)` so the engine can normalize over micro-batches and ranks;
-- `state_dict()` / `load_state_dict()`: the data cursor, saved in every checkpoint.
+- `state_dict()` / `load_state_dict()`: the data cursor, saved in every checkpoint;
+- for pipeline parallelism (optional): `pipeline_batch(batch) -> PipelineBatch` (model inputs
+  and one loss target tensor that the schedule splits into micro-batches) and
+  `pipeline_loss(output, target) -> loss_sum`, computed on the last stage.
 
 Stages never import each other or the engine. A new stage is one file plus an entry here.
 """
@@ -34,6 +37,17 @@ class StageContext:
     run_dir: Path
     dp_rank: int = 0
     dp_size: int = 1
+
+
+@dataclass
+class PipelineBatch:
+    """A step's batch in the form pipeline schedules take: `inputs` for the first stage,
+    `kwargs` for every stage, `target` for the loss on the last stage (all split along dim 0)."""
+
+    inputs: torch.Tensor
+    kwargs: dict
+    target: torch.Tensor
+    loss_tokens: torch.Tensor
 
 
 LossFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor, dict]]

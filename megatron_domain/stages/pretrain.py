@@ -14,7 +14,9 @@ import torch
 from megatron_domain.data.indexed import build_blended_dataset, check_prefix
 from megatron_domain.data.packing import PackedSampleStream
 from megatron_domain.losses import masked_cross_entropy_sum
-from megatron_domain.stages import StageContext
+from megatron_domain.stages import PipelineBatch, StageContext
+
+IGNORE_INDEX = -100
 
 
 class PretrainStage:
@@ -63,6 +65,20 @@ class PretrainStage:
             return loss_sum, count, {}
 
         return logits, loss_fn
+
+    def pipeline_batch(self, batch: dict) -> PipelineBatch:
+        """Tokens for stage 0, positions and document ids for every stage, and the labels with
+        masked positions set to IGNORE_INDEX as the loss target."""
+        target = torch.where(batch["loss_mask"], batch["labels"], torch.full_like(batch["labels"], IGNORE_INDEX))
+        return PipelineBatch(inputs=batch["tokens"],
+                             kwargs={"position_ids": batch["position_ids"], "document_ids": batch["document_ids"]},
+                             target=target, loss_tokens=batch["loss_mask"].sum())
+
+    def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Summed next-token CE of one pipeline micro-batch: logits [b, S, V], target [b, S]."""
+        mask = target != IGNORE_INDEX
+        loss_sum, _ = masked_cross_entropy_sum(output.flatten(0, 1), target.flatten(), mask.flatten())
+        return loss_sum
 
     def state_dict(self) -> dict:
         """The data cursor."""

@@ -1,0 +1,75 @@
+"""Worker side of the parallel parity tests: build a layout's trainer, take the gradients of
+the first step (gathered to full tensors by parameter name) and the losses of a short run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from megatron_domain.config import config_from_dict
+from megatron_domain.data.tokenizer import load_tokenizer
+from megatron_domain.engine import build_trainer, forward_backward, normalize_gradients, train
+from megatron_domain.models.llama import canonical_name
+
+
+def parity_config_dict(corpora: dict, run_dir: Path | str, parallel: dict | None = None, steps: int = 3,
+                       **model) -> dict:
+    """A 4-layer GQA model (4 heads, 2 KV heads) on the synthetic blend: global batch 8 of
+    micro-batches of 2, seq 32, so every layout here divides it."""
+    return {
+        "mode": "pretrain",
+        "model": {"preset": "tiny-test", "num_layers": 4, **model},
+        "data": {"tokenizer": corpora["tokenizer"], "seq_len": 32,
+                 "corpora": [{"name": "alpha", "path": corpora["alpha_train"], "weight": 0.7},
+                             {"name": "beta", "path": corpora["beta_train"], "weight": 0.3}]},
+        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1},
+        "train": {"run_dir": str(run_dir), "steps": steps, "micro_batch_size": 2, "global_batch_size": 8,
+                  "device": "cpu", "progress": False, "seed": 7},
+        "parallel": parallel or {},
+    }
+
+
+def full_gradients(trainer) -> dict[str, torch.Tensor]:
+    """{parameter name: full gradient} over the whole model (every rank gets all of them)."""
+    local = {}
+    for part in trainer.model.parts:
+        for name, param in part.named_parameters():
+            grad = param.grad
+            if isinstance(grad, DTensor):
+                grad = grad.full_tensor()
+            local[canonical_name(name)] = grad.detach().clone()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    merged: dict = {}
+    for entry in gathered:
+        merged.update(entry)
+    return merged
+
+
+def first_step(cfg_dict: dict) -> tuple[float, dict[str, torch.Tensor]]:
+    """(job loss, full gradients) of step 0, normalized as the optimizer sees them."""
+    cfg = config_from_dict(cfg_dict)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    trainer = build_trainer(cfg, torch.device("cpu"), Path(cfg.train.run_dir), tokenizer)
+    loss, _ = normalize_gradients(trainer, *forward_backward(trainer, 0))
+    return loss, full_gradients(trainer)
+
+
+def layout_result(cfg_dict: dict) -> dict:
+    """Loss and gradients of step 0, and the losses of a short training run."""
+    loss, grads = first_step(cfg_dict)
+    losses = train(config_from_dict(cfg_dict)).losses
+    return {"loss": loss, "grads": grads, "losses": losses}
+
+
+def run_layouts(rank: int, cases: dict[str, dict], out_dir: str) -> None:
+    """On every rank: each case's `layout_result`; rank 0 saves it to out_dir/<case>.pt."""
+    for name, cfg_dict in cases.items():
+        result = layout_result(cfg_dict)
+        if rank == 0:
+            torch.save(result, Path(out_dir) / f"{name}.pt")
