@@ -3,6 +3,7 @@ the first step (gathered to full tensors by parameter name) and the losses of a 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -67,9 +68,46 @@ def layout_result(cfg_dict: dict) -> dict:
     return {"loss": loss, "grads": grads, "losses": losses}
 
 
-def run_layouts(rank: int, cases: dict[str, dict], out_dir: str) -> None:
-    """On every rank: each case's `layout_result`; rank 0 saves it to out_dir/<case>.pt."""
-    for name, cfg_dict in cases.items():
-        result = layout_result(cfg_dict)
+def checkpoint_logits(cfg_dict: dict, checkpoint: str) -> torch.Tensor:
+    """Full logits [B, S, V] of the first micro-batch after loading `checkpoint`'s weights
+    into the layout of `cfg_dict` (pipeline layouts excluded: they return no logits)."""
+    cfg = config_from_dict({**cfg_dict, "model": {**cfg_dict["model"], "init_from": checkpoint}})
+    trainer = build_trainer(cfg, torch.device("cpu"), Path(cfg.train.run_dir), load_tokenizer(cfg.data.tokenizer))
+    batch = trainer.stage.batches(0)[0]
+    with torch.no_grad():
+        logits = trainer.model.parts[0](batch["tokens"], batch["position_ids"], batch["document_ids"])
+    return logits.full_tensor() if isinstance(logits, DTensor) else logits
+
+
+def resume_copy(cfg_dict: dict, source_run: str) -> list[float]:
+    """Copy `source_run`'s checkpoints into this run's directory, then resume from them (so
+    several layouts can each resume the same saved run); returns the losses."""
+    cfg = config_from_dict(cfg_dict)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.copytree(Path(source_run) / "checkpoints", Path(cfg.train.run_dir) / "checkpoints")
+    if dist.is_initialized():
+        dist.barrier()
+    return train(cfg, resume=True).losses
+
+
+def run_job(kind: str, cfg_dict: dict, arg=None):
+    """One unit of work of the parity tests, the same on every rank: `layout` ->
+    layout_result; `train` -> losses; `resume` -> resume_copy(arg); `logits` -> checkpoint_logits(arg)."""
+    if kind == "layout":
+        return layout_result(cfg_dict)
+    if kind == "train":
+        return train(config_from_dict(cfg_dict)).losses
+    if kind == "resume":
+        return resume_copy(cfg_dict, arg)
+    if kind == "logits":
+        return checkpoint_logits(cfg_dict, arg)
+    raise ValueError(f"unknown job kind {kind!r}")
+
+
+def run_jobs(rank: int, jobs: list[tuple[str, str, dict, object]], out_dir: str) -> None:
+    """Run (name, kind, cfg_dict, arg) jobs in order on every rank; rank 0 saves each result
+    to out_dir/<name>.pt."""
+    for name, kind, cfg_dict, arg in jobs:
+        result = run_job(kind, cfg_dict, arg)
         if rank == 0:
             torch.save(result, Path(out_dir) / f"{name}.pt")

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_domain.checkpoint import latest_checkpoint
 from megatron_domain.config import ConfigError, config_from_dict
 from megatron_domain.engine import train
 from megatron_domain.metrics import read_metrics
+from megatron_domain.models.llama import build_model
 from megatron_domain.optim import lr_at
+from megatron_domain.parallel.apply import build_parallel_model
+from megatron_domain.parallel.dims import ParallelDims
 
 from conftest import tiny_config_dict
 
@@ -37,11 +42,47 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_config):
     assert max(abs(a - b) for a, b in zip(big, accumulated)) <= 1e-5
 
 
-def test_activation_checkpointing_same_losses(tiny_config):
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_same_losses(tiny_config, mode):
     """Recomputing activations changes memory, not math."""
     plain = train(tiny_config("plain", steps=3)).losses
-    ac = train(tiny_config("ac", steps=3, activation_checkpointing="full")).losses
+    ac = train(tiny_config("ac", steps=3, activation_checkpointing=mode)).losses
     assert max(abs(a - b) for a, b in zip(plain, ac)) <= 1e-6
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts aten ops by name while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_activation_checkpointing_recomputes_what_it_should(tiny_config):
+    """In backward, `full` recomputes the layers' matmuls; `selective` keeps matmul
+    outputs and recomputes only cheap ops (RMSNorm's rsqrt); `none` recomputes nothing."""
+    counts = {}
+    for mode in ("none", "selective", "full"):
+        cfg = tiny_config(mode, activation_checkpointing=mode)
+        model = build_parallel_model(build_model(cfg.model), cfg, ParallelDims(1, 1, 1, 1), None,
+                                     torch.device("cpu"), init_seed=0).parts[0]
+        tokens = torch.randint(0, 400, (2, 16))
+        positions = torch.arange(16).expand(2, 16)
+        loss = model(tokens, positions).float().pow(2).mean()
+        with _OpCounter() as counter:
+            loss.backward()
+        counts[mode] = (sum(counter.counts.get(op, 0) for op in ("mm", "addmm", "bmm")),
+                        counter.counts.get("rsqrt", 0))
+    assert counts["none"][1] == 0
+    assert counts["selective"][0] == counts["none"][0] and counts["selective"][1] > 0
+    # full: 6 of each layer's 7 linears run again (non-reentrant recompute stops early: the
+    # last one's output, down_proj's, is not needed by backward)
+    assert counts["full"][0] == counts["none"][0] + 6 * cfg.model.num_layers and counts["full"][1] > 0
 
 
 def test_checkpoints_are_complete_and_atomic(tiny_config):

@@ -1,0 +1,146 @@
+"""Parallel layouts against the single-process reference (CPU, gloo, 2 and 4 processes):
+loss and full gradients of the first step within 1e-5, the same losses over 3 optimizer
+steps, and checkpoints that reshard: saved at one layout, loaded or resumed at others."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_domain.config import ConfigError, config_from_dict
+from megatron_domain.parallel.dims import resolve_parallel_dims
+from megatron_domain.parallel.pipeline import layer_split, stages_of_rank
+
+from parallel_cases import layout_result, parity_config_dict, run_job, run_jobs
+from parallel_harness import run_on_ranks
+
+TOL = 1e-5
+
+TWO_RANK_LAYOUTS = {
+    "tp2": ({"tp": 2, "sequence_parallel": False}, {}),
+    "tp2_sp": ({"tp": 2, "sequence_parallel": True}, {}),
+    "tp2_sp_tied": ({"tp": 2, "sequence_parallel": True}, {"tie_embeddings": True}),
+    "pp2_gpipe": ({"pp": 2, "pp_schedule": "gpipe"}, {}),
+    "pp2_1f1b": ({"pp": 2, "pp_schedule": "1f1b"}, {}),
+    "pp2_interleaved_1f1b_v2": ({"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_virtual_stages": 2}, {}),
+    "pp2_interleaved_zero_bubble_v2": ({"pp": 2, "pp_schedule": "interleaved_zero_bubble",
+                                        "pp_virtual_stages": 2}, {}),
+    "pp2_zbv_zero_bubble": ({"pp": 2, "pp_schedule": "zbv_zero_bubble", "pp_virtual_stages": 2}, {}),
+    "pp2_uneven_1_3": ({"pp": 2, "pp_layers": [1, 3]}, {}),
+    "dp_shard2": ({"dp_shard": 2}, {}),
+    "dp_replicate2": ({"dp_replicate": 2, "dp_shard": 1}, {}),
+}
+FOUR_RANK_LAYOUTS = {
+    "tp2_x_dp_shard2": ({"tp": 2, "dp_shard": 2}, {}),
+    "pp2_x_tp2": ({"pp": 2, "tp": 2}, {}),
+    "pp2_x_dp_shard2": ({"pp": 2, "dp_shard": 2, "pp_schedule": "gpipe"}, {}),
+}
+ALL_LAYOUTS = {**TWO_RANK_LAYOUTS, **FOUR_RANK_LAYOUTS}
+
+
+@pytest.fixture(scope="module")
+def results(corpora, tmp_path_factory) -> dict:
+    """Every layout's result plus the reference results, computed once for the module:
+    single-process references here, then one 2-process and one 4-process group."""
+    root = tmp_path_factory.mktemp("parallel")
+    out = {}
+    for tied in (False, True):
+        out[f"reference_tied={tied}"] = layout_result(
+            parity_config_dict(corpora, root / f"reference_{tied}", tie_embeddings=tied))
+    # resharding: a 4-step single-process run, and the same run saved at tp=2 after step 2
+    four_steps = lambda name, layout: parity_config_dict(corpora, root / name, layout, steps=4)  # noqa: E731
+    out["straight"] = run_job("train", four_steps("straight", {}))
+    saved_tp2 = four_steps("saved_tp2", {"tp": 2})
+    saved_tp2["train"]["exit_at_step"] = 2
+    jobs = [(name, "layout", parity_config_dict(corpora, root / name, par, **model), None)
+            for name, (par, model) in TWO_RANK_LAYOUTS.items()]
+    jobs += [
+        ("saved_tp2", "train", saved_tp2, None),
+        ("resume_at_pp2", "resume", four_steps("resume_pp2", {"pp": 2}), str(root / "saved_tp2")),
+        ("resume_at_dp_shard2", "resume", four_steps("resume_dp2", {"dp_shard": 2}), str(root / "saved_tp2")),
+        ("saved_pp2", "train", parity_config_dict(corpora, root / "saved_pp2", {"pp": 2}), None),
+        ("logits_tp2_from_pp2", "logits", parity_config_dict(corpora, root / "load_tp2", {"tp": 2}),
+         str(root / "saved_pp2")),
+        ("logits_dp_shard2_from_pp2", "logits", parity_config_dict(corpora, root / "load_dp2", {"dp_shard": 2}),
+         str(root / "saved_pp2")),
+    ]
+    run_on_ranks(2, run_jobs, jobs, str(root))
+    jobs = [(name, "layout", parity_config_dict(corpora, root / name, par, **model), None)
+            for name, (par, model) in FOUR_RANK_LAYOUTS.items()]
+    run_on_ranks(4, run_jobs, jobs, str(root))
+    out["resume_at_one_process"] = run_job("resume", four_steps("resume_1", {}), str(root / "saved_tp2"))
+    out["logits_one_process_from_pp2"] = run_job("logits", parity_config_dict(corpora, root / "load_1"),
+                                                 str(root / "saved_pp2"))
+    for path in root.glob("*.pt"):
+        out[path.stem] = torch.load(path, weights_only=False)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(ALL_LAYOUTS))
+def test_layout_matches_single_process(results, layout):
+    """Loss and every gathered gradient of step 0 within 1e-5; 3 optimizer steps, same losses."""
+    tied = bool(ALL_LAYOUTS[layout][1].get("tie_embeddings"))
+    ref, got = results[f"reference_tied={tied}"], results[layout]
+    assert abs(got["loss"] - ref["loss"]) <= TOL
+    assert sorted(got["grads"]) == sorted(ref["grads"])
+    for name, grad in ref["grads"].items():
+        torch.testing.assert_close(got["grads"][name], grad, rtol=0, atol=TOL, msg=f"gradient of {name}")
+    assert len(got["losses"]) == 3
+    assert max(abs(a - b) for a, b in zip(got["losses"], ref["losses"])) <= TOL
+    assert ref["grads"]["layers.0.mlp.down_proj.weight"].abs().max() > 0  # the check is not vacuous
+
+
+@pytest.mark.slow
+def test_resume_at_other_layouts_continues_the_same_run(results):
+    """Saved at tp=2 after step 2 of 4; resumed at pp=2, at dp_shard=2 and at one process:
+    weights, optimizer state, schedule and data cursor carry over (losses of steps 3-4 equal
+    the uninterrupted single-process run)."""
+    straight = results["straight"]
+    assert len(straight) == 4 and len(results["saved_tp2"]) == 2
+    assert max(abs(a - b) for a, b in zip(results["saved_tp2"], straight[:2])) <= TOL
+    for name in ("resume_at_pp2", "resume_at_dp_shard2", "resume_at_one_process"):
+        assert len(results[name]) == 2, name
+        assert max(abs(a - b) for a, b in zip(results[name], straight[2:])) <= TOL, name
+
+
+@pytest.mark.slow
+def test_checkpoint_saved_at_pp2_loads_at_other_layouts(results):
+    """A checkpoint written by a pp=2 run gives the same logits loaded at tp=2, at
+    dp_shard=2 and in one process."""
+    ref = results["logits_one_process_from_pp2"]
+    assert ref.shape[-1] == 512
+    for name in ("logits_tp2_from_pp2", "logits_dp_shard2_from_pp2"):
+        torch.testing.assert_close(results[name], ref, rtol=0, atol=TOL, msg=name)
+
+
+def test_parallel_dims_name_every_mismatch(corpora, tmp_path):
+    """World size, head/KV-head/vocab divisibility, layers vs pp x virtual stages and the
+    global batch vs micro-batch x dp are all reported, with their numbers."""
+    bad = parity_config_dict(corpora, tmp_path, {"tp": 3, "pp": 2, "pp_virtual_stages": 3,
+                                                 "pp_schedule": "interleaved_1f1b"})
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(bad)
+    text = str(err.value)
+    assert "model.num_heads (4) must be divisible by parallel.tp (3)" in text
+    assert "model.num_kv_heads (2) must be divisible by parallel.tp (3)" in text
+    assert "model.num_layers (4) < pp x virtual stages (2 x 3 = 6)" in text
+    cfg = config_from_dict(parity_config_dict(corpora, tmp_path, {"tp": 2, "dp_shard": 2, "pp": 1}))
+    with pytest.raises(ConfigError, match=r"tp=2 = 4 ranks but the world size is 8"):
+        resolve_parallel_dims(cfg, 8)
+    cfg = config_from_dict(parity_config_dict(corpora, tmp_path, {"tp": 2}))  # dp_shard=-1: the rest
+    assert resolve_parallel_dims(cfg, 8).dp_shard == 4
+    with pytest.raises(ConfigError, match=r"global_batch_size: 8 is not a multiple of micro_batch_size x "
+                                          r"data-parallel degree \(2 x 8 = 16\)"):
+        resolve_parallel_dims(cfg, 16)
+    cfg = config_from_dict(parity_config_dict(corpora, tmp_path, {"tp": 2, "dp_shard": 2, "dp_replicate": -1}))
+    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by the other degrees' product 4"):
+        resolve_parallel_dims(cfg, 6)
+
+
+def test_pipeline_layer_split_and_stage_placement():
+    """Even split with the remainder in the middle; explicit uneven splits; loop and V placement."""
+    assert layer_split(10, 4) == [(0, 2), (2, 5), (5, 8), (8, 10)]
+    assert layer_split(4, 2, [1, 3]) == [(0, 1), (1, 4)]
+    assert stages_of_rank(1, 4, 2, "interleaved_1f1b") == [1, 5]
+    assert stages_of_rank(1, 4, 2, "zbv_zero_bubble") == [1, 6]
