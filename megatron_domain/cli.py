@@ -2,6 +2,8 @@
 
     mdt pipeline configs/pipelines/demo.yaml [--set stages.dacpt.train.steps=50]
     mdt train CONFIG [--set train.steps=10] [--resume]
+    mdt train CONFIG --dry-run --world-size 64 --set parallel.tp=8 --set parallel.pp=4
+    torchrun --nproc-per-node 8 -m megatron_domain.cli train CONFIG --set parallel.tp=8
     mdt eval CONFIG [--checkpoint RUN_OR_CKPT]          -> <run_dir>/eval.json
     mdt eval pick-base CONFIG --candidates A B C [--set-name domain]
     mdt data preprocess --input a.jsonl b.txt --tokenizer tokenizer.json --output-prefix out/corpus
@@ -38,10 +40,29 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _dry_run_world_size(cfg, requested: int) -> int:
+    if requested:
+        return requested
+    if os.environ.get("WORLD_SIZE"):
+        return int(os.environ["WORLD_SIZE"])
+    degrees = [cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp_shard, cfg.parallel.dp_replicate]
+    if -1 in degrees:
+        raise ValueError("--dry-run: a parallel degree is -1 (the rest of the world size); pass --world-size N "
+                         "(e.g. 64 for 8 nodes x 8 GPUs)")
+    return degrees[0] * degrees[1] * degrees[2] * degrees[3]
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from megatron_domain.parallel.plan import format_plan, plan_layout
+
+        plan = plan_layout(cfg, _dry_run_world_size(cfg, args.world_size))
+        print(format_plan(plan))
+        print(json.dumps(plan))
+        return 0
     from megatron_domain.engine import train
 
-    cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(json.dumps({"run_dir": str(result.run_dir), "final_loss": result.losses[-1] if result.losses else None,
                       "checkpoint": str(result.final_checkpoint)}))
@@ -100,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one stage")
     p.add_argument("config")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the parallel layout, layers and parameters per rank and memory per GPU; no training")
+    p.add_argument("--world-size", type=int, default=0,
+                   help="with --dry-run: the number of GPUs to plan for (default: $WORLD_SIZE or the product "
+                        "of the parallel degrees)")
     _add_set(p)
     p.set_defaults(func=_cmd_train)
 

@@ -4,10 +4,14 @@ steps, and checkpoints that reshard: saved at one layout, loaded or resumed at o
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from megatron_domain.config import ConfigError, config_from_dict
+from megatron_domain.config import REPO_ROOT, ConfigError, config_from_dict
 from megatron_domain.parallel.dims import resolve_parallel_dims
 from megatron_domain.parallel.pipeline import layer_split, stages_of_rank
 
@@ -144,3 +148,28 @@ def test_pipeline_layer_split_and_stage_placement():
     assert layer_split(4, 2, [1, 3]) == [(0, 1), (1, 4)]
     assert stages_of_rank(1, 4, 2, "interleaved_1f1b") == [1, 5]
     assert stages_of_rank(1, 4, 2, "zbv_zero_bubble") == [1, 6]
+
+
+def test_dry_run_plans_llama70b_without_allocating(tmp_path):
+    """`mdt train --dry-run` on the llama3.1-70b preset at tp=8, pp=4, dp=2 (64 GPUs): the mesh,
+    every layer on exactly one pipeline rank, parameters per GPU that add up to the model, and
+    memory estimates, in a process that never holds the 280 GB of fp32 weights."""
+    script = ("import json, resource, sys\n"
+              "from megatron_domain.cli import main\n"
+              "code = main(['train', 'configs/stages/dacpt-llama3.1-70b.yaml', '--dry-run', '--world-size', '64'])\n"
+              "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+              "sys.exit(code)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "mesh: pp=4 x dp_replicate=1 x dp_shard=2 x tp=8 = 64 ranks (sequence parallel)"
+    plan = json.loads(next(line for line in lines if line.startswith("{")))
+    assert plan["total_params"] == 70_553_706_496
+    held = sorted(layer for r in plan["ranks"] for rng in r["layer_ranges"]
+                  for layer in range(int(rng.split("-")[0]), int(rng.split("-")[1]) + 1))
+    assert held == list(range(80))
+    per_gpu_total = sum(r["params_per_gpu"] for r in plan["ranks"]) * 8 * 2  # x tp x dp_shard
+    assert abs(per_gpu_total - plan["total_params"]) / plan["total_params"] < 0.001  # only norms replicate
+    assert all(10 < r["memory_gb"]["total"] < 80 for r in plan["ranks"])
+    maxrss_gb = int(lines[-1].split()[1]) / 2**20
+    assert maxrss_gb < 3, f"dry run used {maxrss_gb:.1f} GB"

@@ -21,16 +21,57 @@ from torch.distributed.tensor.parallel import (
 from megatron_domain.models.llama import Transformer
 
 
+def top_level_plan(model: Transformer, sequence_parallel: bool) -> dict:
+    """Styles for the embedding, final norm and output layer present in `model` (a chunk)."""
+    residual = Shard(1) if sequence_parallel else Replicate()  # layout of the [B, S, H] residual stream
+    plan: dict = {}
+    if model.embed_tokens is not None:
+        plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
+    if model.norm is not None and sequence_parallel:
+        plan["norm"] = SequenceParallel()
+    if model.norm is not None and model.lm_head is not None:
+        plan["lm_head"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
+    return plan
+
+
+def layer_plan(sequence_parallel: bool) -> dict:
+    """Styles for one decoder layer's submodules."""
+    residual = Shard(1) if sequence_parallel else Replicate()
+    plan = {
+        "self_attn.q_proj": ColwiseParallel(),
+        "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(),
+        "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(output_layouts=residual),
+    }
+    if sequence_parallel:
+        plan.update({
+            "input_layernorm": SequenceParallel(),
+            "post_attention_layernorm": SequenceParallel(),
+            "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None),
+                                            use_local_output=True),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                      use_local_output=True),
+        })
+    return plan
+
+
+def is_tensor_parallel_sharded(name: str, model: Transformer) -> bool:
+    """Whether the parameter `name` (of a not yet parallelized `model`) is split over TP ranks
+    by this module's plans (column/row-parallel); the others are replicated."""
+    module_name = name.rsplit(".", 1)[0]
+    plans = {**top_level_plan(model, False), **{f"layers.{k}.{sub}": style for k in model.layers
+                                                for sub, style in layer_plan(False).items()}}
+    return isinstance(plans.get(module_name), (ColwiseParallel, RowwiseParallel))
+
+
 def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """Shard `model` (a full model or a pipeline chunk) over `tp_mesh` in place."""
-    residual = Shard(1) if sequence_parallel else Replicate()  # layout of the [B, S, H] residual stream
-    top: dict = {}
-    if model.embed_tokens is not None:
-        top["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
-    if model.norm is not None and sequence_parallel:
-        top["norm"] = SequenceParallel()
-    if model.norm is not None and model.lm_head is not None:
-        top["lm_head"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
+    residual = Shard(1) if sequence_parallel else Replicate()
+    top = top_level_plan(model, sequence_parallel)
     if top:
         parallelize_module(model, tp_mesh, top)
     if model.norm is not None and model.lm_head is None:
@@ -39,26 +80,7 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
         parallelize_module(model.norm, tp_mesh, PrepareModuleOutput(
             output_layouts=residual, desired_output_layouts=Replicate(), use_local_output=False))
     for layer in model.layers.values():
-        plan = {
-            "self_attn.q_proj": ColwiseParallel(),
-            "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(),
-            "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(output_layouts=residual),
-        }
-        if sequence_parallel:
-            plan.update({
-                "input_layernorm": SequenceParallel(),
-                "post_attention_layernorm": SequenceParallel(),
-                "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
-                                                desired_input_layouts=(Replicate(), None, None, None),
-                                                use_local_output=True),
-                "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                          use_local_output=True),
-            })
-        parallelize_module(layer, tp_mesh, plan)
+        parallelize_module(layer, tp_mesh, layer_plan(sequence_parallel))
 
 
 def loss_parallel_context(tp: int):
