@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,13 @@ def autocast_context(cfg: Config, device: torch.device):
     if cfg.train.dtype == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """This rank's peak memory: allocated GPU memory on CUDA, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
 def check_vocab(tokenizer: TextTokenizer, cfg: Config) -> None:
@@ -261,8 +269,7 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None) -> Tr
                   "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": per_gpu,
                   "mfu": per_gpu * flops_per_token / peak, "loss_tokens": stats.loss_tokens,
                   "step_time_s": elapsed, "world_size": dims.world_size}
-        if device.type == "cuda":
-            record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        record["peak_memory_gb"] = peak_memory_gb(device)
         result.losses.append(stats.loss)
         if cfg.eval.interval and cfg.eval.sets and (step + 1) % cfg.eval.interval == 0:
             with loss_parallel_context(dims.tp):

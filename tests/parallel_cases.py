@@ -19,7 +19,9 @@ from megatron_domain.models.llama import canonical_name
 def parity_config_dict(corpora: dict, run_dir: Path | str, parallel: dict | None = None, steps: int = 3,
                        **model) -> dict:
     """A 4-layer GQA model (4 heads, 2 KV heads) on the synthetic blend: global batch 8 of
-    micro-batches of 2, seq 32, so every layout here divides it."""
+    micro-batches of 2, seq 32, so every layout here divides it. Without pipeline stages the
+    run also evaluates held-out perplexity after step 3 (`eval_ppl/alpha` in metrics.jsonl)."""
+    pipelined = (parallel or {}).get("pp", 1) > 1
     return {
         "mode": "pretrain",
         "model": {"preset": "tiny-test", "num_layers": 4, **model},
@@ -30,6 +32,8 @@ def parity_config_dict(corpora: dict, run_dir: Path | str, parallel: dict | None
         "train": {"run_dir": str(run_dir), "steps": steps, "micro_batch_size": 2, "global_batch_size": 8,
                   "device": "cpu", "progress": False, "seed": 7},
         "parallel": parallel or {},
+        "eval": {"sets": [{"name": "alpha", "path": corpora["alpha_heldout"]}], "interval": 0 if pipelined else 3,
+                 "max_rows": 4, "batch_size": 2},
     }
 
 

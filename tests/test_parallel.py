@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from megatron_domain.config import REPO_ROOT, ConfigError, config_from_dict
+from megatron_domain.metrics import read_metrics
 from megatron_domain.parallel.dims import resolve_parallel_dims
 from megatron_domain.parallel.pipeline import layer_split, stages_of_rank
 
@@ -77,6 +78,7 @@ def results(corpora, tmp_path_factory) -> dict:
                                                  str(root / "saved_pp2"))
     for path in root.glob("*.pt"):
         out[path.stem] = torch.load(path, weights_only=False)
+    out["root"] = root
     return out
 
 
@@ -93,6 +95,10 @@ def test_layout_matches_single_process(results, layout):
     assert len(got["losses"]) == 3
     assert max(abs(a - b) for a, b in zip(got["losses"], ref["losses"])) <= TOL
     assert ref["grads"]["layers.0.mlp.down_proj.weight"].abs().max() > 0  # the check is not vacuous
+    if "pp" not in ALL_LAYOUTS[layout][0]:  # evaluation during training runs on the parallel model
+        ref_eval = read_metrics(results["root"] / f"reference_{tied}")[-1]["eval_ppl/alpha"]
+        got_eval = read_metrics(results["root"] / layout)[-1]["eval_ppl/alpha"]
+        assert abs(got_eval - ref_eval) <= 1e-4 * ref_eval
 
 
 @pytest.mark.slow

@@ -4,9 +4,17 @@ LlamaForCausalLM with the same shapes, optimizer (torch AdamW) and dtype, in one
 
     python tools/bench.py                       # bench-20m preset, batch 4 x seq 512, fp32, CPU
     python tools/bench.py --steps 20 --preset bench-20m --batch 4 --seq 512 --dtype bf16
+    python tools/bench.py --parallel tp=2 --parallel pp=2     # engine: 1 process vs each layout
 
 Each implementation runs in its own subprocess (clean peak-memory numbers, no shared caches);
 the parent prints one JSON line: tokens/s, MFU and peak memory of each, and the speed ratio.
+
+With `--parallel`, the whole engine (`mdt train`: data pipeline, parallel model, optimizer)
+runs under torchrun on a synthetic corpus, once as a single process and once per layout
+(`tp=2`, `pp=2`, `tp=2,dp_shard=2`, ...: keys of the config's `parallel` section). The CPU
+threads are split evenly between the processes, and MFU uses the same per-thread matmul
+peak for all, so the ratios compare layouts, not thread counts. The output layer is untied
+in this mode (pipeline stages cannot share a tied embedding), for every layout alike.
 """
 
 from __future__ import annotations
@@ -14,10 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -95,6 +106,89 @@ def run_one(args) -> dict:
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
+def make_bench_data(root: Path, vocab_limit: int, num_docs: int = 400, seed: int = 0) -> dict:
+    """A throwaway tokenizer and a corpus of random-token documents (throughput does not depend
+    on the text) for the engine benchmark."""
+    from megatron_domain.data.indexed import write_indexed_dataset
+    from megatron_domain.data.tokenizer import train_bpe_tokenizer
+
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
+    texts = [" ".join(rng.choice(words) for _ in range(200)) for _ in range(200)]
+    tok = train_bpe_tokenizer(texts, min(vocab_limit, 4096), root / "tokenizer.json")
+    docs = ([rng.randrange(tok.vocab_size - 1) for _ in range(rng.randint(100, 3000))] + [tok.eod_id]
+            for _ in range(num_docs))
+    write_indexed_dataset(root / "corpus", docs, tok.vocab_size)
+    return {"tokenizer": str(root / "tokenizer.json"), "corpus": str(root / "corpus")}
+
+
+def parse_layout(text: str) -> dict:
+    """`tp=2,pp=2` -> {"tp": 2, "pp": 2}; world size = the product of the degrees."""
+    layout = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        layout[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return layout
+
+
+def run_layout(args, data: dict, layout: dict, root: Path, per_thread_flops: float) -> dict:
+    """Train the preset under torchrun with `layout`; mean metrics over the timed steps."""
+    import yaml
+
+    from megatron_domain.metrics import read_metrics
+
+    world = 1
+    for key in ("tp", "pp", "dp_shard", "dp_replicate"):
+        world *= int(layout.get(key, 1))
+    layout = {"dp_shard": 1, **layout}
+    threads = max(1, (args.threads or os.cpu_count()) // world)
+    pp = int(layout.get("pp", 1))
+    name = "_".join(f"{k}{v}" for k, v in layout.items() if v != 1) or "single"
+    # untied output layer for every layout: pipeline stages cannot share a tied embedding
+    cfg = {"mode": "pretrain", "model": {"preset": args.preset, "tie_embeddings": False},
+           "data": {"tokenizer": data["tokenizer"], "seq_len": args.seq,
+                    "corpora": [{"name": "bench", "path": data["corpus"], "weight": 1.0}]},
+           "train": {"run_dir": str(root / name), "steps": args.warmup + args.steps, "dtype": args.dtype,
+                     "micro_batch_size": args.batch // pp if pp > 1 else args.batch,
+                     "global_batch_size": args.batch, "device": args.device, "num_threads": threads,
+                     "peak_tflops": per_thread_flops * threads / 1e12, "progress": False},
+           "parallel": layout}
+    config = root / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    cmd = ["torchrun", "--standalone", "--nproc-per-node", str(world), "-m", "megatron_domain.cli", "train",
+           str(config), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"layout {name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    timed = read_metrics(root / name)[args.warmup:]
+    mean = lambda key: sum(r[key] for r in timed) / len(timed)  # noqa: E731
+    return {"layout": name, "processes": world, "threads_per_process": threads,
+            "micro_batch_size": cfg["train"]["micro_batch_size"], "tokens_per_s": mean("tokens_per_s"),
+            "tokens_per_s_per_process": mean("tokens_per_s_per_gpu"), "mfu": mean("mfu"),
+            "peak_memory_gb_rank0": max(r["peak_memory_gb"] for r in timed), "final_loss": timed[-1]["loss"]}
+
+
+def bench_layouts(args) -> dict:
+    """1 process vs every `--parallel` layout of the engine, same global batch."""
+    from megatron_domain.config import config_from_dict
+    from megatron_domain.metrics import measured_matmul_flops
+
+    vocab = config_from_dict({"model": {"preset": args.preset}, "data": {"seq_len": args.seq}}).model.vocab_size
+    torch.set_num_threads(1)
+    per_thread = measured_matmul_flops(torch.device(args.device), size=1024, repeats=10)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = make_bench_data(root, vocab)
+        results = [run_layout(args, data, {}, root, per_thread)]
+        results += [run_layout(args, data, parse_layout(text), root, per_thread) for text in args.parallel]
+    base = results[0]["tokens_per_s"]
+    for r in results:
+        r["speed_vs_single_process"] = r["tokens_per_s"] / base
+    return {"bench": "parallel_layouts", "preset": args.preset, "global_batch": args.batch, "seq": args.seq,
+            "dtype": args.dtype, "device": args.device, "steps": args.steps, "layouts": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="bench-20m")
@@ -104,8 +198,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--parallel", action="append", default=[], metavar="LAYOUT",
+                        help="benchmark the engine at this layout (e.g. tp=2, pp=2, tp=2,dp_shard=2) against one "
+                             "process; repeatable")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads to split between processes "
+                        "(default: all cores)")
     parser.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.parallel:
+        print(json.dumps(bench_layouts(args)))
+        return
     if args.impl:
         print(json.dumps(run_one(args)))
         return
