@@ -17,7 +17,7 @@ from megatron_domain.models.llama import canonical_name
 
 
 def parity_config_dict(corpora: dict, run_dir: Path | str, parallel: dict | None = None, steps: int = 3,
-                       **model) -> dict:
+                       dtype: str = "fp32", **model) -> dict:
     """A 4-layer GQA model (4 heads, 2 KV heads) on the synthetic blend: global batch 8 of
     micro-batches of 2, seq 32, so every layout here divides it. Without pipeline stages the
     run also evaluates held-out perplexity after step 3 (`eval_ppl/alpha` in metrics.jsonl)."""
@@ -30,7 +30,7 @@ def parity_config_dict(corpora: dict, run_dir: Path | str, parallel: dict | None
                              {"name": "beta", "path": corpora["beta_train"], "weight": 0.3}]},
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1},
         "train": {"run_dir": str(run_dir), "steps": steps, "micro_batch_size": 2, "global_batch_size": 8,
-                  "device": "cpu", "progress": False, "seed": 7},
+                  "device": "cpu", "progress": False, "seed": 7, "dtype": dtype},
         "parallel": parallel or {},
         "eval": {"sets": [{"name": "alpha", "path": corpora["alpha_heldout"]}], "interval": 0 if pipelined else 3,
                  "max_rows": 4, "batch_size": 2},

@@ -11,11 +11,19 @@ import torch.distributed as dist
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present, else CPU; asking for CUDA without one is an error."""
+    """`auto` picks CUDA when present, else CPU; asking for CUDA without one is an error. On
+    CUDA each process takes the GPU of its LOCAL_RANK (set by torchrun) and makes it current."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                               "start at most one process per GPU (torchrun --nproc-per-node)")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
