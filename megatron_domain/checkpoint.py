@@ -147,6 +147,28 @@ def load_model_weights(path: str | os.PathLike, parts: list[torch.nn.Module] | t
     return path
 
 
+def stored_dtype(path: str | os.PathLike) -> torch.dtype:
+    """The dtype the model weights of a checkpoint were saved in (from the DCP metadata)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(resolve_checkpoint(path))).read_metadata().state_dict_metadata
+    for key, item in metadata.items():
+        if key.startswith("model.") and hasattr(item, "properties"):
+            return item.properties.dtype
+    raise FileNotFoundError(f"{path}: the checkpoint holds no model weights")
+
+
+def load_initial_weights(init_from: str, parts: list[torch.nn.Module], model_cfg) -> None:
+    """`model.init_from`: a checkpoint or run directory of ours, or `hf:<folder>` (a Hugging
+    Face model folder, read slice by slice for this rank's layout)."""
+    from megatron_domain.models.hf import HF_PREFIX, load_hf_weights
+
+    if init_from.startswith(HF_PREFIX):
+        load_hf_weights(init_from[len(HF_PREFIX):], parts, model_cfg)
+    else:
+        load_model_weights(init_from, parts)
+
+
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -6,6 +6,7 @@
     torchrun --nproc-per-node 8 -m megatron_domain.cli train CONFIG --set parallel.tp=8
     mdt eval CONFIG [--checkpoint RUN_OR_CKPT]          -> <run_dir>/eval.json
     mdt eval pick-base CONFIG --candidates A B C [--set-name domain]
+    mdt convert hf-to-mdt HF_FOLDER CKPT_DIR | mdt convert mdt-to-hf RUN_OR_CKPT HF_FOLDER [--dtype bf16]
     mdt data preprocess --input a.jsonl b.txt --tokenizer tokenizer.json --output-prefix out/corpus
     mdt data demo-corpus --out-dir data/demo
 
@@ -99,6 +100,22 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from megatron_domain.convert import hf_to_mdt, mdt_to_hf
+
+    if args.direction == "hf-to-mdt":
+        summary = hf_to_mdt(args.src, args.dst, dtype=args.dtype, verify=not args.no_verify)
+    else:
+        summary = mdt_to_hf(args.src, args.dst, config=args.config, tokenizer=args.tokenizer, dtype=args.dtype,
+                            max_shard_size=args.max_shard_size, verify=not args.no_verify)
+    if "max_logit_diff" in summary:
+        print(f"verified: max logit difference {summary['max_logit_diff']:.3g} (ours vs transformers, fp32)")
+    else:
+        print("NOT verified (--no-verify)")
+    print(json.dumps(summary))
+    return 0
+
+
 def _cmd_demo_corpus(args: argparse.Namespace) -> int:
     from megatron_domain.data.demo_corpus import prepare_demo_data
 
@@ -135,6 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output JSON (default <run_dir>/eval.json)")
     _add_set(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("convert", help="Hugging Face folder <-> our checkpoint, verified by logits")
+    p.add_argument("direction", choices=["hf-to-mdt", "mdt-to-hf"])
+    p.add_argument("src", help="hf-to-mdt: an HF model folder; mdt-to-hf: a checkpoint or run directory")
+    p.add_argument("dst", help="output directory (written under DST.tmp, renamed after verification)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="convert the weights to this dtype (default: keep the source dtype)")
+    p.add_argument("--config", default=None, help="mdt-to-hf: the run config (default: found next to the checkpoint)")
+    p.add_argument("--tokenizer", default=None,
+                   help="mdt-to-hf: folder or tokenizer.json to carry over (default: the run's data.tokenizer)")
+    p.add_argument("--max-shard-size", default="5GB", help="mdt-to-hf: largest safetensors shard (default 5GB)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the logit check (it needs two fp32 copies of the model in CPU memory)")
+    p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)

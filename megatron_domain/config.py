@@ -27,6 +27,7 @@ ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble")
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble")
 ATTENTION_BACKENDS = ("sdpa",)
+HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
 class ConfigError(ValueError):
@@ -73,6 +74,7 @@ class ModelConfig:
     init_std: float = 0.02
     attention_backend: str = "sdpa"
     init_from: str = ""
+    hf_architecture: str = ""
 
     @property
     def resolved_head_dim(self) -> int:
@@ -416,23 +418,7 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
     m, d, o, t, e = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.eval
     if cfg.mode not in MODES:
         problems.append(f"{p('mode')}: unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
-        if getattr(m, key) <= 0:
-            problems.append(f"{p('model.' + key)}: must be > 0, got {getattr(m, key)}; "
-                            "set it or choose a model.preset")
-    if m.num_heads > 0 and m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads:
-        problems.append(f"{p('model.num_kv_heads')}: model.num_heads ({m.num_heads}) must be a multiple "
-                        f"of model.num_kv_heads ({m.num_kv_heads})")
-    if m.head_dim == 0 and m.num_heads > 0 and m.hidden_size % m.num_heads:
-        problems.append(f"{p('model.hidden_size')}: {m.hidden_size} is not divisible by model.num_heads "
-                        f"({m.num_heads}); set model.head_dim explicitly")
-    if m.resolved_head_dim % 2:
-        problems.append(f"{p('model.head_dim')}: RoPE needs an even head dimension, got {m.resolved_head_dim}")
-    if m.rope_scaling.type not in ("none", "llama3"):
-        problems.append(f"{p('model.rope_scaling.type')}: unknown {m.rope_scaling.type!r}; use none or llama3")
-    if m.attention_backend not in ATTENTION_BACKENDS:
-        problems.append(f"{p('model.attention_backend')}: unknown {m.attention_backend!r}; "
-                        f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+    problems.extend(validate_model(m, _join(prefix, "model")))
     if d.seq_len <= 0:
         problems.append(f"{p('data.seq_len')}: must be > 0, got {d.seq_len}")
     elif m.max_seq_len > 0 and d.seq_len > m.max_seq_len:
@@ -483,6 +469,43 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
                         f"and log_every > 0, got {t.checkpoint_every}, {t.log_every}")
     problems.extend(validate_parallel(cfg, prefix))
     return problems
+
+
+def validate_model(m: ModelConfig, prefix: str = "model") -> list[str]:
+    """Checks of the model section alone."""
+    p = lambda key: _join(prefix, key)  # noqa: E731
+    problems: list[str] = []
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        if getattr(m, key) <= 0:
+            problems.append(f"{p(key)}: must be > 0, got {getattr(m, key)}; "
+                            "set it or choose a model.preset")
+    if m.num_heads > 0 and m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads:
+        problems.append(f"{p('num_kv_heads')}: model.num_heads ({m.num_heads}) must be a multiple "
+                        f"of model.num_kv_heads ({m.num_kv_heads})")
+    if m.head_dim == 0 and m.num_heads > 0 and m.hidden_size % m.num_heads:
+        problems.append(f"{p('hidden_size')}: {m.hidden_size} is not divisible by model.num_heads "
+                        f"({m.num_heads}); set model.head_dim explicitly")
+    if m.resolved_head_dim % 2:
+        problems.append(f"{p('head_dim')}: RoPE needs an even head dimension, got {m.resolved_head_dim}")
+    if m.rope_scaling.type not in ("none", "llama3"):
+        problems.append(f"{p('rope_scaling.type')}: unknown {m.rope_scaling.type!r}; use none or llama3")
+    if m.hf_architecture and m.hf_architecture not in HF_ARCHITECTURES:
+        problems.append(f"{p('hf_architecture')}: unknown {m.hf_architecture!r}; choose one of "
+                        f"{', '.join(HF_ARCHITECTURES)} (or leave empty)")
+    if m.attention_backend not in ATTENTION_BACKENDS:
+        problems.append(f"{p('attention_backend')}: unknown {m.attention_backend!r}; "
+                        f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+    return problems
+
+
+def model_config_from_dict(data: dict, source: str = "") -> ModelConfig:
+    """A validated ModelConfig from a `model:` mapping (presets resolved)."""
+    problems: list[str] = []
+    model = _build(ModelConfig, resolve_model_preset(dict(data), "model", problems), "model", problems)
+    problems.extend(validate_model(model))
+    if problems:
+        raise ConfigError(problems, source)
+    return model
 
 
 def validate_parallel(cfg: Config, prefix: str = "") -> list[str]:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from tqdm import tqdm
 
-from megatron_domain.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from megatron_domain.checkpoint import latest_checkpoint, load_checkpoint, load_initial_weights, save_checkpoint
 from megatron_domain.config import Config, to_dict
 from megatron_domain.data.tokenizer import TextTokenizer, load_tokenizer
 from megatron_domain.eval.perplexity import evaluate_sets
@@ -80,12 +80,12 @@ def setup_parallel(cfg: Config, device: torch.device) -> tuple[ParallelDims, Dev
 
 def prepare_model(cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device) -> ParallelModel:
     """Meta-device build -> parallel transforms -> materialize; init from `model.init_from`
-    (any checkpoint layout) or from the seed."""
+    (a checkpoint of any layout, or `hf:<folder>`) or from the seed."""
     init_from = cfg.model.init_from
     pm = build_parallel_model(build_model(cfg.model), cfg, dims, mesh, device,
                               init_seed=None if init_from else cfg.train.seed)
     if init_from:
-        load_model_weights(init_from, pm.parts)
+        load_initial_weights(init_from, pm.parts, cfg.model)
     return pm
 
 

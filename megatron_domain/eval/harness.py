@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_domain.checkpoint import load_model_weights
+from megatron_domain.checkpoint import load_initial_weights
 from megatron_domain.config import Config
 from megatron_domain.data.tokenizer import load_tokenizer
 from megatron_domain.eval.perplexity import evaluate_sets, write_json_atomic
@@ -20,7 +20,7 @@ def load_eval_model(cfg: Config, checkpoint: str | None, device: torch.device) -
     source = checkpoint or cfg.model.init_from
     model = materialize(build_model(cfg.model), device, seed=None if source else cfg.train.seed)
     if source:
-        load_model_weights(source, model)
+        load_initial_weights(source, [model], cfg.model)
     return model
 
 

@@ -1,0 +1,178 @@
+"""`mdt convert`: Hugging Face folders <-> our DCP checkpoints, each conversion proven by logits.
+
+    mdt convert hf-to-mdt /models/Llama-3.1-8B ckpt/llama3.1-8b [--dtype fp32]
+    mdt convert mdt-to-hf runs/dacpt ckpt/hf-export [--dtype bf16] [--max-shard-size 5GB]
+
+Import writes a checkpoint directory usable as `model.init_from` (plus `model.yaml`, usable
+as `model.preset`, and the tokenizer files under `tokenizer/`). Export writes standard
+sharded safetensors with the index, `config.json`, `generation_config.json` and the tokenizer
+files, through transformers' own `save_pretrained`. Both keep the source dtype unless
+`--dtype` says otherwise, write to a temporary name and rename only after the verification:
+a few fixed prompts through our model and through transformers on CPU in fp32; a max logit
+difference above tolerance is an error and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatron_domain.checkpoint import EXTRA_FILE, load_model_weights, resolve_checkpoint, stored_dtype
+from megatron_domain.config import ModelConfig, config_from_dict, load_yaml, model_config_from_dict
+from megatron_domain.models.hf import (
+    HFCheckpointError, copy_tokenizer_files, hf_config_from_model, hf_name, model_config_dict, model_config_from_hf,
+    our_name, read_hf_config, safetensors_files)
+from megatron_domain.models.llama import Transformer, build_model, materialize
+from megatron_domain.parallel.distributed import ensure_process_group
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VERIFY_TOLERANCE = 1e-4  # max |logit difference|, relative to max(1, max |logit|), both in fp32
+
+
+def _load_our_model(cfg: ModelConfig, checkpoint: Path, through: torch.dtype | None = None) -> Transformer:
+    """Our model in fp32 on CPU with the checkpoint's weights (optionally rounded through
+    `through`, the dtype an export writes)."""
+    model = materialize(build_model(cfg), torch.device("cpu"), seed=None)
+    load_model_weights(checkpoint, model)
+    if through is not None and through != torch.float32:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.to(through).float())
+    return model.eval()
+
+
+def verify_logits(model: Transformer, hf_folder: Path, num_prompts: int = 3, seq_len: int = 24, seed: int = 0) -> float:
+    """Max |logits(ours) - logits(transformers)| over fixed random prompts (fp32, CPU); raises
+    when above VERIFY_TOLERANCE x max(1, max |logit|)."""
+    import transformers
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_folder), dtype=torch.float32).eval()
+    seq_len = min(seq_len, model.cfg.max_seq_len)
+    tokens = torch.randint(0, model.cfg.vocab_size, (num_prompts, seq_len),
+                           generator=torch.Generator().manual_seed(seed))  # [P, S]
+    positions = torch.arange(seq_len).expand(num_prompts, seq_len)  # [P, S]
+    with torch.no_grad():
+        ours = model(tokens, positions)  # [P, S, V]
+        theirs = hf_model(input_ids=tokens).logits.float()  # [P, S, V]
+    diff = (ours - theirs).abs().max().item()
+    limit = VERIFY_TOLERANCE * max(1.0, theirs.abs().max().item())
+    if not diff <= limit:
+        raise HFCheckpointError(f"verification failed: max logit difference {diff:.3g} between our model and "
+                                f"transformers on {hf_folder} exceeds {limit:.3g}; the conversion is wrong")
+    return diff
+
+
+def _run_model_config(checkpoint: Path, config: str | None) -> ModelConfig:
+    """The model config of a checkpoint: `--config`, else the run's config.json, else the
+    model.yaml written by an import."""
+    if config:
+        return config_from_dict(load_yaml(config), source=config).model
+    model_yaml, run_config = checkpoint / "model.yaml", checkpoint.parent.parent / "config.json"
+    if model_yaml.is_file():
+        return model_config_from_dict(load_yaml(model_yaml), str(model_yaml))
+    if run_config.is_file():
+        model = json.loads(run_config.read_text())["model"]
+        return model_config_from_dict({k: v for k, v in model.items() if k not in ("preset", "init_from")},
+                                      str(run_config))
+    raise FileNotFoundError(f"{checkpoint}: cannot find the model config (no model.yaml, no run config.json two "
+                            "levels up); pass --config RUN_CONFIG.yaml")
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def hf_to_mdt(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None, verify: bool = True) -> dict:
+    """Import an HF folder as a DCP checkpoint directory at `dst`; returns a summary."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors import safe_open
+
+    src, dst = Path(src), Path(dst)
+    cfg = model_config_from_hf(read_hf_config(src), str(src / "config.json"))
+    files = safetensors_files(src)
+    ensure_process_group(torch.device("cpu"))
+    wanted = {hf_name(k) for k in build_model(cfg).state_dict()}
+    missing = sorted(wanted - set(files))
+    if missing:
+        raise HFCheckpointError(f"{src}: tensor {missing[0]} is missing ({len(missing)} missing)")
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(set(files.values())):  # shard by shard
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                if key in wanted:
+                    tensor = handle.get_tensor(key)
+                    state[our_name(key)] = tensor.to(DTYPES[dtype]) if dtype else tensor
+    source_dtype = str(next(iter(state.values())).dtype).replace("torch.", "")
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dcp.save({"model": state}, checkpoint_id=str(tmp))
+    (tmp / EXTRA_FILE).write_text(json.dumps({"step": 0, "source": f"hf:{src}", "dtype": source_dtype}, indent=2))
+    import yaml
+
+    (tmp / "model.yaml").write_text(yaml.safe_dump(model_config_dict(cfg), sort_keys=False))
+    (tmp / "tokenizer").mkdir()
+    tokenizer_files = copy_tokenizer_files(src, tmp / "tokenizer")
+    summary = {"source": str(src), "checkpoint": str(dst), "architecture": cfg.hf_architecture,
+               "dtype": source_dtype, "tensors": len(state), "tokenizer_files": tokenizer_files}
+    if verify:
+        summary["max_logit_diff"] = verify_logits(_load_our_model(cfg, tmp), src)
+    _replace_dir(tmp, dst)
+    return summary
+
+
+def mdt_to_hf(src: str | os.PathLike, dst: str | os.PathLike, config: str | None = None,
+              tokenizer: str | None = None, dtype: str | None = None, max_shard_size: str = "5GB",
+              verify: bool = True) -> dict:
+    """Export a checkpoint (or a run's latest) as an HF folder at `dst`; returns a summary."""
+    import transformers
+
+    ensure_process_group(torch.device("cpu"))
+    checkpoint = resolve_checkpoint(src)
+    cfg = _run_model_config(checkpoint, config)
+    out_dtype = DTYPES[dtype] if dtype else stored_dtype(checkpoint)
+    model = _load_our_model(cfg, checkpoint, through=out_dtype)
+    hf_cfg = hf_config_from_model(cfg, out_dtype)
+    state = {hf_name(k): v.detach().to(out_dtype).clone() for k, v in model.state_dict().items()}
+    with torch.device("meta"):
+        hf_model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=out_dtype)
+    result = hf_model.load_state_dict(state, strict=False, assign=True)
+    unexpected = list(result.unexpected_keys)
+    missing = [k for k in result.missing_keys if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise HFCheckpointError(f"export: parameter names do not match {hf_cfg.architectures[0]}: "
+                                f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if cfg.tie_embeddings:
+        hf_model.tie_weights()
+    tmp = Path(str(dst) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf_model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+    tokenizer_src = tokenizer or _tokenizer_source(checkpoint)
+    tokenizer_files = copy_tokenizer_files(tokenizer_src, tmp) if tokenizer_src else []
+    if not (tmp / "generation_config.json").is_file():
+        transformers.GenerationConfig.from_model_config(hf_cfg).save_pretrained(str(tmp))
+    summary = {"checkpoint": str(checkpoint), "export": str(dst), "architecture": hf_cfg.architectures[0],
+               "dtype": str(out_dtype).replace("torch.", ""), "tokenizer_files": tokenizer_files,
+               "files": sorted(p.name for p in tmp.iterdir())}
+    if verify:
+        summary["max_logit_diff"] = verify_logits(model, tmp)
+    _replace_dir(tmp, Path(dst))
+    return summary
+
+
+def _tokenizer_source(checkpoint: Path) -> str | None:
+    """The tokenizer an import carried along, or the run config's data.tokenizer."""
+    if (checkpoint / "tokenizer").is_dir():
+        return str(checkpoint / "tokenizer")
+    run_config = checkpoint.parent.parent / "config.json"
+    if run_config.is_file():
+        tok = json.loads(run_config.read_text()).get("data", {}).get("tokenizer")
+        if tok and Path(tok).exists():
+            return tok
+    return None
