@@ -25,8 +25,11 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8"],
-        "gpu": ["flash-attn", "transformer-engine[pytorch]", "vllm"],
+        # torchao: NF4 base weights for QLoRA (and FP8 later); peft: the tests load our exported
+        # LoRA adapters with it
+        "test": ["pytest>=8", "torchao>=0.18", "peft>=0.21"],
+        "qlora": ["torchao>=0.18"],
+        "gpu": ["flash-attn", "transformer-engine[pytorch]", "vllm", "torchao>=0.18"],
     },
     entry_points={"console_scripts": ["mdt=megatron_domain.cli:main"]},
 )

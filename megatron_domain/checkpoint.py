@@ -47,14 +47,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _options(strict: bool = True) -> StateDictOptions:
+def _options(strict: bool = True, frozen: bool = False) -> StateDictOptions:
     # flattened optimizer state: keys are parameter names, so a checkpoint does not depend on
-    # how parameters were split into pipeline chunks and optimizers
-    return StateDictOptions(flatten_optimizer_state_dict=True, strict=strict)
+    # how parameters were split into pipeline chunks and optimizers; frozen parameters (a LoRA
+    # run's base) are left out of training checkpoints: they come from model.init_from
+    return StateDictOptions(flatten_optimizer_state_dict=True, strict=strict, ignore_frozen_params=not frozen)
 
 
-def _model_states(parts: list[torch.nn.Module]) -> list[dict]:
-    return [get_model_state_dict(part, options=_options()) for part in parts]
+def _model_states(parts: list[torch.nn.Module], frozen: bool = False) -> list[dict]:
+    return [get_model_state_dict(part, options=_options(frozen=frozen)) for part in parts]
 
 
 def _optimizer_states(parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer]) -> list[dict]:
@@ -127,7 +128,7 @@ def load_checkpoint(path: str | os.PathLike, parts: list[torch.nn.Module],
     state = {"model": _merge(model_states), "optim": _merge(optim_states)}
     dcp.load(state, checkpoint_id=str(path))
     for part, opt, model_sd, optim_sd in zip(parts, optimizers, model_states, optim_states):
-        set_model_state_dict(part, {k: state["model"][k] for k in model_sd}, options=_options())
+        set_model_state_dict(part, {k: state["model"][k] for k in model_sd}, options=_options(strict=False))
         set_optimizer_state_dict(part, opt, {k: state["optim"][k] for k in optim_sd}, options=_options())
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng_file.is_file():
@@ -135,16 +136,28 @@ def load_checkpoint(path: str | os.PathLike, parts: list[torch.nn.Module],
     return json.loads((path / EXTRA_FILE).read_text())
 
 
-def load_model_weights(path: str | os.PathLike, parts: list[torch.nn.Module] | torch.nn.Module) -> Path:
-    """Load only the model weights of a checkpoint (or a run's latest) into `parts`."""
+def load_model_weights(path: str | os.PathLike, parts: list[torch.nn.Module] | torch.nn.Module,
+                       adapters_only: bool = False) -> Path:
+    """Load the model weights of a checkpoint (or a run's latest) into `parts`: every base
+    weight must be there; LoRA adapters are loaded when the checkpoint has them (else they keep
+    their values, e.g. a fresh init on top of a DACPT base). `adapters_only`: load just the
+    adapters (a LoRA run's checkpoint; the base comes from its model.init_from)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
     parts = parts if isinstance(parts, list) else [parts]
     path = resolve_checkpoint(path)
-    model_states = _model_states(parts)
+    stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    wanted = (lambda k: _is_adapter(k)) if adapters_only else (lambda k: f"model.{k}" in stored or not _is_adapter(k))
+    model_states = [{k: v for k, v in sd.items() if wanted(k)} for sd in _model_states(parts, frozen=True)]
     state = {"model": _merge(model_states)}
     dcp.load(state, checkpoint_id=str(path))
     for part, model_sd in zip(parts, model_states):
-        set_model_state_dict(part, {k: state["model"][k] for k in model_sd}, options=_options())
+        set_model_state_dict(part, {k: state["model"][k] for k in model_sd}, options=_options(strict=False))
     return path
+
+
+def _is_adapter(name: str) -> bool:
+    return name.endswith(("lora_a", "lora_b"))
 
 
 def stored_dtype(path: str | os.PathLike) -> torch.dtype:

@@ -107,7 +107,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         summary = hf_to_mdt(args.src, args.dst, dtype=args.dtype, verify=not args.no_verify)
     else:
         summary = mdt_to_hf(args.src, args.dst, config=args.config, tokenizer=args.tokenizer, dtype=args.dtype,
-                            max_shard_size=args.max_shard_size, verify=not args.no_verify)
+                            max_shard_size=args.max_shard_size, verify=not args.no_verify, lora_export=args.lora)
     if "max_logit_diff" in summary:
         print(f"verified: max logit difference {summary['max_logit_diff']:.3g} (ours vs transformers, fp32)")
     else:
@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None,
                    help="mdt-to-hf: folder or tokenizer.json to carry over (default: the run's data.tokenizer)")
     p.add_argument("--max-shard-size", default="5GB", help="mdt-to-hf: largest safetensors shard (default 5GB)")
+    p.add_argument("--lora", choices=["merge", "adapter"], default="merge",
+                   help="mdt-to-hf of a LoRA run: merge the adapter into the base, or write a PEFT adapter")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the logit check (it needs two fp32 copies of the model in CPU memory)")
     p.set_defaults(func=_cmd_convert)

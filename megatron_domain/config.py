@@ -21,12 +21,14 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_PRESET_DIR = REPO_ROOT / "configs" / "models"
 
-MODES = ("pretrain",)
+MODES = ("pretrain", "sft")
 DTYPES = ("fp32", "bf16")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble")
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble")
 ATTENTION_BACKENDS = ("sdpa",)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANTIZE_BASE = ("none", "nf4")
 HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
@@ -92,6 +94,17 @@ class CorpusConfig:
 
 
 @dataclass
+class ChatDataConfig:
+    """Conversations for the `sft` mode (JSONL, see data/chat.py): the chat template (llama3,
+    chatml, or `tokenizer` for the tokenizer's own) and what to do with an example longer than
+    data.seq_len (truncate or drop; the count is reported)."""
+
+    path: str = ""
+    template: str = "chatml"
+    overflow: str = "truncate"
+
+
+@dataclass
 class DataConfig:
     """Training data: tokenizer, packed sequence length and the weighted corpus blend."""
 
@@ -101,6 +114,7 @@ class DataConfig:
     corpora: list[CorpusConfig] = field(default_factory=list)
     cache_dir: str = ""
     seed: int = 1234
+    chat: ChatDataConfig = field(default_factory=ChatDataConfig)
 
 
 @dataclass
@@ -163,11 +177,39 @@ class ParallelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (rank 0 = off: full fine-tuning). `alpha` 0 means 2 x rank. With
+    `quantize_base: nf4` the frozen base weights are stored in 4-bit NF4 (QLoRA)."""
+
+    rank: int = 0
+    alpha: float = 0.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    quantize_base: str = "none"
+
+    @property
+    def scale_alpha(self) -> float:
+        """alpha, defaulting to 2 x rank."""
+        return self.alpha or 2.0 * self.rank
+
+
+@dataclass
 class EvalSetConfig:
     """A named held-out set (indexed dataset prefix)."""
 
     name: str = ""
     path: str = ""
+
+
+@dataclass
+class GenerationEvalConfig:
+    """Greedy-decoding eval on held-out questions ({"prompt", "source"} JSONL): house-format
+    adherence and citation accuracy (eval/rubric.py). Empty path = off."""
+
+    path: str = ""
+    template: str = "chatml"
+    max_new_tokens: int = 64
+    max_examples: int = 0
 
 
 @dataclass
@@ -180,6 +222,7 @@ class EvalConfig:
     max_rows: int = 0
     batch_size: int = 8
     seq_len: int = 0
+    generation: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
 
 
 @dataclass
@@ -193,6 +236,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -205,16 +249,22 @@ class DemoDataConfig:
     max_general_docs: int = 0
     max_domain_docs: int = 0
     seed: int = 0
+    sft_heldout_fraction: float = 0.2
 
 
 @dataclass
 class PplCheckConfig:
-    """Acceptance check: relative perplexity change of `set` over `stage` must be <= max_change
-    (e.g. -0.30 = at least 30% lower; 0.05 = at most 5% higher)."""
+    """Acceptance check of a stage. `metric: ppl`: the relative perplexity change of `set` must
+    be <= max_change (e.g. -0.30 = at least 30% lower; 0.05 = at most 5% higher). A generation
+    metric (`format_adherence`, `citation_accuracy`): the value after the stage must be >=
+    min_after and exceed the value before by >= min_gain."""
 
     stage: str = ""
     set: str = ""
     max_change: float = 0.0
+    metric: str = "ppl"
+    min_after: float = 0.0
+    min_gain: float = 0.0
 
 
 @dataclass
@@ -468,6 +518,36 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
         problems.append(f"{p('train.checkpoint_every')}/{p('train.log_every')}: need checkpoint_every >= 0 "
                         f"and log_every > 0, got {t.checkpoint_every}, {t.log_every}")
     problems.extend(validate_parallel(cfg, prefix))
+    problems.extend(validate_lora(cfg, prefix))
+    if cfg.mode == "sft":
+        chat = cfg.data.chat
+        if not chat.path:
+            problems.append(f"{p('data.chat.path')}: the sft mode needs a JSONL file of conversations")
+        if chat.template not in ("llama3", "chatml", "tokenizer"):
+            problems.append(f"{p('data.chat.template')}: unknown {chat.template!r}; choose llama3, chatml or tokenizer")
+        if chat.overflow not in ("truncate", "drop"):
+            problems.append(f"{p('data.chat.overflow')}: unknown {chat.overflow!r}; choose truncate or drop")
+    return problems
+
+
+def validate_lora(cfg: Config, prefix: str = "") -> list[str]:
+    """Checks of the `lora` section."""
+    p = lambda key: _join(prefix, key)  # noqa: E731
+    lo = cfg.lora
+    problems: list[str] = []
+    if lo.rank < 0:
+        problems.append(f"{p('lora.rank')}: must be >= 0 (0 = no LoRA), got {lo.rank}")
+    if not 0 <= lo.dropout < 1:
+        problems.append(f"{p('lora.dropout')}: must be in [0, 1), got {lo.dropout}")
+    unknown = [t for t in lo.targets if t not in LORA_TARGETS]
+    if unknown or not lo.targets:
+        problems.append(f"{p('lora.targets')}: {unknown or 'empty'}; choose from {', '.join(LORA_TARGETS)}")
+    if lo.quantize_base not in QUANTIZE_BASE:
+        problems.append(f"{p('lora.quantize_base')}: unknown {lo.quantize_base!r}; choose one of "
+                        f"{', '.join(QUANTIZE_BASE)}")
+    elif lo.quantize_base != "none" and lo.rank == 0:
+        problems.append(f"{p('lora.quantize_base')}: {lo.quantize_base} quantizes the frozen base for QLoRA; "
+                        "it needs lora.rank > 0")
     return problems
 
 
@@ -594,6 +674,13 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple
     for i, check in enumerate(pipe.checks):
         if check.stage not in seen:
             problems.append(f"checks[{i}].stage: no stage named {check.stage!r}; stages: {', '.join(sorted(seen))}")
+        elif check.metric not in ("ppl", "format_adherence", "citation_accuracy"):
+            problems.append(f"checks[{i}].metric: unknown {check.metric!r}; choose ppl, format_adherence or "
+                            "citation_accuracy")
+        elif check.metric != "ppl":
+            if complete and not stage_configs[stage_names(pipe).index(check.stage)].eval.generation.path:
+                problems.append(f"checks[{i}].metric: {check.metric} needs eval.generation.path in stage "
+                                f"{check.stage!r}")
         elif complete and check.set not in stage_sets[check.stage]:
             problems.append(f"checks[{i}].set: {check.set!r} is not an eval set of stage {check.stage!r} "
                             f"({', '.join(stage_sets[check.stage])})")

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 
-from megatron_domain.checkpoint import EXTRA_FILE, load_model_weights, resolve_checkpoint, stored_dtype
-from megatron_domain.config import ModelConfig, config_from_dict, load_yaml, model_config_from_dict
+from megatron_domain.checkpoint import (
+    EXTRA_FILE, load_initial_weights, load_model_weights, resolve_checkpoint, stored_dtype)
+from megatron_domain.config import LoraConfig, ModelConfig, config_from_dict, load_yaml, model_config_from_dict
 from megatron_domain.models.hf import (
-    HFCheckpointError, copy_tokenizer_files, hf_config_from_model, hf_name, model_config_dict, model_config_from_hf,
+    HF_PREFIX, HFCheckpointError, copy_tokenizer_files, hf_config_from_model, hf_name, model_config_dict, model_config_from_hf,
     our_name, read_hf_config, safetensors_files)
 from megatron_domain.models.llama import Transformer, build_model, materialize
+from megatron_domain.models.lora import apply_lora, merge_lora
 from megatron_domain.parallel.distributed import ensure_process_group
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,12 +47,17 @@ def _load_our_model(cfg: ModelConfig, checkpoint: Path, through: torch.dtype | N
     return model.eval()
 
 
-def verify_logits(model: Transformer, hf_folder: Path, num_prompts: int = 3, seq_len: int = 24, seed: int = 0) -> float:
-    """Max |logits(ours) - logits(transformers)| over fixed random prompts (fp32, CPU); raises
-    when above VERIFY_TOLERANCE x max(1, max |logit|)."""
+def verify_logits(model: Transformer, hf_folder: Path, num_prompts: int = 3, seq_len: int = 24, seed: int = 0,
+                  adapter: Path | None = None) -> float:
+    """Max |logits(ours) - logits(transformers [+ a peft adapter])| over fixed random prompts
+    (fp32, CPU); raises when above VERIFY_TOLERANCE x max(1, max |logit|)."""
     import transformers
 
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_folder), dtype=torch.float32).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        hf_model = PeftModel.from_pretrained(hf_model, str(adapter)).eval()
     seq_len = min(seq_len, model.cfg.max_seq_len)
     tokens = torch.randint(0, model.cfg.vocab_size, (num_prompts, seq_len),
                            generator=torch.Generator().manual_seed(seed))  # [P, S]
@@ -64,6 +71,63 @@ def verify_logits(model: Transformer, hf_folder: Path, num_prompts: int = 3, seq
         raise HFCheckpointError(f"verification failed: max logit difference {diff:.3g} between our model and "
                                 f"transformers on {hf_folder} exceeds {limit:.3g}; the conversion is wrong")
     return diff
+
+
+def _run_lora(checkpoint: Path, config: str | None) -> tuple[LoraConfig, str]:
+    """(lora settings, model.init_from) of the run that wrote `checkpoint`."""
+    if config:
+        cfg = config_from_dict(load_yaml(config), source=config)
+        return cfg.lora, cfg.model.init_from
+    run_config = checkpoint.parent.parent / "config.json"
+    if run_config.is_file():
+        data = json.loads(run_config.read_text())
+        lora = data.get("lora") or {}
+        return LoraConfig(**lora), data.get("model", {}).get("init_from", "")
+    return LoraConfig(), ""
+
+
+def _load_lora_model(cfg: ModelConfig, lora: LoraConfig, init_from: str, checkpoint: Path) -> Transformer:
+    """Base (`init_from`) + the checkpoint's adapters, fp32 on CPU, not merged."""
+    if not init_from:
+        raise FileNotFoundError(f"{checkpoint}: a LoRA checkpoint holds only adapters, and the run's model.init_from "
+                                "(its base) is unknown; pass --config with the run's config")
+    model = build_model(cfg)
+    apply_lora(model, lora.rank, lora.scale_alpha, 0.0, tuple(lora.targets))
+    model = materialize(model, torch.device("cpu"), seed=None)
+    load_initial_weights(init_from, [model], cfg)
+    load_model_weights(checkpoint, [model], adapters_only=True)
+    return model.eval()
+
+
+def peft_adapter_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our adapters under PEFT's names (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`)."""
+    state = {}
+    for name, param in model.named_parameters():
+        if name.endswith(("lora_a", "lora_b")):
+            module, kind = name.rsplit(".", 1)
+            peft = "lora_A" if kind == "lora_a" else "lora_B"
+            state[f"base_model.model.{hf_name(module + '.weight')[: -len('.weight')]}.{peft}.weight"] = (
+                param.detach().clone().contiguous())
+    return state
+
+
+def export_peft_adapter(model: Transformer, lora: LoraConfig, base: str, dst: Path, verify: bool) -> dict:
+    """adapter_config.json + adapter_model.safetensors that `peft` loads onto the HF base."""
+    from safetensors.torch import save_file
+
+    tmp = Path(str(dst) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.scale_alpha,
+              "lora_dropout": lora.dropout, "target_modules": list(lora.targets), "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base}
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file(peft_adapter_state(model), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    summary = {"export": str(dst), "kind": "peft_adapter", "base": base, "files": sorted(p.name for p in tmp.iterdir())}
+    if verify:
+        summary["max_logit_diff"] = verify_logits(model, Path(base), adapter=tmp)
+    _replace_dir(tmp, dst)
+    return summary
 
 
 def _run_model_config(checkpoint: Path, config: str | None) -> ModelConfig:
@@ -129,15 +193,32 @@ def hf_to_mdt(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None 
 
 def mdt_to_hf(src: str | os.PathLike, dst: str | os.PathLike, config: str | None = None,
               tokenizer: str | None = None, dtype: str | None = None, max_shard_size: str = "5GB",
-              verify: bool = True) -> dict:
-    """Export a checkpoint (or a run's latest) as an HF folder at `dst`; returns a summary."""
+              verify: bool = True, lora_export: str = "merge") -> dict:
+    """Export a checkpoint (or a run's latest) as an HF folder at `dst`; returns a summary.
+    A LoRA run's checkpoint is merged into its base (`lora_export="merge"`) or written as a
+    PEFT adapter for the run's HF base (`"adapter"`, needs model.init_from: hf:<folder>)."""
     import transformers
 
     ensure_process_group(torch.device("cpu"))
     checkpoint = resolve_checkpoint(src)
     cfg = _run_model_config(checkpoint, config)
+    lora, init_from = _run_lora(checkpoint, config)
     out_dtype = DTYPES[dtype] if dtype else stored_dtype(checkpoint)
-    model = _load_our_model(cfg, checkpoint, through=out_dtype)
+    if lora.rank > 0:
+        model = _load_lora_model(cfg, lora, init_from, checkpoint)
+        if lora_export == "adapter":
+            if not init_from.startswith(HF_PREFIX):
+                raise ValueError("--lora adapter: the run's base must be an HF folder (model.init_from: hf:<folder>) "
+                                 "for peft to load the adapter onto; use --lora merge")
+            return export_peft_adapter(model, lora, init_from[len(HF_PREFIX):], Path(dst), verify)
+        merge_lora(model)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if not name.endswith(("lora_a", "lora_b")):
+                    param.copy_(param.to(out_dtype).float())
+        model = _without_adapters(model, cfg)
+    else:
+        model = _load_our_model(cfg, checkpoint, through=out_dtype)
     hf_cfg = hf_config_from_model(cfg, out_dtype)
     state = {hf_name(k): v.detach().to(out_dtype).clone() for k, v in model.state_dict().items()}
     with torch.device("meta"):
@@ -164,6 +245,14 @@ def mdt_to_hf(src: str | os.PathLike, dst: str | os.PathLike, config: str | None
         summary["max_logit_diff"] = verify_logits(model, tmp)
     _replace_dir(tmp, Path(dst))
     return summary
+
+
+def _without_adapters(model: Transformer, cfg: ModelConfig) -> Transformer:
+    """A plain model holding `model`'s (merged) base weights."""
+    plain = materialize(build_model(cfg), torch.device("cpu"), seed=None)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(("lora_a", "lora_b"))}
+    plain.load_state_dict(state, strict=True)
+    return plain.eval()
 
 
 def _tokenizer_source(checkpoint: Path) -> str | None:

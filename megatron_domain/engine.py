@@ -29,6 +29,8 @@ from megatron_domain.data.tokenizer import TextTokenizer, load_tokenizer
 from megatron_domain.eval.perplexity import evaluate_sets
 from megatron_domain.metrics import MetricsLog, peak_flops
 from megatron_domain.models.llama import build_model, count_parameters, training_flops_per_token
+from megatron_domain.models.lora import init_lora_weights, trainable_parameters
+from megatron_domain.models.nf4 import quantize_frozen_linears
 from megatron_domain.optim import build_optimizer, build_scheduler
 from megatron_domain.parallel.apply import ParallelModel, build_parallel_model
 from megatron_domain.parallel.dims import ParallelDims, resolve_parallel_dims
@@ -62,6 +64,18 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
+def trainable_parameters_of(pm: ParallelModel, dims: ParallelDims) -> tuple[int, int]:
+    """(trainable, total) parameters of the whole model, summed over pipeline ranks (DTensor
+    parameters count at full size, so TP/FSDP ranks are not double counted)."""
+    counts = torch.zeros(2, dtype=torch.float64, device=next(pm.parameters()).device)
+    for part in pm.parts:
+        trainable, total = trainable_parameters(part)
+        counts += torch.tensor([trainable, total], dtype=torch.float64, device=counts.device)
+    if dims.pp > 1:
+        dist.all_reduce(counts, group=pm.mesh["pp"].get_group())
+    return int(counts[0]), int(counts[1])
+
+
 def check_vocab(tokenizer: TextTokenizer, cfg: Config) -> None:
     """The tokenizer's ids must fit the model's embedding table."""
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -86,6 +100,12 @@ def prepare_model(cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, devi
                               init_seed=None if init_from else cfg.train.seed)
     if init_from:
         load_initial_weights(init_from, pm.parts, cfg.model)
+        if cfg.lora.rank > 0:  # fresh adapters on the loaded base
+            for part in pm.parts:
+                init_lora_weights(part, cfg.train.seed)
+    if cfg.lora.quantize_base == "nf4":
+        for part in pm.parts:
+            quantize_frozen_linears(part)
     return pm
 
 
@@ -255,6 +275,11 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None) -> Tr
         tqdm.write(f"[{run_dir.name}] model: {params['total'] / 1e6:.2f}M parameters "
                    f"({params['non_embedding'] / 1e6:.2f}M non-embedding), {flops_per_token / 1e6:.1f} MFLOP/token; "
                    f"{dims.describe()}")
+    if show and cfg.lora.rank > 0:
+        trainable, total = trainable_parameters_of(trainer.model, dims)
+        tqdm.write(f"[{run_dir.name}] LoRA rank {cfg.lora.rank}, alpha {cfg.lora.scale_alpha:g} on "
+                   f"{', '.join(cfg.lora.targets)}: {trainable:,} trainable parameters of {total:,} "
+                   f"({trainable / total:.3%})")
     result = TrainResult(run_dir=run_dir)
     trainer.model.train()
     for step in range(start_step, cfg.train.steps):

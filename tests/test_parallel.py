@@ -43,6 +43,12 @@ FOUR_RANK_LAYOUTS = {
 EIGHT_RANK_LAYOUTS = {
     "pp2_x_dp_shard2_x_tp2": ({"pp": 2, "dp_shard": 2, "tp": 2, "pp_schedule": "gpipe"}, {}),
 }
+LORA = {"rank": 4, "dropout": 0.0}
+LORA_LAYOUTS = {  # LoRA adapters sharded with their base layer (TP), by FSDP, and staged by PP
+    "tp2_sp_lora": {"tp": 2},
+    "dp_shard2_lora": {"dp_shard": 2},
+    "pp2_lora": {"pp": 2},
+}
 ALL_LAYOUTS = {**TWO_RANK_LAYOUTS, **FOUR_RANK_LAYOUTS, **EIGHT_RANK_LAYOUTS}
 
 
@@ -55,6 +61,7 @@ def results(corpora, tmp_path_factory) -> dict:
     for tied in (False, True):
         out[f"reference_tied={tied}"] = layout_result(
             parity_config_dict(corpora, root / f"reference_{tied}", tie_embeddings=tied))
+    out["reference_lora"] = layout_result(parity_config_dict(corpora, root / "reference_lora", lora=LORA))
     # resharding: a 4-step single-process run, and the same run saved at tp=2 after step 2
     four_steps = lambda name, layout: parity_config_dict(corpora, root / name, layout, steps=4)  # noqa: E731
     out["straight"] = run_job("train", four_steps("straight", {}))
@@ -72,6 +79,8 @@ def results(corpora, tmp_path_factory) -> dict:
         ("logits_dp_shard2_from_pp2", "logits", parity_config_dict(corpora, root / "load_dp2", {"dp_shard": 2}),
          str(root / "saved_pp2")),
     ]
+    jobs += [(name, "layout", parity_config_dict(corpora, root / name, par, lora=LORA), None)
+             for name, par in LORA_LAYOUTS.items()]
     jobs.append(("dp_shard2_bf16", "layout", parity_config_dict(corpora, root / "dp_shard2_bf16", {"dp_shard": 2},
                                                                 dtype="bf16"), None))
     run_on_ranks(2, run_jobs, jobs, str(root))
@@ -105,6 +114,22 @@ def test_layout_matches_single_process(results, layout):
         ref_eval = read_metrics(results["root"] / f"reference_{tied}")[-1]["eval_ppl/alpha"]
         got_eval = read_metrics(results["root"] / layout)[-1]["eval_ppl/alpha"]
         assert abs(got_eval - ref_eval) <= 1e-4 * ref_eval
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LORA_LAYOUTS))
+def test_lora_layout_matches_single_process(results, layout):
+    """LoRA under TP, FSDP and PP: same loss and adapter gradients as one process (only the
+    adapters have gradients), and the same losses over 3 optimizer steps."""
+    ref, got = results["reference_lora"], results[layout]
+    assert abs(got["loss"] - ref["loss"]) <= TOL
+    assert sorted(got["grads"]) == sorted(ref["grads"])
+    assert all(name.endswith(("lora_a", "lora_b")) for name in ref["grads"])
+    assert len(ref["grads"]) == 2 * 7 * 4  # 7 adapted linears x 4 layers
+    for name, grad in ref["grads"].items():
+        torch.testing.assert_close(got["grads"][name], grad, rtol=0, atol=TOL, msg=f"gradient of {name}")
+    assert max(abs(a - b) for a, b in zip(got["losses"], ref["losses"])) <= TOL
+    assert ref["losses"][-1] < ref["losses"][0]
 
 
 @pytest.mark.slow

@@ -43,6 +43,10 @@ class TextTokenizer:
         """Ids -> text."""
         return self.tokenizer.decode(list(ids))
 
+    def special_tokens(self) -> list[str]:
+        """The added special tokens' strings (e.g. <|eot_id|>, <|im_end|>)."""
+        return [t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special]
+
 
 def load_tokenizer(path: str | os.PathLike, eod_token: str = "") -> TextTokenizer:
     """Load `tokenizer.json` (or a folder holding one); find the EOD token (`eod_token` or the

@@ -7,21 +7,31 @@ from pathlib import Path
 
 import torch
 
-from megatron_domain.checkpoint import load_initial_weights
+from megatron_domain.checkpoint import load_initial_weights, load_model_weights
 from megatron_domain.config import Config
 from megatron_domain.data.tokenizer import load_tokenizer
 from megatron_domain.eval.perplexity import evaluate_sets, write_json_atomic
+from megatron_domain.eval.rubric import evaluate_generation
 from megatron_domain.models.llama import build_model, materialize
+from megatron_domain.models.lora import apply_lora, init_lora_weights
 from megatron_domain.parallel.distributed import ensure_process_group, resolve_device
 
 
 def load_eval_model(cfg: Config, checkpoint: str | None, device: torch.device) -> torch.nn.Module:
-    """The model to evaluate: `checkpoint`, else `model.init_from`, else the seeded random init."""
-    source = checkpoint or cfg.model.init_from
-    model = materialize(build_model(cfg.model), device, seed=None if source else cfg.train.seed)
-    if source:
-        load_initial_weights(source, [model], cfg.model)
-    return model
+    """The model to evaluate: `checkpoint`, else `model.init_from`, else the seeded random init.
+    A LoRA run (lora.rank > 0) is its base (`model.init_from`) plus the checkpoint's adapters."""
+    model = build_model(cfg.model)
+    if cfg.lora.rank > 0:
+        apply_lora(model, cfg.lora.rank, cfg.lora.scale_alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
+    has_weights = bool(checkpoint or cfg.model.init_from)
+    model = materialize(model, device, seed=None if has_weights else cfg.train.seed)
+    if cfg.lora.rank > 0 and has_weights:
+        init_lora_weights(model, cfg.train.seed)
+    if cfg.model.init_from and (cfg.lora.rank > 0 or not checkpoint):
+        load_initial_weights(cfg.model.init_from, [model], cfg.model)
+    if checkpoint:
+        load_model_weights(checkpoint, [model], adapters_only=cfg.lora.rank > 0 and bool(cfg.model.init_from))
+    return model.eval()
 
 
 def evaluate_model(cfg: Config, model: torch.nn.Module, device: torch.device) -> dict:
@@ -30,7 +40,13 @@ def evaluate_model(cfg: Config, model: torch.nn.Module, device: torch.device) ->
         raise ValueError("eval.sets: no held-out sets configured; add entries {name, path}")
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
     seq_len = cfg.eval.seq_len or cfg.data.seq_len
-    return evaluate_sets(model, cfg.eval.sets, seq_len, tokenizer.eod_id, cfg.eval.batch_size, device, cfg.eval.max_rows)
+    result = evaluate_sets(model, cfg.eval.sets, seq_len, tokenizer.eod_id, cfg.eval.batch_size, device,
+                           cfg.eval.max_rows)
+    gen = cfg.eval.generation
+    if gen.path:
+        result["generation"] = evaluate_generation(model, tokenizer, gen.path, gen.template, gen.max_new_tokens,
+                                                   device, gen.max_examples)
+    return result
 
 
 def run_eval(cfg: Config, checkpoint: str | None = None, out_file: str | None = None) -> dict:

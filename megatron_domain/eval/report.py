@@ -50,6 +50,13 @@ def render_markdown(report: dict) -> str:
         before, after = stage["eval_before"]["ppl"], stage["eval_after"]["ppl"]
         for name in after:
             lines.append(f"| {name} | {before[name]:.2f} | {after[name]:.2f} | {_pct(before[name], after[name])} |")
+        if "generation" in stage["eval_after"]:
+            gb, ga = stage["eval_before"].get("generation", {}), stage["eval_after"]["generation"]
+            lines += ["", "| generation metric (greedy, held-out questions) | before | after |", "|---|---:|---:|"]
+            for metric in ("format_adherence", "citation_accuracy"):
+                lines.append(f"| {metric} | {gb.get(metric, float('nan')):.1%} | {ga[metric]:.1%} |")
+            for sample in ga.get("samples", [])[:2]:
+                lines += ["", f"> Q: {sample['prompt']}", f"> A: {sample['answer']}"]
         if "train_time_s" in stage:
             lines += ["", f"Training time: {stage['train_time_s']:.0f} s, final loss {stage.get('final_loss', float('nan')):.3f}"]
         lines.append("")

@@ -227,13 +227,14 @@ def load_hf_weights(folder: str | os.PathLike, parts: list[torch.nn.Module], cfg
     available = safetensors_files(folder)
     options = StateDictOptions(strict=True)
     for part in parts:
-        state = get_model_state_dict(part, options=options)
+        state = {k: v for k, v in get_model_state_dict(part, options=options).items()
+                 if not k.endswith(("lora_a", "lora_b"))}  # adapters are not part of an HF base
         missing = [k for k in state if hf_name(k) not in available]
         if missing:
             raise HFCheckpointError(f"{folder}: tensor {hf_name(missing[0])} is missing ({len(missing)} missing)")
         renamed = {hf_name(k): v for k, v in state.items()}
         dcp.load(renamed, storage_reader=HuggingFaceStorageReader(str(folder)))
-        set_model_state_dict(part, {our_name(k): v for k, v in renamed.items()}, options=options)
+        set_model_state_dict(part, {our_name(k): v for k, v in renamed.items()}, options=StateDictOptions(strict=False))
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:

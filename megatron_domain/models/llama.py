@@ -169,25 +169,31 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Deterministic init that does not depend on the parallel layout: every parameter
-        draws from its own generator seeded by (seed, name): N(0, init_std) for linears and
-        embeddings, zero biases, unit norms. Sharded (DTensor) parameters keep their shard."""
+        """Deterministic init that does not depend on the parallel layout: every parameter gets
+        `initial_value(name, ...)` from its own generator seeded by (seed, name). Sharded
+        (DTensor) parameters keep their shard."""
         for name, param in self.named_parameters():
-            name = canonical_name(name)
-            if name.endswith("layernorm.weight") or name == "norm.weight":
-                full = torch.ones(param.shape)
-            elif name.endswith(".bias"):
-                full = torch.zeros(param.shape)
-            else:
-                gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                full = torch.randn(param.shape, generator=gen, dtype=torch.float32).mul_(self.cfg.init_std)
-            copy_full_tensor(param, full)
+            copy_full_tensor(param, initial_value(canonical_name(name), tuple(param.shape), seed, self.cfg.init_std))
         self.reset_buffers()
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (needed after building on the meta device)."""
         self.rope_inv_freq = rope_inv_freq(self.cfg, device=next(self.parameters()).device)
+
+
+def initial_value(name: str, shape: tuple[int, ...], seed: int, std: float) -> torch.Tensor:
+    """The full initial tensor of parameter `name`: ones for norms, zeros for biases and LoRA B,
+    U(-1/sqrt(in), 1/sqrt(in)) for LoRA A (as nn.Linear and PEFT), N(0, std) otherwise."""
+    if name.endswith("layernorm.weight") or name == "norm.weight":
+        return torch.ones(shape)
+    if name.endswith((".bias", "lora_b")):
+        return torch.zeros(shape)
+    gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    if name.endswith("lora_a"):
+        bound = 1.0 / math.sqrt(shape[1])
+        return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+    return torch.randn(shape, generator=gen, dtype=torch.float32).mul_(std)
 
 
 def canonical_name(name: str) -> str:

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from megatron_domain.config import Config
 from megatron_domain.models.llama import Transformer, materialize
+from megatron_domain.models.lora import apply_lora, freeze_base
 from megatron_domain.parallel.dims import ParallelDims
 from megatron_domain.parallel.pipeline import build_pipeline_chunks
 from megatron_domain.parallel.tensor import apply_tensor_parallel
@@ -109,6 +110,8 @@ def build_parallel_model(model: Transformer, cfg: Config, dims: ParallelDims, me
                          device: torch.device, init_seed: int | None) -> ParallelModel:
     """Apply the transforms to a meta-device model in the fixed order, then allocate on
     `device`; initialize with `init_seed`, or leave uninitialized (None) for a checkpoint load."""
+    if cfg.lora.rank > 0:  # converters come first: LoRA swaps linears before any split or sharding
+        apply_lora(model, cfg.lora.rank, cfg.lora.scale_alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
     if dims.pp > 1:
         pp_rank = mesh["pp"].get_local_rank()
         chunks = build_pipeline_chunks(model, pp_rank, dims.pp, cfg.parallel.pp_virtual_stages,
@@ -120,6 +123,8 @@ def build_parallel_model(model: Transformer, cfg: Config, dims: ParallelDims, me
     for _, part in chunks:
         if dims.tp > 1:
             apply_tensor_parallel(part, mesh["tp"], dims.sequence_parallel)
+            if cfg.lora.rank > 0:
+                freeze_base(part)
         apply_activation_checkpointing(part, cfg.train.activation_checkpointing)
         if dims.dp > 1:
             apply_fsdp(part, data_parallel_mesh(mesh, dims), param_dtype)

@@ -107,6 +107,9 @@ def check_dims_against_run(cfg: Config, dims: ParallelDims) -> list[str]:
         elif cfg.parallel.pp_schedule != "gpipe" and num_micro % dims.pp:
             problems.append(f"train.global_batch_size: {num_micro} micro-batches per step is not a multiple of "
                             f"parallel.pp ({dims.pp}), which schedule {cfg.parallel.pp_schedule} needs")
+    if cfg.lora.quantize_base != "none" and dims.world_size > 1:
+        problems.append(f"lora.quantize_base: {cfg.lora.quantize_base} (QLoRA) runs on one device here; "
+                        f"got {dims.describe()}; use plain LoRA (quantize_base: none) to shard the base")
     if cfg.eval.interval and dims.pp > 1:
         problems.append("eval.interval: periodic evaluation during training is not supported with parallel.pp > 1; "
                         "set eval.interval=0 and run `mdt eval` on the checkpoint")

@@ -12,13 +12,42 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel, PrepareModuleInput, PrepareModuleOutput, RowwiseParallel, SequenceParallel, loss_parallel,
     parallelize_module)
 
 from megatron_domain.models.llama import Transformer
+
+
+class ColwiseWithAdapter(ColwiseParallel):
+    """Column-parallel linear that also shards a LoRA adapter consistently: B [out, r] split
+    over outputs like the weight, A [r, in] replicated. (Overrides the style's partition hook:
+    torch's version shards every parameter along dim 0, which would split A's rank dim.)"""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        for pname, param in list(module.named_parameters(recurse=False)):
+            placement = Replicate() if pname == "lora_a" else Shard(0)
+            _register_distributed(module, pname, param, device_mesh, placement)
+
+
+class RowwiseWithAdapter(RowwiseParallel):
+    """Row-parallel linear with a consistently sharded LoRA adapter: A [r, in] split over
+    inputs like the weight, B [out, r] and the bias replicated; the adapter's partial sums are
+    reduced together with the base layer's output."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        for pname, param in list(module.named_parameters(recurse=False)):
+            placement = Shard(1) if pname in ("weight", "lora_a") else Replicate()
+            _register_distributed(module, pname, param, device_mesh, placement)
+
+
+def _register_distributed(module: nn.Module, name: str, param: torch.Tensor, mesh: DeviceMesh, placement) -> None:
+    module.register_parameter(name, nn.Parameter(distribute_tensor(param, mesh, [placement]),
+                                                 requires_grad=param.requires_grad))
 
 
 def top_level_plan(model: Transformer, sequence_parallel: bool) -> dict:
@@ -38,13 +67,13 @@ def layer_plan(sequence_parallel: bool) -> dict:
     """Styles for one decoder layer's submodules."""
     residual = Shard(1) if sequence_parallel else Replicate()
     plan = {
-        "self_attn.q_proj": ColwiseParallel(),
-        "self_attn.k_proj": ColwiseParallel(),
-        "self_attn.v_proj": ColwiseParallel(),
-        "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
-        "mlp.gate_proj": ColwiseParallel(),
-        "mlp.up_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(output_layouts=residual),
+        "self_attn.q_proj": ColwiseWithAdapter(),
+        "self_attn.k_proj": ColwiseWithAdapter(),
+        "self_attn.v_proj": ColwiseWithAdapter(),
+        "self_attn.o_proj": RowwiseWithAdapter(output_layouts=residual),
+        "mlp.gate_proj": ColwiseWithAdapter(),
+        "mlp.up_proj": ColwiseWithAdapter(),
+        "mlp.down_proj": RowwiseWithAdapter(output_layouts=residual),
     }
     if sequence_parallel:
         plan.update({
@@ -62,10 +91,15 @@ def layer_plan(sequence_parallel: bool) -> dict:
 def is_tensor_parallel_sharded(name: str, model: Transformer) -> bool:
     """Whether the parameter `name` (of a not yet parallelized `model`) is split over TP ranks
     by this module's plans (column/row-parallel); the others are replicated."""
-    module_name = name.rsplit(".", 1)[0]
+    module_name, param_name = name.rsplit(".", 1)
     plans = {**top_level_plan(model, False), **{f"layers.{k}.{sub}": style for k in model.layers
                                                 for sub, style in layer_plan(False).items()}}
-    return isinstance(plans.get(module_name), (ColwiseParallel, RowwiseParallel))
+    style = plans.get(module_name)
+    if isinstance(style, ColwiseWithAdapter):
+        return param_name != "lora_a"
+    if isinstance(style, RowwiseWithAdapter):
+        return param_name in ("weight", "lora_a")
+    return isinstance(style, (ColwiseParallel, RowwiseParallel))
 
 
 def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:

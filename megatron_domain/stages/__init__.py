@@ -24,7 +24,8 @@ import torch
 from megatron_domain.config import Config
 from megatron_domain.data.tokenizer import TextTokenizer
 
-STAGES = {"pretrain": "megatron_domain.stages.pretrain:PretrainStage"}
+STAGES = {"pretrain": "megatron_domain.stages.pretrain:PretrainStage",
+          "sft": "megatron_domain.stages.sft:SftStage"}
 
 
 @dataclass

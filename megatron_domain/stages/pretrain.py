@@ -13,10 +13,9 @@ import torch
 
 from megatron_domain.data.indexed import build_blended_dataset, check_prefix
 from megatron_domain.data.packing import PackedSampleStream
-from megatron_domain.losses import masked_cross_entropy_sum
 from megatron_domain.stages import PipelineBatch, StageContext
-
-IGNORE_INDEX = -100
+from megatron_domain.stages.causal_lm import (
+    causal_lm_forward_step, causal_lm_pipeline_batch, causal_lm_pipeline_loss)
 
 
 class PretrainStage:
@@ -56,29 +55,16 @@ class PretrainStage:
         return micro
 
     def forward_step(self, batch: dict, model: torch.nn.Module):
-        """Logits of the packed rows; the loss function sums masked next-token CE."""
-        logits = model(batch["tokens"], batch["position_ids"], batch["document_ids"])  # [B, S, V]
-
-        def loss_fn(output: torch.Tensor):
-            loss_sum, count = masked_cross_entropy_sum(output.flatten(0, 1), batch["labels"].flatten(),
-                                                       batch["loss_mask"].flatten())
-            return loss_sum, count, {}
-
-        return logits, loss_fn
+        """Logits of the packed rows and the masked next-token CE."""
+        return causal_lm_forward_step(batch, model)
 
     def pipeline_batch(self, batch: dict) -> PipelineBatch:
-        """Tokens for stage 0, positions and document ids for every stage, and the labels with
-        masked positions set to IGNORE_INDEX as the loss target."""
-        target = torch.where(batch["loss_mask"], batch["labels"], torch.full_like(batch["labels"], IGNORE_INDEX))
-        return PipelineBatch(inputs=batch["tokens"],
-                             kwargs={"position_ids": batch["position_ids"], "document_ids": batch["document_ids"]},
-                             target=target, loss_tokens=batch["loss_mask"].sum())
+        """The step's batch for a pipeline schedule."""
+        return causal_lm_pipeline_batch(batch)
 
     def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Summed next-token CE of one pipeline micro-batch: logits [b, S, V], target [b, S]."""
-        mask = target != IGNORE_INDEX
-        loss_sum, _ = masked_cross_entropy_sum(output.flatten(0, 1), target.flatten(), mask.flatten())
-        return loss_sum
+        """Summed CE of one pipeline micro-batch."""
+        return causal_lm_pipeline_loss(output, target)
 
     def state_dict(self) -> dict:
         """The data cursor."""

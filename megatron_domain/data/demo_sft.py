@@ -1,0 +1,84 @@
+"""The demo's SFT data: question/answer pairs in a fixed house format, built from the domain
+corpus (the language reference topics). Every answer is one line, the first sentence of the
+topic's text (at most 14 words), ending with a citation of the topic it comes from:
+
+    Assert statements are a convenient way to insert debugging assertions into a program. [source: assert]
+
+A few conversations have two question/answer turns. Topics are held out by hash (as the
+corpora are), so the held-out questions ask about topics the SFT data never showed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from megatron_domain.data.demo_corpus import is_heldout
+
+QUESTIONS = ("What does the language reference say about `{name}`?", "Explain `{name}` in Python.",
+             "Tell me about `{name}`.", "How does Python define `{name}`?")
+MAX_WORDS = 14
+SENTENCE = re.compile(r"^(.{20,220}?[.!?:])(\s|$)", re.S)
+
+
+def first_sentence(text: str) -> str | None:
+    """The first prose sentence of a topic (headings and code lines skipped), one line."""
+    for paragraph in text.split("\n\n"):
+        line = " ".join(paragraph.split())
+        if not line or set(line) <= set("=*-~^ ") or paragraph.startswith((" ", "\t", ">>>")):
+            continue
+        match = SENTENCE.match(line)
+        if match and "[" not in match.group(1):
+            words = match.group(1)[:-1].split()
+            return " ".join(words[:MAX_WORDS]).rstrip(",;:") + "."
+    return None
+
+
+def topic_name(topic: str) -> str:
+    """How questions refer to a topic: by its id, so the citation can be checked exactly."""
+    return topic
+
+
+def house_answer(sentence: str, topic: str) -> str:
+    """The house format: one sentence, then ` [source: <topic>]`."""
+    return f"{sentence} [source: {topic}]"
+
+
+def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: int) -> dict:
+    """Write sft_train.jsonl (conversations) and sft_heldout.jsonl ({"prompt", "source"}) to
+    `out_dir`; returns their counts."""
+    from pydoc_data.topics import topics
+
+    pairs = []
+    for topic in sorted(topics):
+        sentence = first_sentence(topics[topic])
+        if sentence:
+            pairs.append((topic, sentence))
+    train = [(t, s) for t, s in pairs if not is_heldout(t, heldout_fraction, seed)]
+    heldout = [(t, s) for t, s in pairs if is_heldout(t, heldout_fraction, seed)]
+    conversations = []
+    for i, (topic, sentence) in enumerate(train):
+        for q, template in enumerate(QUESTIONS):
+            conversations.append({"messages": [
+                {"role": "user", "content": template.format(name=topic_name(topic))},
+                {"role": "assistant", "content": house_answer(sentence, topic)}]})
+        other_topic, other_sentence = train[(i * 7 + 3) % len(train)]
+        conversations.append({"messages": [  # multi-turn: two topics in one conversation
+            {"role": "system", "content": "Answer in one sentence and cite the reference topic."},
+            {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)].format(name=topic_name(topic))},
+            {"role": "assistant", "content": house_answer(sentence, topic)},
+            {"role": "user", "content": QUESTIONS[(i + 1) % len(QUESTIONS)].format(name=topic_name(other_topic))},
+            {"role": "assistant", "content": house_answer(other_sentence, other_topic)}]})
+    out = Path(out_dir)
+    _write_jsonl(out / "sft_train.jsonl", conversations)
+    _write_jsonl(out / "sft_heldout.jsonl", [
+        {"prompt": template.format(name=topic_name(t)), "source": t} for t, _ in heldout for template in QUESTIONS])
+    return {"sft_train": len(conversations), "sft_heldout": len(heldout) * len(QUESTIONS), "topics": len(pairs)}
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)

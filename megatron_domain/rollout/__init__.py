@@ -1,0 +1,1 @@
+"""Generation for evaluation and (later) rollouts: the native sampler."""

@@ -1,0 +1,40 @@
+"""The causal-LM step shared by every stage that trains next-token prediction on packed rows
+(`pretrain`, `sft`): functions, not a base class. A packed batch holds tokens, labels,
+loss_mask, position_ids and document_ids, all [B, S]."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_domain.losses import masked_cross_entropy_sum
+from megatron_domain.stages import PipelineBatch
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_forward_step(batch: dict, model: torch.nn.Module):
+    """Logits of the packed rows; the loss function sums masked next-token CE."""
+    logits = model(batch["tokens"], batch["position_ids"], batch["document_ids"])  # [B, S, V]
+
+    def loss_fn(output: torch.Tensor):
+        loss_sum, count = masked_cross_entropy_sum(output.flatten(0, 1), batch["labels"].flatten(),
+                                                   batch["loss_mask"].flatten())
+        return loss_sum, count, {}
+
+    return logits, loss_fn
+
+
+def causal_lm_pipeline_batch(batch: dict) -> PipelineBatch:
+    """Tokens for stage 0, positions and document ids for every stage, and the labels with
+    masked positions set to IGNORE_INDEX as the loss target."""
+    target = torch.where(batch["loss_mask"], batch["labels"], torch.full_like(batch["labels"], IGNORE_INDEX))
+    return PipelineBatch(inputs=batch["tokens"],
+                         kwargs={"position_ids": batch["position_ids"], "document_ids": batch["document_ids"]},
+                         target=target, loss_tokens=batch["loss_mask"].sum())
+
+
+def causal_lm_pipeline_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Summed next-token CE of one pipeline micro-batch: logits [b, S, V], target [b, S]."""
+    mask = target != IGNORE_INDEX
+    loss_sum, _ = masked_cross_entropy_sum(output.flatten(0, 1), target.flatten(), mask.flatten())
+    return loss_sum

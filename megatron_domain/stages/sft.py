@@ -1,0 +1,90 @@
+"""`mode: sft`: supervised fine-tuning on conversations (full, LoRA or QLoRA: `lora.*` picks
+what trains). The loss covers the assistant turns only (data/chat.py); conversations are packed
+by best-fit-decreasing into rows of data.seq_len with per-conversation positions and
+attention, so nothing crosses from one conversation into another.
+
+Departures from the usual recipe: none in the objective; the rows are reshuffled every epoch
+with a seeded permutation, and the cursor counts global rows, so resume is row-exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from megatron_domain.data.chat import encode_conversation, load_template, pack_conversations, read_conversations
+from megatron_domain.stages import PipelineBatch, StageContext
+from megatron_domain.stages.causal_lm import causal_lm_forward_step, causal_lm_pipeline_batch, causal_lm_pipeline_loss
+
+
+class SftStage:
+    """Packed conversations, cycled in seeded per-epoch orders; the cursor counts global rows."""
+
+    def __init__(self) -> None:
+        self.consumed_rows = 0
+        self.packed = None
+        self.stats: dict = {}
+
+    def setup(self, ctx: StageContext) -> None:
+        """Read, template, tokenize and pack the conversations; report what did not fit."""
+        cfg = ctx.cfg
+        chat = cfg.data.chat
+        conversations = read_conversations(chat.path)
+        template = load_template(chat.template, cfg.data.tokenizer)
+        examples = [encode_conversation(m, template, ctx.tokenizer) for m in conversations]
+        self.packed = pack_conversations(examples, cfg.data.seq_len, ctx.tokenizer.eod_id, chat.overflow)
+        if len(self.packed.tokens) == 0:
+            raise ValueError(f"data.chat.path: no trainable conversation left in {chat.path} "
+                             f"({self.packed.dropped} longer than data.seq_len={cfg.data.seq_len} were dropped)")
+        self.stats = {"conversations": len(conversations), "rows": len(self.packed.tokens),
+                      "truncated": self.packed.truncated, "dropped": self.packed.dropped,
+                      "trained_tokens": int(self.packed.loss_mask.sum())}
+        if self.packed.truncated or self.packed.dropped:
+            tqdm.write(f"[sft] {self.packed.truncated} conversation(s) truncated and {self.packed.dropped} dropped "
+                       f"for exceeding data.seq_len={cfg.data.seq_len} (data.chat.overflow={chat.overflow})")
+        self.global_batch = cfg.train.global_batch_size
+        self.micro_batch = cfg.train.micro_batch_size
+        self.dp_rank, self.dp_size = ctx.dp_rank, ctx.dp_size
+        self.seed = cfg.data.seed
+
+    def _row(self, index: int) -> int:
+        """The packed row at global position `index` of the endless, per-epoch shuffled stream."""
+        epoch, offset = divmod(index, len(self.packed.tokens))
+        order = np.random.default_rng(self.seed + epoch).permutation(len(self.packed.tokens))
+        return int(order[offset])
+
+    def _micro_batch(self, start: int) -> dict:
+        rows = [self._row(i) for i in range(start, start + self.micro_batch)]
+        p = self.packed
+        return {"tokens": torch.from_numpy(p.tokens[rows]), "labels": torch.from_numpy(p.labels[rows]),
+                "loss_mask": torch.from_numpy(p.loss_mask[rows]), "position_ids": torch.from_numpy(p.position_ids[rows]),
+                "document_ids": torch.from_numpy(p.document_ids[rows])}
+
+    def batches(self, step: int) -> list[dict]:
+        """This rank's micro-batches of the next global batch; advances the cursor."""
+        per_rank = self.global_batch // self.dp_size
+        start = self.consumed_rows + self.dp_rank * per_rank
+        micro = [self._micro_batch(start + i) for i in range(0, per_rank, self.micro_batch)]
+        self.consumed_rows += self.global_batch
+        return micro
+
+    def forward_step(self, batch: dict, model: torch.nn.Module):
+        """Logits and the assistant-token CE."""
+        return causal_lm_forward_step(batch, model)
+
+    def pipeline_batch(self, batch: dict) -> PipelineBatch:
+        """The step's batch for a pipeline schedule."""
+        return causal_lm_pipeline_batch(batch)
+
+    def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Summed CE of one pipeline micro-batch."""
+        return causal_lm_pipeline_loss(output, target)
+
+    def state_dict(self) -> dict:
+        """The data cursor."""
+        return {"consumed_rows": self.consumed_rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved cursor."""
+        self.consumed_rows = int(state["consumed_rows"])

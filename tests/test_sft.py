@@ -1,0 +1,63 @@
+"""The `sft` mode end to end on a tiny model: LoRA SFT on chat data trains, resumes exactly
+from an adapter checkpoint; greedy generation batches exactly; the house-format rubric."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from megatron_domain.config import config_from_dict, model_config_from_dict
+from megatron_domain.engine import train
+from megatron_domain.eval.rubric import score_answer
+from megatron_domain.models.llama import build_model, materialize
+from megatron_domain.rollout.sampler import greedy_generate
+
+from conftest import ALPHA_WORDS, tiny_config_dict
+
+
+def chat_file(tmp_path, count: int = 40):
+    """Conversations whose answers follow a fixed pattern the model can learn."""
+    path = tmp_path / "chat.jsonl"
+    lines = []
+    for i in range(count):
+        word = ALPHA_WORDS[i % len(ALPHA_WORDS)]
+        lines.append(json.dumps({"messages": [
+            {"role": "user", "content": f"what is {word}?"},
+            {"role": "assistant", "content": f"the {word} returns a list. [source: {word}]"}]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def sft_config(corpora, tmp_path, name, base, **train_kw):
+    data = tiny_config_dict(corpora, tmp_path / name, steps=8, **train_kw)
+    data.update(mode="sft", model={"preset": "tiny-test", "init_from": str(base)},
+                lora={"rank": 8, "dropout": 0.0}, optim={"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1})
+    data["data"]["chat"] = {"path": str(chat_file(tmp_path)), "template": "chatml"}
+    return config_from_dict(data)
+
+
+def test_lora_sft_trains_and_resumes_exactly(tiny_config, corpora, tmp_path):
+    base = train(tiny_config("base", steps=2)).final_checkpoint
+    straight = train(sft_config(corpora, tmp_path, "straight", base)).losses
+    assert sum(straight[-3:]) / 3 < sum(straight[:3]) / 3 - 0.3
+    first = train(sft_config(corpora, tmp_path, "resumed", base, exit_at_step=4)).losses
+    second = train(sft_config(corpora, tmp_path, "resumed", base), resume=True).losses
+    assert first + second == straight
+
+
+def test_batched_greedy_generation_equals_one_by_one():
+    model = materialize(build_model(model_config_from_dict({"preset": "tiny-test"})), "cpu", seed=3).eval()
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 400, (n,), generator=gen).tolist() for n in (5, 11, 8)]
+    batched = greedy_generate(model, prompts, 6, pad_id=0, device=torch.device("cpu"))
+    alone = [greedy_generate(model, [p], 6, pad_id=0, device=torch.device("cpu"))[0] for p in prompts]
+    assert batched == alone and all(len(o) == 6 for o in batched)
+
+
+def test_house_format_rubric():
+    assert score_answer("Assert statements insert debugging assertions. [source: assert]", "assert") == {
+        "format_ok": True, "citation_ok": True}
+    assert score_answer("Assert statements insert assertions. [source: raise]", "assert")["citation_ok"] is False
+    assert score_answer("two lines.\nsecond [source: assert]", "assert")["format_ok"] is False
+    assert score_answer("no citation at all.", "assert") == {"format_ok": False, "citation_ok": False}
