@@ -249,7 +249,7 @@ class DemoDataConfig:
     max_general_docs: int = 0
     max_domain_docs: int = 0
     seed: int = 0
-    sft_heldout_fraction: float = 0.2
+    sft_heldout_fraction: float = 0.5
 
 
 @dataclass

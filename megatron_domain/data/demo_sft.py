@@ -4,8 +4,9 @@ topic's text (at most 14 words), ending with a citation of the topic it comes fr
 
     Assert statements are a convenient way to insert debugging assertions into a program. [source: assert]
 
-A few conversations have two question/answer turns. Topics are held out by hash (as the
-corpora are), so the held-out questions ask about topics the SFT data never showed.
+A few conversations have two question/answer turns. The held-out questions use phrasings the
+SFT data never shows (HELDOUT_QUESTIONS), about every topic, so they measure whether the model
+answers new questions in the house format and cites the right section.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from megatron_domain.data.demo_corpus import is_heldout
 
 QUESTIONS = ("What does the language reference say about `{name}`?", "Explain `{name}` in Python.",
              "Tell me about `{name}`.", "How does Python define `{name}`?")
+HELDOUT_QUESTIONS = ("Summarize `{name}` in one sentence.", "What is `{name}`?")
 MAX_WORDS = 14
 SENTENCE = re.compile(r"^(.{20,220}?[.!?:])(\s|$)", re.S)
 
@@ -56,15 +58,13 @@ def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: in
         sentence = first_sentence(topics[topic])
         if sentence:
             pairs.append((topic, sentence))
-    train = [(t, s) for t, s in pairs if not is_heldout(t, heldout_fraction, seed)]
-    heldout = [(t, s) for t, s in pairs if is_heldout(t, heldout_fraction, seed)]
     conversations = []
-    for i, (topic, sentence) in enumerate(train):
-        for q, template in enumerate(QUESTIONS):
+    for i, (topic, sentence) in enumerate(pairs):
+        for template in QUESTIONS:
             conversations.append({"messages": [
                 {"role": "user", "content": template.format(name=topic_name(topic))},
                 {"role": "assistant", "content": house_answer(sentence, topic)}]})
-        other_topic, other_sentence = train[(i * 7 + 3) % len(train)]
+        other_topic, other_sentence = pairs[(i * 7 + 3) % len(pairs)]
         conversations.append({"messages": [  # multi-turn: two topics in one conversation
             {"role": "system", "content": "Answer in one sentence and cite the reference topic."},
             {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)].format(name=topic_name(topic))},
@@ -73,9 +73,11 @@ def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: in
             {"role": "assistant", "content": house_answer(other_sentence, other_topic)}]})
     out = Path(out_dir)
     _write_jsonl(out / "sft_train.jsonl", conversations)
-    _write_jsonl(out / "sft_heldout.jsonl", [
-        {"prompt": template.format(name=topic_name(t)), "source": t} for t, _ in heldout for template in QUESTIONS])
-    return {"sft_train": len(conversations), "sft_heldout": len(heldout) * len(QUESTIONS), "topics": len(pairs)}
+    heldout = [{"prompt": template.format(name=topic_name(t)), "source": t}
+               for t, _ in pairs for template in HELDOUT_QUESTIONS]
+    heldout = [q for q in heldout if is_heldout(q["prompt"], heldout_fraction, seed)]
+    _write_jsonl(out / "sft_heldout.jsonl", heldout)
+    return {"sft_train": len(conversations), "sft_heldout": len(heldout), "topics": len(pairs)}
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
