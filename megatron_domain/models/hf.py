@@ -144,7 +144,7 @@ def check_model_matches(cfg: ModelConfig, hf_cfg: ModelConfig, source: str) -> N
                 for k in keys if getattr(cfg, k) != getattr(hf_cfg, k)]
     if problems:
         raise HFCheckpointError(f"the model config does not match {source}: " + "; ".join(problems)
-                                + f". Use the HF folder's shapes (e.g. `mdt convert hf-to-mdt` writes a model.yaml "
+                                + ". Use the HF folder's shapes (e.g. `mdt convert hf-to-mdt` writes a model.yaml "
                                 "to use as model.preset)")
 
 

@@ -38,3 +38,12 @@ def causal_lm_pipeline_loss(output: torch.Tensor, target: torch.Tensor) -> torch
     mask = target != IGNORE_INDEX
     loss_sum, _ = masked_cross_entropy_sum(output.flatten(0, 1), target.flatten(), mask.flatten())
     return loss_sum
+
+
+def micro_batch_starts(consumed: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int) -> list[int]:
+    """Global indices where this data-parallel rank's micro-batches of the next global batch
+    start: rank r takes the r-th contiguous share, so the cursor (`consumed`) is global and
+    stays exact when the data-parallel degree changes."""
+    per_rank = global_batch // dp_size
+    start = consumed + dp_rank * per_rank
+    return [start + i for i in range(0, per_rank, micro_batch)]

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from megatron_domain.data.indexed import build_blended_dataset, check_prefix
 from megatron_domain.data.packing import PackedSampleStream
-from megatron_domain.stages import PipelineBatch, StageContext
+from megatron_domain.stages import StageContext
 from megatron_domain.stages.causal_lm import (
-    causal_lm_forward_step, causal_lm_pipeline_batch, causal_lm_pipeline_loss)
+    causal_lm_forward_step, causal_lm_pipeline_batch, causal_lm_pipeline_loss, micro_batch_starts)
 
 
 class PretrainStage:
@@ -48,23 +46,16 @@ class PretrainStage:
 
     def batches(self, step: int) -> list[dict]:
         """This rank's micro-batches of the next global batch; advances the cursor."""
-        per_rank = self.global_batch // self.dp_size
-        start = self.consumed_samples + self.dp_rank * per_rank
-        micro = [self.stream.micro_batch(start + i, self.micro_batch) for i in range(0, per_rank, self.micro_batch)]
+        starts = micro_batch_starts(self.consumed_samples, self.global_batch, self.micro_batch, self.dp_rank,
+                                    self.dp_size)
+        micro = [self.stream.micro_batch(start, self.micro_batch) for start in starts]
         self.consumed_samples += self.global_batch
         return micro
 
-    def forward_step(self, batch: dict, model: torch.nn.Module):
-        """Logits of the packed rows and the masked next-token CE."""
-        return causal_lm_forward_step(batch, model)
-
-    def pipeline_batch(self, batch: dict) -> PipelineBatch:
-        """The step's batch for a pipeline schedule."""
-        return causal_lm_pipeline_batch(batch)
-
-    def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Summed CE of one pipeline micro-batch."""
-        return causal_lm_pipeline_loss(output, target)
+    # the causal-LM step on packed rows, shared with the other next-token stages
+    forward_step = staticmethod(causal_lm_forward_step)
+    pipeline_batch = staticmethod(causal_lm_pipeline_batch)
+    pipeline_loss = staticmethod(causal_lm_pipeline_loss)
 
     def state_dict(self) -> dict:
         """The data cursor."""

@@ -14,8 +14,9 @@ import torch
 from tqdm import tqdm
 
 from megatron_domain.data.chat import encode_conversation, load_template, pack_conversations, read_conversations
-from megatron_domain.stages import PipelineBatch, StageContext
-from megatron_domain.stages.causal_lm import causal_lm_forward_step, causal_lm_pipeline_batch, causal_lm_pipeline_loss
+from megatron_domain.stages import StageContext
+from megatron_domain.stages.causal_lm import (
+    causal_lm_forward_step, causal_lm_pipeline_batch, causal_lm_pipeline_loss, micro_batch_starts)
 
 
 class SftStage:
@@ -63,23 +64,16 @@ class SftStage:
 
     def batches(self, step: int) -> list[dict]:
         """This rank's micro-batches of the next global batch; advances the cursor."""
-        per_rank = self.global_batch // self.dp_size
-        start = self.consumed_rows + self.dp_rank * per_rank
-        micro = [self._micro_batch(start + i) for i in range(0, per_rank, self.micro_batch)]
+        starts = micro_batch_starts(self.consumed_rows, self.global_batch, self.micro_batch, self.dp_rank,
+                                    self.dp_size)
+        micro = [self._micro_batch(start) for start in starts]
         self.consumed_rows += self.global_batch
         return micro
 
-    def forward_step(self, batch: dict, model: torch.nn.Module):
-        """Logits and the assistant-token CE."""
-        return causal_lm_forward_step(batch, model)
-
-    def pipeline_batch(self, batch: dict) -> PipelineBatch:
-        """The step's batch for a pipeline schedule."""
-        return causal_lm_pipeline_batch(batch)
-
-    def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Summed CE of one pipeline micro-batch."""
-        return causal_lm_pipeline_loss(output, target)
+    # the causal-LM step on packed rows, shared with the other next-token stages
+    forward_step = staticmethod(causal_lm_forward_step)
+    pipeline_batch = staticmethod(causal_lm_pipeline_batch)
+    pipeline_loss = staticmethod(causal_lm_pipeline_loss)
 
     def state_dict(self) -> dict:
         """The data cursor."""
