@@ -18,6 +18,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
+from megatron_domain.models.lora import is_adapter_param
+
 EXTRA_FILE = "extra.json"
 
 
@@ -147,7 +149,7 @@ def load_model_weights(path: str | os.PathLike, parts: list[torch.nn.Module] | t
     parts = parts if isinstance(parts, list) else [parts]
     path = resolve_checkpoint(path)
     stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    wanted = (lambda k: _is_adapter(k)) if adapters_only else (lambda k: f"model.{k}" in stored or not _is_adapter(k))
+    wanted = (lambda k: is_adapter_param(k)) if adapters_only else (lambda k: f"model.{k}" in stored or not is_adapter_param(k))
     model_states = [{k: v for k, v in sd.items() if wanted(k)} for sd in _model_states(parts, frozen=True)]
     state = {"model": _merge(model_states)}
     dcp.load(state, checkpoint_id=str(path))
@@ -155,9 +157,6 @@ def load_model_weights(path: str | os.PathLike, parts: list[torch.nn.Module] | t
         set_model_state_dict(part, {k: state["model"][k] for k in model_sd}, options=_options(strict=False))
     return path
 
-
-def _is_adapter(name: str) -> bool:
-    return name.endswith(("lora_a", "lora_b"))
 
 
 def stored_dtype(path: str | os.PathLike) -> torch.dtype:

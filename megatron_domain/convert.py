@@ -28,7 +28,7 @@ from megatron_domain.models.hf import (
     HF_PREFIX, HFCheckpointError, copy_tokenizer_files, hf_config_from_model, hf_name, model_config_dict, model_config_from_hf,
     our_name, read_hf_config, safetensors_files)
 from megatron_domain.models.llama import Transformer, build_model, materialize
-from megatron_domain.models.lora import apply_lora, merge_lora
+from megatron_domain.models.lora import apply_lora, is_adapter_param, merge_lora
 from megatron_domain.parallel.distributed import ensure_process_group
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,11 +40,20 @@ def _load_our_model(cfg: ModelConfig, checkpoint: Path, through: torch.dtype | N
     `through`, the dtype an export writes)."""
     model = materialize(build_model(cfg), torch.device("cpu"), seed=None)
     load_model_weights(checkpoint, model)
-    if through is not None and through != torch.float32:
-        with torch.no_grad():
-            for param in model.parameters():
-                param.copy_(param.to(through).float())
+    if through is not None:
+        round_through(model, through)
     return model.eval()
+
+
+@torch.no_grad()
+def round_through(model: Transformer, dtype: torch.dtype) -> None:
+    """Round the base weights (not LoRA adapters) to `dtype` and back, so our fp32 model
+    holds exactly what an export in `dtype` holds."""
+    if dtype == torch.float32:
+        return
+    for name, param in model.named_parameters():
+        if not is_adapter_param(name):
+            param.copy_(param.to(dtype).float())
 
 
 def verify_logits(model: Transformer, hf_folder: Path, num_prompts: int = 3, seq_len: int = 24, seed: int = 0,
@@ -103,7 +112,7 @@ def peft_adapter_state(model: Transformer) -> dict[str, torch.Tensor]:
     """Our adapters under PEFT's names (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`)."""
     state = {}
     for name, param in model.named_parameters():
-        if name.endswith(("lora_a", "lora_b")):
+        if is_adapter_param(name):
             module, kind = name.rsplit(".", 1)
             peft = "lora_A" if kind == "lora_a" else "lora_B"
             state[f"base_model.model.{hf_name(module + '.weight')[: -len('.weight')]}.{peft}.weight"] = (
@@ -212,10 +221,7 @@ def mdt_to_hf(src: str | os.PathLike, dst: str | os.PathLike, config: str | None
                                  "for peft to load the adapter onto; use --lora merge")
             return export_peft_adapter(model, lora, init_from[len(HF_PREFIX):], Path(dst), verify)
         merge_lora(model)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if not name.endswith(("lora_a", "lora_b")):
-                    param.copy_(param.to(out_dtype).float())
+        round_through(model, out_dtype)
         model = _without_adapters(model, cfg)
     else:
         model = _load_our_model(cfg, checkpoint, through=out_dtype)
@@ -250,7 +256,7 @@ def mdt_to_hf(src: str | os.PathLike, dst: str | os.PathLike, config: str | None
 def _without_adapters(model: Transformer, cfg: ModelConfig) -> Transformer:
     """A plain model holding `model`'s (merged) base weights."""
     plain = materialize(build_model(cfg), torch.device("cpu"), seed=None)
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith(("lora_a", "lora_b"))}
+    state = {k: v for k, v in model.state_dict().items() if not is_adapter_param(k)}
     plain.load_state_dict(state, strict=True)
     return plain.eval()
 

@@ -26,7 +26,10 @@ def read_questions(path: str) -> list[dict]:
     questions = []
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if line.strip():
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
             if not isinstance(record, dict) or "prompt" not in record or "source" not in record:
                 raise ValueError(f"{path}:{number}: expected {{\"prompt\": ..., \"source\": ...}}")
             questions.append(record)

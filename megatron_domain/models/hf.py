@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from megatron_domain.config import HF_ARCHITECTURES as SUPPORTED_ARCHITECTURES, ModelConfig, RopeScalingConfig
+from megatron_domain.models.lora import is_adapter_param
 
 HF_PREFIX = "hf:"
 INDEX_FILE = "model.safetensors.index.json"
@@ -228,7 +229,7 @@ def load_hf_weights(folder: str | os.PathLike, parts: list[torch.nn.Module], cfg
     options = StateDictOptions(strict=True)
     for part in parts:
         state = {k: v for k, v in get_model_state_dict(part, options=options).items()
-                 if not k.endswith(("lora_a", "lora_b"))}  # adapters are not part of an HF base
+                 if not is_adapter_param(k)}  # adapters are not part of an HF base
         missing = [k for k in state if hf_name(k) not in available]
         if missing:
             raise HFCheckpointError(f"{folder}: tensor {hf_name(missing[0])} is missing ({len(missing)} missing)")

@@ -71,11 +71,16 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
     return adapted
 
 
+def is_adapter_param(name: str) -> bool:
+    """Whether a parameter (or state-dict key) is a LoRA adapter weight."""
+    return name.endswith(("lora_a", "lora_b"))
+
+
 def freeze_base(model: nn.Module) -> None:
     """Only LoRA adapters train (re-applied after sharding: some parallel styles re-create
     parameters as trainable)."""
     for name, param in model.named_parameters():
-        param.requires_grad_(name.endswith(("lora_a", "lora_b")))
+        param.requires_grad_(is_adapter_param(name))
 
 
 @torch.no_grad()
@@ -83,7 +88,7 @@ def init_lora_weights(model: nn.Module, seed: int) -> None:
     """Initialize only the adapters (A random, B = 0), e.g. after loading the base weights."""
     for name, param in model.named_parameters():
         name = canonical_name(name)
-        if name.endswith(("lora_a", "lora_b")):
+        if is_adapter_param(name):
             copy_full_tensor(param, initial_value(name, tuple(param.shape), seed, 0.0))
 
 

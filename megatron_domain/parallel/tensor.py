@@ -92,9 +92,11 @@ def is_tensor_parallel_sharded(name: str, model: Transformer) -> bool:
     """Whether the parameter `name` (of a not yet parallelized `model`) is split over TP ranks
     by this module's plans (column/row-parallel); the others are replicated."""
     module_name, param_name = name.rsplit(".", 1)
-    plans = {**top_level_plan(model, False), **{f"layers.{k}.{sub}": style for k in model.layers
-                                                for sub, style in layer_plan(False).items()}}
-    style = plans.get(module_name)
+    parts = module_name.split(".", 2)
+    if parts[0] == "layers" and len(parts) == 3:
+        style = layer_plan(False).get(parts[2])
+    else:
+        style = top_level_plan(model, False).get(module_name)
     if isinstance(style, ColwiseWithAdapter):
         return param_name != "lora_a"
     if isinstance(style, RowwiseWithAdapter):
