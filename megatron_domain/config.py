@@ -225,6 +225,24 @@ class EvalConfig:
     generation: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
 
 
+# kernel op -> its implementations; megatron_domain/kernels/registry.py maps each to a function
+KERNEL_IMPLEMENTATIONS = {"pack_metadata": ("reference", "cpp", "cuda"),
+                          "linear_logprobs": ("reference", "chunked", "triton"),
+                          "dpo_loss": ("reference", "cpp", "cuda")}
+
+
+@dataclass
+class KernelsConfig:
+    """Which implementation runs each kernel op (see megatron_domain/kernels/registry.py):
+    `auto` (fastest one ready on the device), `reference`, or a named one (pack_metadata:
+    cpp|cuda; linear_logprobs: chunked|triton; dpo_loss: cpp|cuda)."""
+
+    pack_metadata: str = "auto"
+    linear_logprobs: str = "auto"
+    dpo_loss: str = "auto"
+    logprob_chunk_rows: int = 0  # rows per logits slice of the chunked/triton logprobs; 0 = ~64 MiB slices
+
+
 @dataclass
 class Config:
     """One run of the engine in one mode."""
@@ -237,6 +255,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
 
 @dataclass
@@ -461,6 +480,18 @@ def _join(prefix: str, key: str) -> str:
 # --------------------------------------------------------------------------- validation
 
 
+def validate_kernels(k: KernelsConfig, prefix: str) -> list[str]:
+    """Each kernels.<op> names `auto` or an implementation in the op table."""
+    problems = []
+    for op, backends in KERNEL_IMPLEMENTATIONS.items():
+        choice = getattr(k, op)
+        if choice != "auto" and choice not in backends:
+            problems.append(f"{_join(prefix, op)}: unknown {choice!r}; choose auto or one of {', '.join(backends)}")
+    if k.logprob_chunk_rows < 0:
+        problems.append(f"{_join(prefix, 'logprob_chunk_rows')}: must be >= 0 (0 = automatic), got {k.logprob_chunk_rows}")
+    return problems
+
+
 def validate(cfg: Config, prefix: str = "") -> list[str]:
     """Semantic checks across the tree; returns problems as 'dotted.path: what and the fix'."""
     p = lambda key: _join(prefix, key)  # noqa: E731
@@ -519,6 +550,7 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
                         f"and log_every > 0, got {t.checkpoint_every}, {t.log_every}")
     problems.extend(validate_parallel(cfg, prefix))
     problems.extend(validate_lora(cfg, prefix))
+    problems.extend(validate_kernels(cfg.kernels, _join(prefix, "kernels")))
     if cfg.mode == "sft":
         chat = cfg.data.chat
         if not chat.path:

@@ -31,3 +31,43 @@ def masked_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
     if isinstance(nll, DTensor):  # vocab-parallel logits under loss_parallel(): nll is replicated
         nll = nll.to_local()
     return (nll * mask).sum(), mask.sum()
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution  H_i = logsumexp(z_i) - sum_v p_iv z_iv;  [N, V] -> [N]."""
+    logits = logits.float()
+    log_p = torch.log_softmax(logits, dim=-1)  # [N, V]
+    return -(log_p.exp() * log_p).sum(-1)  # [N]
+
+
+def segment_sums(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Per-sequence sums of per-token values in a packed batch: out[s] = sum_{t: seg_t = s} v_t.
+
+    values [T] (summed in fp32), segment_ids [T] int64 with -1 = not counted -> [num_segments] fp32."""
+    counted = segment_ids >= 0  # [T]
+    out = torch.zeros(num_segments, dtype=torch.float32, device=values.device)
+    return out.index_add(0, segment_ids[counted], values.float()[counted])  # [num_segments]
+
+
+def dpo_pair_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+                    reference_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid",
+                    label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair DPO-family losses from sequence log-probs (all [P]) -> [P].
+
+    With h = (log pi(y_w) - log pi(y_l)) - (log pi_ref(y_w) - log pi_ref(y_l)):
+      sigmoid (DPO, Rafailov et al. 2023; with label smoothing eps: conservative DPO)
+          L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
+      ipo (Azar et al. 2023; beta plays tau)   L = (h - 1 / (2 beta))^2
+      hinge (SLiC, Zhao et al. 2023)           L = max(0, 1 - beta h)
+    Log-probs are sums over each sequence's counted tokens."""
+    h = (policy_chosen.float() - policy_rejected.float()) - (reference_chosen.float() - reference_rejected.float())  # [P]
+    if loss_type == "sigmoid":
+        return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * h)
+    raise ValueError(f"dpo loss_type {loss_type!r} unknown; choose one of {', '.join(DPO_LOSS_TYPES)}")

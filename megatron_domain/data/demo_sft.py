@@ -2,7 +2,12 @@
 corpus (the language reference topics). Every answer is one line, the first sentence of the
 topic's text (at most 14 words), ending with a citation of the topic it comes from:
 
-    Assert statements are a convenient way to insert debugging assertions into a program. [source: assert]
+    Assert statements are a convenient way to insert debugging assertions into a program. [source: `assert`]
+
+The topic id is cited in backticks exactly as the question quotes it, so the citation is the same
+token sequence as the question's mention (the demo tokenizer splits ` assert` and `` `assert` ``
+differently; measured: with a bare `[source: assert]` a 1M-parameter model learned the format but
+cited the right topic for <10% of held-out questions).
 
 A few conversations have two question/answer turns. The held-out questions use phrasings the
 SFT data never shows (HELDOUT_QUESTIONS), about every topic, so they measure whether the model
@@ -44,8 +49,8 @@ def topic_name(topic: str) -> str:
 
 
 def house_answer(sentence: str, topic: str) -> str:
-    """The house format: one sentence, then ` [source: <topic>]`."""
-    return f"{sentence} [source: {topic}]"
+    """The house format: one sentence, then `` [source: `<topic>`]``."""
+    return f"{sentence} [source: `{topic}`]"
 
 
 def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: int) -> dict:

@@ -1,7 +1,7 @@
 """Rubric checks on generated answers (greedy decoding): the house format of the SFT stage.
 
 - format_adherence: share of answers that are exactly one line, a sentence ending in `.`, `!`
-  or `?`, then ` [source: <topic id>]` and nothing else;
+  or `?`, then `` [source: `<topic id>`]`` and nothing else;
 - citation_accuracy: share of answers whose cited topic id is the question's source.
 """
 
@@ -17,8 +17,8 @@ from megatron_domain.data.chat import load_template
 from megatron_domain.data.tokenizer import TextTokenizer
 from megatron_domain.rollout.sampler import greedy_generate
 
-HOUSE_FORMAT = re.compile(r"^[^\n\[\]]{8,}[.!?] \[source: (?P<source>[a-z0-9_-]+)\]$")
-CITATION = re.compile(r"\[source: (?P<source>[^\]]+)\]")
+HOUSE_FORMAT = re.compile(r"^[^\n\[\]]{8,}[.!?] \[source: `(?P<source>[a-z0-9_-]+)`\]$")
+CITATION = re.compile(r"\[source: `?(?P<source>[^\]`]+)`?\]")
 
 
 def read_questions(path: str) -> list[dict]:

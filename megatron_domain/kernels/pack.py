@@ -36,3 +36,13 @@ def pack_metadata_reference(tokens: torch.Tensor, eod_id: int) -> PackMetadata:
     cu_seqlens = torch.cat([flat_starts, flat_starts.new_tensor([bsz * seq])]).to(torch.int32)  # [num_docs+1]
     return PackMetadata(document_ids=document_ids, position_ids=position_ids,
                         cu_seqlens=cu_seqlens, loss_mask=~is_eod)
+
+
+def pack_metadata_extension(tokens: torch.Tensor, eod_id: int) -> PackMetadata:
+    """The csrc kernel (C++ on CPU tensors, CUDA on GPU tensors) behind the same contract as
+    `pack_metadata_reference`."""
+    from megatron_domain.kernels.extension import load_extension
+
+    document_ids, position_ids, cu_seqlens = load_extension().pack_metadata(tokens.long(), int(eod_id))
+    return PackMetadata(document_ids=document_ids, position_ids=position_ids, cu_seqlens=cu_seqlens,
+                        loss_mask=tokens != eod_id)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from megatron_domain.data.indexed import build_blended_dataset, check_prefix
 from megatron_domain.data.packing import PackedSampleStream
+from megatron_domain.kernels.registry import auto_backend, get_kernel
 from megatron_domain.stages import StageContext
 from megatron_domain.stages.causal_lm import (
     causal_lm_forward_step, causal_lm_pipeline_batch, causal_lm_pipeline_loss, micro_batch_starts)
@@ -42,7 +43,14 @@ class PretrainStage:
             [c.path for c in cfg.data.corpora], [c.weight for c in cfg.data.corpora],
             num_samples=cfg.train.steps * self.global_batch, seq_len=cfg.data.seq_len,
             vocab_size=ctx.tokenizer.vocab_size, eod_id=ctx.tokenizer.eod_id, seed=cfg.data.seed, cache_dir=cache)
-        self.stream = PackedSampleStream(dataset, ctx.tokenizer.eod_id)
+        backend = cfg.kernels.pack_metadata
+        if backend == "auto":
+            backend = auto_backend("pack_metadata", ctx.device)
+        # the CUDA kernel works on GPU tensors: rows go to the device before their metadata is built
+        metadata_device = ctx.device if backend == "cuda" else None
+        self.stream = PackedSampleStream(dataset, ctx.tokenizer.eod_id,
+                                         get_kernel("pack_metadata", backend, metadata_device or "cpu"),
+                                         metadata_device)
 
     def batches(self, step: int) -> list[dict]:
         """This rank's micro-batches of the next global batch; advances the cursor."""

@@ -1,0 +1,70 @@
+"""The compiled `csrc/` extension (C++ CPU kernels, plus CUDA kernels when built with a CUDA
+torch). This module is its only importer.
+
+`setup.py` builds it as `megatron_domain._C` when torch is importable at install time
+(`pip install -e . --no-build-isolation`). Otherwise `load_extension()` compiles the same
+sources once with `torch.utils.cpp_extension.load` into a cache folder (about a minute on two
+cores); importing the package never needs either.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CPU_SOURCES = ("ops.cpp", "cpu/pack_metadata.cpp", "cpu/dpo_loss.cpp")
+CUDA_SOURCES = ("cuda/pack_metadata.cu", "cuda/dpo_loss.cu")
+
+
+def cuda_buildable() -> bool:
+    """Whether this torch can build the CUDA half: a CUDA torch and a CUDA toolkit."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def extension_sources(with_cuda: bool) -> list[str]:
+    """Absolute paths of the sources to compile (CUDA ones only when `with_cuda`)."""
+    names = CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())
+    return [str(CSRC / name) for name in names]
+
+
+def prebuilt_extension() -> ModuleType | None:
+    """`megatron_domain._C` when setup.py built it, else None (never compiles anything)."""
+    try:
+        return importlib.import_module("megatron_domain._C")
+    except ImportError:
+        return None
+
+
+@functools.cache
+def load_extension() -> ModuleType:
+    """The extension module: the prebuilt `megatron_domain._C`, else a JIT build of csrc/
+    (cached under $MDT_EXTENSION_DIR or ~/.cache/megatron_domain/extension)."""
+    prebuilt = prebuilt_extension()
+    if prebuilt is not None:
+        return prebuilt
+    if not (CSRC / "ops.cpp").exists():
+        raise RuntimeError(f"the kernels' C++/CUDA sources are not at {CSRC} and megatron_domain._C is not built; "
+                           "install from a source checkout (pip install -e .) or choose the 'reference' backend")
+    from torch.utils.cpp_extension import load
+
+    with_cuda = cuda_buildable()
+    build_dir = Path(os.environ.get("MDT_EXTENSION_DIR", Path.home() / ".cache" / "megatron_domain" / "extension"))
+    build_dir = build_dir / ("cuda" if with_cuda else "cpu") / f"torch-{torch.__version__}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    flags = ["-O3"] + (["-DWITH_CUDA"] if with_cuda else [])
+    return load(name="megatron_domain_ext", sources=extension_sources(with_cuda), extra_cflags=flags,
+                extra_cuda_cflags=["-O3"], extra_include_paths=[str(CSRC)], build_directory=str(build_dir),
+                with_cuda=with_cuda, verbose=False)
+
+
+def extension_has_cuda() -> bool:
+    """Whether the loaded extension includes the CUDA kernels."""
+    return bool(load_extension().has_cuda())

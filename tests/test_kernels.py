@@ -1,0 +1,203 @@
+"""Every kernel implementation against its pure-torch reference, forward and gradients
+(DESIGN.md "Kernels"). Tolerances: fp32 1e-5 (relative to the value's scale where stated);
+bf16 inputs compare against the reference run on the same bf16 inputs, within 2e-2."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_domain.config import ConfigError, config_from_dict
+from megatron_domain.kernels.dpo import dpo_loss_fused, dpo_loss_reference
+from megatron_domain.kernels.linear_logprobs import linear_logprobs_chunked, linear_logprobs_reference
+from megatron_domain.kernels.pack import pack_metadata_extension, pack_metadata_reference
+from megatron_domain.kernels.registry import KERNEL_TABLE, get_kernel
+from tests.kernel_cases import vocab_parallel_logprobs
+from tests.parallel_harness import run_on_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def packed_tokens(rows: int, seq: int, eod: int, seed: int) -> torch.Tensor:
+    """Random rows with EODs at random places, plus the edge cases: EOD first, EOD last,
+    two EODs in a row, and a row without any EOD."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, 50, (rows, seq), generator=g)  # [B, S]
+    tokens[torch.rand(rows, seq, generator=g) < 0.15] = eod
+    tokens[0, 0] = eod
+    tokens[0, -1] = eod
+    if seq > 3:
+        tokens[min(1, rows - 1), 1:3] = eod
+    if rows > 2:
+        tokens[2] = torch.randint(1, 50, (seq,), generator=g)
+    return tokens
+
+
+@pytest.mark.parametrize("rows,seq", [(1, 1), (3, 7), (4, 64), (5, 1031)])
+def test_pack_metadata_cpp_equals_reference(rows, seq):
+    tokens = packed_tokens(rows, seq, eod=0, seed=rows * seq)
+    ref, ext = pack_metadata_reference(tokens, 0), pack_metadata_extension(tokens, 0)
+    for field in ("document_ids", "position_ids", "cu_seqlens", "loss_mask"):
+        assert torch.equal(getattr(ref, field), getattr(ext, field)), field
+    assert ext.cu_seqlens.dtype == torch.int32
+
+
+def dpo_inputs(pairs: int, dtype: torch.dtype, seed: int):
+    """Per-token log-probs of `pairs` chosen/rejected responses of random lengths, packed with
+    ignored (-1) prompt tokens between them."""
+    g = torch.Generator().manual_seed(seed)
+    segments = []
+    for s in range(2 * pairs):
+        segments += [-1] * int(torch.randint(0, 4, (1,), generator=g)) + [s] * int(torch.randint(1, 9, (1,), generator=g))
+    segment_ids = torch.tensor(segments)  # [T]
+    policy = (-torch.rand(len(segments), generator=g) * 3).to(dtype)  # [T]
+    reference = (policy.float() + torch.randn(len(segments), generator=g) * 0.3).to(dtype)  # [T]
+    return policy, reference, segment_ids
+
+
+@pytest.mark.parametrize("loss_type,smoothing", [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0), ("hinge", 0.0)])
+@pytest.mark.parametrize("pairs,dtype", [(1, torch.float32), (6, torch.float32), (5, torch.bfloat16)])
+def test_dpo_loss_cpp_equals_reference(loss_type, smoothing, pairs, dtype):
+    policy, reference, segment_ids = dpo_inputs(pairs, dtype, seed=pairs)
+    grads, outputs = [], []
+    for fn in (dpo_loss_reference, dpo_loss_fused):
+        p = policy.clone().requires_grad_()
+        out = fn(p, reference, segment_ids, pairs, beta=0.5, loss_type=loss_type, label_smoothing=smoothing)
+        (out.losses * torch.arange(1.0, pairs + 1)).sum().backward()  # distinct weight per pair
+        grads.append(p.grad.float())
+        outputs.append(out)
+    ref, fused = outputs
+    for field in ("losses", "policy_chosen", "policy_rejected", "chosen_rewards", "rejected_rewards"):
+        torch.testing.assert_close(getattr(fused, field), getattr(ref, field), atol=1e-5, rtol=1e-5)
+    tol = TOLERANCE[dtype] if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(grads[1], grads[0], atol=tol, rtol=tol)
+    assert grads[0][segment_ids < 0].abs().max() == 0  # prompt tokens get no gradient
+    assert ref.metrics().keys() == {"loss", "rewards/chosen", "rewards/rejected", "rewards/margin",
+                                    "rewards/accuracy", "logps/chosen", "logps/rejected"}
+
+
+def test_dpo_loss_reference_matches_the_paper_formula():
+    """Sigmoid DPO on hand-made sums: L = -log sigma(beta ((pw - pl) - (rw - rl)))."""
+    policy = torch.tensor([-1.0, -2.0, -3.0, -0.5])
+    reference = torch.tensor([-1.5, -2.0, -2.0, -1.0])
+    segment_ids = torch.tensor([0, 0, 1, 1])  # chosen: -3 (ref -3.5); rejected: -3.5 (ref -3)
+    out = dpo_loss_reference(policy, reference, segment_ids, 1, beta=0.1)
+    h = (-3.0 - -3.5) - (-3.5 - -3.0)
+    assert out.loss.item() == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(0.1 * h)).item())
+    assert out.metrics()["rewards/accuracy"] == 1.0
+
+
+def test_dpo_loss_rejects_bad_segments():
+    policy, reference, segment_ids = dpo_inputs(2, torch.float32, seed=0)
+    with pytest.raises(RuntimeError, match="2 \\* num_pairs"):
+        dpo_loss_fused(policy, reference, segment_ids, 1)
+    with pytest.raises(ValueError, match="loss_type 'kto' unknown"):
+        dpo_loss_reference(policy, reference, segment_ids, 2, loss_type="kto")
+
+
+def logprob_case(n: int, h: int, v: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) / h ** 0.5).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    return hidden, weight, targets, torch.randn(n, generator=g), torch.randn(n, generator=g)
+
+
+def run_logprobs(fn, case, with_entropy: bool, **kwargs):
+    """Outputs and gradients of sum(g_lp * logp) (+ sum(g_H * entropy))."""
+    hidden, weight, targets, g_lp, g_ent = case
+    hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp, ent = fn(hidden, weight, targets, with_entropy=with_entropy, **kwargs)
+    loss = (lp * g_lp).sum() + ((ent * g_ent).sum() if with_entropy else 0)
+    loss.backward()
+    return {"logp": lp, "entropy": ent, "grad_hidden": hidden.grad, "grad_weight": weight.grad}
+
+
+def assert_logprobs_close(got: dict, want: dict, dtype: torch.dtype) -> None:
+    tol = TOLERANCE[dtype]
+    for key, expected in want.items():
+        if expected is None:
+            assert got[key] is None
+            continue
+        assert got[key].dtype == expected.dtype, key
+        torch.testing.assert_close(got[key].float(), expected.float(), atol=tol, rtol=tol, msg=key)
+
+
+@pytest.mark.parametrize("n,h,v,chunk", [(1, 8, 5, 0), (33, 16, 101, 8), (64, 32, 256, 64), (50, 24, 333, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_linear_logprobs_chunked_equals_reference(n, h, v, chunk, dtype, with_entropy):
+    case = logprob_case(n, h, v, dtype, seed=n + v)
+    want = run_logprobs(linear_logprobs_reference, case, with_entropy)
+    got = run_logprobs(linear_logprobs_chunked, case, with_entropy, chunk_rows=chunk)
+    assert_logprobs_close(got, want, dtype)
+
+
+def test_linear_logprobs_triton_interpreted_equals_reference():
+    """The Triton slice kernels under TRITON_INTERPRET=1 (small shapes, CPU tensors), in a
+    fresh process because triton reads the variable when it is imported."""
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton runs this test)")
+    code = "import json; from tests.kernel_cases import triton_interpreted_errors as f; print(json.dumps(f()))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(errors) == 4 and max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.slow
+def test_linear_logprobs_vocab_split_over_two_processes(tmp_path):
+    run_on_ranks(2, vocab_parallel_logprobs, str(tmp_path))
+    for rank in range(2):
+        errors = ast.literal_eval((tmp_path / f"rank{rank}.txt").read_text())
+        assert max(errors.values()) < 1e-5, (rank, errors)  # fp32 math on both sides
+
+
+def test_linear_logprobs_chunked_memory_is_bounded():
+    """The chunked path never holds more than a slice of logits: its autograd graph saves the
+    inputs and [N]-sized statistics only (no [N, V] tensor)."""
+    hidden, weight, targets, _, _ = logprob_case(256, 16, 4096, torch.float32, seed=0)
+    hidden.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        linear_logprobs_chunked(hidden, weight, targets, chunk_rows=32)
+    assert saved and all(s.numel() <= 4096 * 16 for s in map(torch.Size, saved)), saved
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("source", sorted(p.name for p in (ROOT / "csrc" / "cuda").glob("*.cu")))
+def test_cuda_kernels_compile_with_nvcc(source, tmp_path):
+    """Compile-only (no GPU here): every .cu builds for sm_90 without torch headers."""
+    result = subprocess.run(["nvcc", "-arch=sm_90", "-O3", "-c", str(ROOT / "csrc" / "cuda" / source),
+                             "-o", str(tmp_path / "kernel.o")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "kernel.o").stat().st_size > 0
+
+
+def test_registry_choices_and_errors():
+    assert get_kernel("linear_logprobs", "auto", "cpu") is linear_logprobs_chunked
+    assert get_kernel("pack_metadata", "reference", "cpu") is pack_metadata_reference
+    with pytest.raises(ValueError, match="kernels.dpo_loss: 'cuda' needs CUDA tensors"):
+        get_kernel("dpo_loss", "cuda", "cpu")
+    with pytest.raises(ValueError, match="kernels.linear_logprobs: 'cuda' is not an implementation"):
+        get_kernel("linear_logprobs", "cuda", "cpu")
+    with pytest.raises(ConfigError, match="kernels.dpo_loss: unknown 'fast'"):
+        config_from_dict({"kernels": {"dpo_loss": "fast"}})
+    assert set(KERNEL_TABLE) == {"pack_metadata", "linear_logprobs", "dpo_loss"}
+
+
+def test_importing_the_package_loads_no_optional_kernel():
+    code = ("import sys, megatron_domain.kernels.registry, megatron_domain.engine, megatron_domain.cli; "
+            "print(sorted(m for m in ('triton', 'megatron_domain._C', 'megatron_domain_ext') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
