@@ -5,7 +5,35 @@ CPU machines: install torch's CPU wheel first (`pip install torch==2.13.0`, or r
 never pulls a CUDA build. GPU machines keep their existing CUDA torch for the same reason.
 """
 
+import os
+
 from setuptools import find_packages, setup
+
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/pack_metadata.cpp", "csrc/cpu/dpo_loss.cpp"]
+CUDA_SOURCES = ["csrc/cuda/pack_metadata.cu", "csrc/cuda/dpo_loss.cu"]
+
+
+def kernel_extension() -> dict:
+    """The csrc kernels as `megatron_domain._C` when torch is importable at build time (e.g.
+    `pip install -e . --no-build-isolation`): CUDA + C++ with a CUDA torch and nvcc, C++ only
+    otherwise. Skipped under build isolation or with MDT_BUILD_EXTENSION=0; the package then
+    compiles the same sources on first use (megatron_domain/kernels/extension.py)."""
+    if os.environ.get("MDT_BUILD_EXTENSION", "1") == "0":
+        return {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        return {}
+    include = [os.path.abspath("csrc")]
+    if torch.version.cuda is not None and CUDA_HOME is not None:
+        ext = CUDAExtension("megatron_domain._C", CPU_SOURCES + CUDA_SOURCES, include_dirs=include,
+                            define_macros=[("WITH_CUDA", None)],
+                            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    else:
+        ext = CppExtension("megatron_domain._C", CPU_SOURCES, include_dirs=include, extra_compile_args=["-O3"])
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
+
 
 setup(
     name="megatron-domain",
@@ -27,9 +55,11 @@ setup(
     extras_require={
         # torchao: NF4 base weights for QLoRA (and FP8 later); peft: the tests load our exported
         # LoRA adapters with it
-        "test": ["pytest>=8", "torchao>=0.18", "peft>=0.21"],
+        # triton: its kernels are tested on CPU under TRITON_INTERPRET=1
+        "test": ["pytest>=8", "torchao>=0.18", "peft>=0.21", "triton>=3.2"],
         "qlora": ["torchao>=0.18"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]", "vllm", "torchao>=0.18"],
     },
     entry_points={"console_scripts": ["mdt=megatron_domain.cli:main"]},
+    **kernel_extension(),
 )

@@ -26,7 +26,7 @@ DTYPES = ("fp32", "bf16")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble")
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble")
-ATTENTION_BACKENDS = ("sdpa",)
+ATTENTION_BACKENDS = ("sdpa", "flex", "flash_varlen", "te")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUANTIZE_BASE = ("none", "nf4")
 HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
@@ -225,6 +225,25 @@ class EvalConfig:
     generation: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
 
 
+@dataclass
+class Fp8Config:
+    """FP8 linear layers. backend: none, float8 (torchao Float8Linear; composes with TP and
+    FSDP2) or te (Transformer Engine, fp8_autocast). recipe: float8 -> tensorwise (default),
+    rowwise, rowwise_with_gw_hp; te -> delayed (default) or current. emulate: run float8's casts
+    with high-precision matmuls (CPU, GPUs without FP8 tensor cores)."""
+
+    backend: str = "none"
+    recipe: str = ""
+    emulate: bool = False
+
+    @property
+    def resolved_recipe(self) -> str:
+        """The recipe, or the backend's default."""
+        return self.recipe or {"float8": "tensorwise", "te": "delayed"}.get(self.backend, "")
+
+
+FP8_RECIPES = {"none": ("",), "float8": ("tensorwise", "rowwise", "rowwise_with_gw_hp"), "te": ("delayed", "current")}
+
 # kernel op -> its implementations; megatron_domain/kernels/registry.py maps each to a function
 KERNEL_IMPLEMENTATIONS = {"pack_metadata": ("reference", "cpp", "cuda"),
                           "linear_logprobs": ("reference", "chunked", "triton"),
@@ -256,6 +275,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    fp8: Fp8Config = field(default_factory=Fp8Config)
 
 
 @dataclass
@@ -492,6 +512,24 @@ def validate_kernels(k: KernelsConfig, prefix: str) -> list[str]:
     return problems
 
 
+def validate_fp8(cfg: Config, prefix: str) -> list[str]:
+    """fp8.backend/recipe are known and combine with the rest of the run."""
+    f, p = cfg.fp8, lambda key: _join(prefix, f"fp8.{key}")
+    if f.backend not in FP8_RECIPES:
+        return [f"{p('backend')}: unknown {f.backend!r}; choose none, float8 (torchao) or te (Transformer Engine)"]
+    problems = []
+    if f.recipe and f.recipe not in FP8_RECIPES[f.backend]:
+        problems.append(f"{p('recipe')}: {f.recipe!r} is not a {f.backend} recipe; choose one of "
+                        f"{', '.join(r for r in FP8_RECIPES[f.backend] if r)}")
+    if f.backend != "none" and cfg.lora.rank > 0:
+        problems.append(f"{p('backend')}: FP8 linears with LoRA adapters are not supported; set fp8.backend: none "
+                        "for LoRA runs (QLoRA already stores the base in 4 bits)")
+    if f.backend == "te" and cfg.parallel.tp > 1:
+        problems.append(f"{p('backend')}: te runs with parallel.tp=1 (TE's own tensor parallelism is not wired); "
+                        "use fp8.backend: float8 with tensor parallelism")
+    return problems
+
+
 def validate(cfg: Config, prefix: str = "") -> list[str]:
     """Semantic checks across the tree; returns problems as 'dotted.path: what and the fix'."""
     p = lambda key: _join(prefix, key)  # noqa: E731
@@ -551,6 +589,7 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
     problems.extend(validate_parallel(cfg, prefix))
     problems.extend(validate_lora(cfg, prefix))
     problems.extend(validate_kernels(cfg.kernels, _join(prefix, "kernels")))
+    problems.extend(validate_fp8(cfg, prefix))
     if cfg.mode == "sft":
         chat = cfg.data.chat
         if not chat.path:

@@ -30,7 +30,7 @@ from megatron_domain.eval.perplexity import evaluate_sets
 from megatron_domain.metrics import MetricsLog, peak_flops
 from megatron_domain.models.llama import build_model, count_parameters, training_flops_per_token
 from megatron_domain.models.lora import init_lora_weights, trainable_parameters
-from megatron_domain.models.nf4 import quantize_frozen_linears
+from megatron_domain.models.ao import quantize_frozen_linears
 from megatron_domain.optim import build_optimizer, build_scheduler
 from megatron_domain.parallel.apply import ParallelModel, build_parallel_model
 from megatron_domain.parallel.dims import ParallelDims, resolve_parallel_dims
@@ -50,11 +50,17 @@ class TrainResult:
     final_checkpoint: Path | None = None
 
 
-def autocast_context(cfg: Config, device: torch.device):
-    """bf16 autocast when `train.dtype: bf16` (params and optimizer stay fp32)."""
+def autocast_context(cfg: Config, device: torch.device) -> contextlib.ExitStack:
+    """bf16 autocast when `train.dtype: bf16` (params and optimizer stay fp32), inside
+    Transformer Engine's fp8_autocast when `fp8.backend: te`."""
+    stack = contextlib.ExitStack()
     if cfg.train.dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+    if cfg.fp8.backend == "te":
+        from megatron_domain.models.te import te_fp8_autocast
+
+        stack.enter_context(te_fp8_autocast(cfg.fp8.resolved_recipe))
+    return stack
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -212,6 +218,9 @@ def optimizer_step(trainer: Trainer, step: int) -> StepStats:
 
 def build_trainer(cfg: Config, device: torch.device, run_dir: Path, tokenizer: TextTokenizer) -> Trainer:
     """Mesh, model, stage, optimizers (one per model part) and the pipeline schedule."""
+    if cfg.model.attention_backend == "flex" and device.type == "cpu":
+        raise ValueError("model.attention_backend=flex cannot train on CPU: torch has no FlexAttention backward "
+                         "there; train with sdpa on CPU (flex is fine for CPU evaluation and on GPUs)")
     dims, mesh = setup_parallel(cfg, device)
     pm = prepare_model(cfg, dims, mesh, device)
     coords = dims.coordinates(rank())

@@ -24,7 +24,7 @@ def chat_file(tmp_path, count: int = 40):
         word = ALPHA_WORDS[i % len(ALPHA_WORDS)]
         lines.append(json.dumps({"messages": [
             {"role": "user", "content": f"what is {word}?"},
-            {"role": "assistant", "content": f"the {word} returns a list. [source: {word}]"}]}))
+            {"role": "assistant", "content": f"the {word} returns a list. [source: `{word}`]"}]}))
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -56,8 +56,11 @@ def test_batched_greedy_generation_equals_one_by_one():
 
 
 def test_house_format_rubric():
-    assert score_answer("Assert statements insert debugging assertions. [source: assert]", "assert") == {
+    assert score_answer("Assert statements insert debugging assertions. [source: `assert`]", "assert") == {
         "format_ok": True, "citation_ok": True}
-    assert score_answer("Assert statements insert assertions. [source: raise]", "assert")["citation_ok"] is False
-    assert score_answer("two lines.\nsecond [source: assert]", "assert")["format_ok"] is False
+    assert score_answer("Assert statements insert assertions. [source: `raise`]", "assert")["citation_ok"] is False
+    assert score_answer("two lines.\nsecond [source: `assert`]", "assert")["format_ok"] is False
+    # a citation without the backticks names the right topic but is not the house format
+    assert score_answer("Assert statements insert assertions. [source: assert]", "assert") == {
+        "format_ok": False, "citation_ok": True}
     assert score_answer("no citation at all.", "assert") == {"format_ok": False, "citation_ok": False}

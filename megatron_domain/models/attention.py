@@ -1,16 +1,29 @@
 """Attention over packed rows: each token attends causally and only within its own document.
 
-The backend is chosen by `model.attention_backend`; `sdpa` (default) runs
-`torch.nn.functional.scaled_dot_product_attention` with a boolean document-causal mask, or
-with `is_causal=True` when no row of the batch holds more than one document.
+Backends (`model.attention_backend`), all with the same contract q [B, Hq, S, D],
+k/v [B, Hkv, S, D] -> [B, Hq, S, D] and tested against a dense masked reference:
+
+- `sdpa` (default, CPU and GPU): `scaled_dot_product_attention` with a boolean
+  document-causal mask, or `is_causal=True` when no row holds more than one document;
+- `flex` (GPU): FlexAttention with a document-causal BlockMask (compiled; on CPU torch has
+  no FlexAttention backward, so training with it there is refused);
+- `flash_varlen` (GPU, flash-attn installed): the packed rows flattened to [B*S, H, D] with
+  per-document `cu_seqlens`, no mask at all;
+- `te` (GPU, Transformer Engine installed): TE's DotProductAttention in the same THD layout.
+
+`AttentionContext.build` computes once per forward what the backend needs (mask, block mask
+or cu_seqlens).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "flex", "flash_varlen", "te")
 
 
 def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
@@ -21,19 +34,39 @@ def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return (same_doc & causal)[:, None]  # [B, 1, S, S]
 
 
+def varlen_boundaries(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """document_ids [B, S] -> (cu_seqlens [docs + 1] int32 over the flattened B*S tokens, longest document)."""
+    starts = torch.ones_like(document_ids, dtype=torch.bool)  # [B, S]
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = starts.flatten().nonzero().squeeze(1)  # [docs]
+    cu_seqlens = torch.cat([first, first.new_tensor([document_ids.numel()])]).to(torch.int32)  # [docs + 1]
+    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
 @dataclass
 class AttentionContext:
     """What every layer's attention needs about the packing, computed once per forward."""
 
-    mask: torch.Tensor | None  # [B, 1, S, S] bool, or None when plain causal suffices
+    mask: torch.Tensor | None = None  # sdpa: [B, 1, S, S] bool, or None when plain causal suffices
+    block_mask: object = None  # flex: a BlockMask
+    cu_seqlens: torch.Tensor | None = None  # flash_varlen / te: [docs + 1] int32
+    max_seqlen: int = 0
 
     @staticmethod
-    def build(document_ids: torch.Tensor | None) -> "AttentionContext":
-        """Document-causal masking when any row packs several documents, else plain causal."""
+    def build(document_ids: torch.Tensor | None, backend: str = "sdpa", shape: tuple[int, int] | None = None
+              ) -> "AttentionContext":
+        """The context for `backend`; `document_ids` [B, S] (None: one document per row, then
+        `shape` = (B, S) is needed by the backends that take explicit boundaries)."""
+        if backend == "sdpa":
+            if document_ids is None or bool((document_ids == document_ids[:, :1]).all()):
+                return AttentionContext()
+            return AttentionContext(mask=document_causal_mask(document_ids))
         if document_ids is None:
-            return AttentionContext(mask=None)
-        single_document = bool((document_ids == document_ids[:, :1]).all())
-        return AttentionContext(mask=None if single_document else document_causal_mask(document_ids))
+            document_ids = torch.arange(shape[0])[:, None].expand(shape)  # [B, S] one document per row
+        if backend == "flex":
+            return AttentionContext(block_mask=document_block_mask(document_ids))
+        cu_seqlens, max_seqlen = varlen_boundaries(document_ids)
+        return AttentionContext(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -47,4 +80,60 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Atten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
 
 
-ATTENTION_BACKENDS = {"sdpa": sdpa_attention}
+def document_block_mask(document_ids: torch.Tensor):
+    """FlexAttention BlockMask of the document-causal pattern of document_ids [B, S]."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+
+    bsz, seq = document_ids.shape
+    return create_block_mask(document_causal, bsz, None, seq, seq, device=document_ids.device)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """flex_attention compiled once per process (eager FlexAttention materializes the scores)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    """FlexAttention with the context's document BlockMask; compiled on CUDA, eager elsewhere."""
+    from torch.nn.attention.flex_attention import flex_attention as eager_flex
+
+    attend = _compiled_flex_attention() if q.is_cuda else eager_flex
+    return attend(q, k, v, block_mask=ctx.block_mask, enable_gqa=q.shape[1] != k.shape[1])  # [B, Hq, S, D]
+
+
+def to_packed_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, S, D] -> [B*S, H, D] (the THD layout of the varlen kernels)."""
+    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
+
+
+def from_packed_heads(x: torch.Tensor, bsz: int) -> torch.Tensor:
+    """[B*S, H, D] -> [B, H, S, D]."""
+    return x.reshape(bsz, -1, x.shape[1], x.shape[2]).transpose(1, 2)
+
+
+def flash_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    """flash-attn's varlen kernel over the flattened packed rows (GQA native)."""
+    from megatron_domain.models.flash import flash_attn_varlen
+
+    out = flash_attn_varlen(to_packed_heads(q), to_packed_heads(k), to_packed_heads(v), ctx.cu_seqlens,
+                            ctx.max_seqlen)  # [B*S, Hq, D]
+    return from_packed_heads(out, q.shape[0])
+
+
+def te_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    """Transformer Engine's fused attention over the flattened packed rows."""
+    from megatron_domain.models.te import te_packed_attention
+
+    out = te_packed_attention(to_packed_heads(q), to_packed_heads(k), to_packed_heads(v), ctx.cu_seqlens,
+                              ctx.max_seqlen)  # [B*S, Hq, D]
+    return from_packed_heads(out, q.shape[0])
+
+
+ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "flex": flex_attention, "flash_varlen": flash_varlen_attention,
+                      "te": te_attention}

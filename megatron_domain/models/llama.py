@@ -157,7 +157,7 @@ class Transformer(nn.Module):
         [B, S] enables per-document masking; `position_ids` [B, S] restart at each document."""
         x = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs  # [B, S, H]
         cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)  # [B, 1, S, D]
-        ctx = AttentionContext.build(document_ids)
+        ctx = AttentionContext.build(document_ids, self.cfg.attention_backend, tuple(x.shape[:2]))
         for layer in self.layers.values():
             x = layer(x, cos, sin, ctx)  # [B, S, H]
         if self.norm is None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from megatron_domain.config import LORA_TARGETS
 from megatron_domain.models.llama import canonical_name, copy_full_tensor, initial_value
-from megatron_domain.models.nf4 import is_nf4, nf4_linear
+from megatron_domain.models.ao import is_nf4, nf4_linear
 
 
 

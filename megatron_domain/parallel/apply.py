@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from megatron_domain.config import Config
+from megatron_domain.config import Config, Fp8Config
 from megatron_domain.models.llama import Transformer, materialize
 from megatron_domain.models.lora import apply_lora, freeze_base
 from megatron_domain.parallel.dims import ParallelDims
@@ -101,6 +101,19 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, param_dtype: torch.dtype
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
 
 
+def apply_fp8(model: Transformer, fp8: Fp8Config) -> None:
+    """The FP8 converter: torchao Float8Linear or Transformer Engine linears (optional
+    packages, imported only when chosen)."""
+    if fp8.backend == "float8":
+        from megatron_domain.models.ao import convert_to_float8
+
+        convert_to_float8(model, fp8.resolved_recipe, fp8.emulate)
+    elif fp8.backend == "te":
+        from megatron_domain.models.te import convert_to_te
+
+        convert_to_te(model)
+
+
 def data_parallel_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
     """FSDP's mesh: (dp_replicate, dp_shard) for HSDP, or dp_shard alone."""
     return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
@@ -112,6 +125,7 @@ def build_parallel_model(model: Transformer, cfg: Config, dims: ParallelDims, me
     `device`; initialize with `init_seed`, or leave uninitialized (None) for a checkpoint load."""
     if cfg.lora.rank > 0:  # converters come first: LoRA swaps linears before any split or sharding
         apply_lora(model, cfg.lora.rank, cfg.lora.scale_alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
+    apply_fp8(model, cfg.fp8)
     if dims.pp > 1:
         pp_rank = mesh["pp"].get_local_rank()
         chunks = build_pipeline_chunks(model, pp_rank, dims.pp, cfg.parallel.pp_virtual_stages,

@@ -1,12 +1,20 @@
-"""QLoRA's frozen base in 4-bit NormalFloat (Dettmers et al. 2023), via torchao's NF4Tensor:
+"""torchao, the only module that imports it: QLoRA's NF4 base weights and float8 training linears.
+
+NF4: QLoRA's frozen base in 4-bit NormalFloat (Dettmers et al. 2023), via torchao's NF4Tensor:
 64-value blocks share one absmax scale, the scales themselves are 8-bit double-quantized, so
 a weight takes ~0.52 bytes/parameter, about 1/4 of bf16. The matmul dequantizes to the
 activation dtype on the fly; only the LoRA adapters (fp32) receive gradients.
 
 Why torchao and not bitsandbytes: torchao's NF4 is written in plain torch ops, so it runs on
 this CPU (and on GPUs) with no native kernels, and torchao is already DESIGN.md's FP8
-library; bitsandbytes' 4-bit path needs its CUDA (or a platform-specific) backend. This module
-is the only importer of torchao for NF4.
+library; bitsandbytes' 4-bit path needs its CUDA (or a platform-specific) backend.
+
+Float8 (`fp8.backend: float8`): every decoder linear becomes torchao's Float8Linear (dynamic
+scaling: tensorwise, or rowwise with `fp8.recipe: rowwise`); the output head stays in high
+precision, as in torchtitan. Inputs, weights and output gradients are cast to e4m3/e5m2 per
+matmul; on a GPU without FP8 tensor cores, or on CPU, `fp8.emulate: true` runs the same
+casts with high-precision matmuls (what the tests use). Float8Linear keeps nn.Linear's
+parameters, so DTensor TP styles and FSDP2 apply to it as to any linear.
 """
 
 from __future__ import annotations
@@ -73,3 +81,31 @@ def weight_bytes(tensor: torch.Tensor) -> int:
         names, _ = tensor.__tensor_flatten__()
         return sum(getattr(tensor, n).numel() * getattr(tensor, n).element_size() for n in names)
     return tensor.numel() * tensor.element_size()
+
+
+FLOAT8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+
+
+def float8_filter(module: nn.Module, name: str) -> bool:
+    """Which linears go float8: decoder projections whose dims are multiples of 16 (FP8 GEMM
+    alignment); the output head (`output`) stays in high precision."""
+    return (isinstance(module, nn.Linear) and not name.endswith("output")
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+def convert_to_float8(model: nn.Module, recipe: str = "tensorwise", emulate: bool = False) -> int:
+    """Swap the decoder's nn.Linear modules for torchao Float8Linear in place (works on the
+    meta device, before parallelization); returns how many were converted."""
+    import dataclasses
+
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as exc:
+        raise ImportError("fp8.backend=float8 needs torchao: pip install torchao") from exc
+    if recipe not in FLOAT8_RECIPES:
+        raise ValueError(f"fp8.recipe: {recipe!r} is not a torchao float8 recipe; choose one of {', '.join(FLOAT8_RECIPES)}")
+    config = Float8LinearConfig() if recipe == "tensorwise" else Float8LinearConfig.from_recipe_name(recipe)
+    config = dataclasses.replace(config, emulate=emulate)
+    before = sum(isinstance(m, nn.Linear) and type(m) is not nn.Linear for m in model.modules())
+    convert_to_float8_training(model, module_filter_fn=float8_filter, config=config)
+    return sum(isinstance(m, nn.Linear) and type(m) is not nn.Linear for m in model.modules()) - before

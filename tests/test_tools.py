@@ -1,0 +1,46 @@
+"""The GPU check and the loss benchmark run on CPU (dry run / small shapes) and report what
+they promise: every section, no errors, kernel errors within tolerance, fused-loss memory
+well under the naive path's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "check.json"
+    result = subprocess.run([sys.executable, "tools/gpu_check.py", "--dry-run", "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    for section in ("extension", "kernels", "attention", "fp8", "bench_bf16", "bench_fp8"):
+        assert "error" not in summary[section], (section, summary[section])
+    kernels = summary["kernels"]
+    assert kernels["pack_metadata/cpp"]["equal"] is True
+    for name, errors in kernels.items():
+        if name.startswith("linear_logprobs") and name.endswith("float32"):
+            assert max(v for k, v in errors.items() if k.endswith("_err")) < 1e-4, (name, errors)
+        if name.startswith("dpo_loss"):
+            assert errors["grad_err"] < 1e-4, (name, errors)
+    assert summary["attention"]["sdpa"]["ok"] and summary["attention"]["flex"]["ok"]
+    assert summary["fp8"]["float8"]["relative_error"] < 0.1  # e4m3 keeps ~3 significant bits
+    assert summary["bench_bf16"]["tokens_per_s"] > 0 and summary["fp8_speedup"] > 0
+
+
+@pytest.mark.slow
+def test_bench_losses_fused_path_saves_memory():
+    result = subprocess.run([sys.executable, "tools/bench_losses.py", "--tokens", "1024", "--hidden", "32",
+                             "--vocab", "32768", "--iters", "1", "--warmup", "0"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])["vocab"]["32768"]
+    assert row["loss_diff"] < 1e-4
+    assert row["memory_ratio"] < 0.5, row  # [1024, 32768] fp32 logits alone are 128 MiB

@@ -1,0 +1,275 @@
+#!/usr/bin/env python
+"""The one GPU check: build the csrc CUDA extension, compare every GPU implementation with
+its reference, compare FP8 with bf16, and benchmark training steps of the ~1B Llama preset
+(bf16 and FP8, seq 4096) -> tokens/s, MFU and peak memory. Writes one JSON summary.
+
+    python tools/gpu_check.py --out gpu_check.json              # on a GPU machine (< 8 min on one H200)
+    python tools/gpu_check.py --dry-run --out /tmp/check.json   # CPU: the same code at tiny shapes
+
+Every section runs even when an earlier one fails; a failure is recorded as
+{"error": ...} in its place. Sections whose optional package is missing (flash-attn,
+Transformer Engine, torchao) say "skipped" with the package name. MFU is reported against
+the measured dense bf16 matmul rate of this GPU (the issue's ~790 TFLOP/s on an H200) and
+against the data-sheet peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def max_error(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    """max |a - b| in fp32 (0 when both are None)."""
+    if a is None and b is None:
+        return 0.0
+    return float((a.float() - b.float()).abs().max())
+
+
+def run_section(name: str, fn, summary: dict) -> None:
+    """summary[name] = fn(), or the error; prints a line per section."""
+    start = time.perf_counter()
+    try:
+        summary[name] = fn()
+    except Exception as exc:  # one failing section must not hide the others
+        summary[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}
+    summary[name]["seconds"] = round(time.perf_counter() - start, 1)
+    print(f"[gpu_check] {name}: {json.dumps(summary[name])[:400]}", flush=True)
+
+
+def check_extension(device: torch.device) -> dict:
+    """Build (or load) the csrc extension; on CUDA it must include the CUDA kernels."""
+    from megatron_domain.kernels.extension import load_extension
+
+    ext = load_extension()
+    has_cuda = bool(ext.has_cuda())
+    return {"loaded": ext.__name__, "has_cuda": has_cuda, "ok": has_cuda or device.type != "cuda"}
+
+
+def check_kernels(device: torch.device, dry: bool) -> dict:
+    """Each implementation for this device vs the reference (forward and gradients)."""
+    from megatron_domain.kernels.dpo import dpo_loss_reference
+    from megatron_domain.kernels.linear_logprobs import linear_logprobs_reference
+    from megatron_domain.kernels.pack import pack_metadata_reference
+    from megatron_domain.kernels.registry import get_kernel
+    from megatron_domain.losses import DPO_LOSS_TYPES
+
+    out: dict = {}
+    ext_backend = "cuda" if device.type == "cuda" else "cpp"
+    gen = torch.Generator().manual_seed(0)
+    rows, seq = (3, 257) if dry else (8, 4096)
+    tokens = torch.randint(1, 1000, (rows, seq), generator=gen)
+    tokens[torch.rand(rows, seq, generator=gen) < 0.01] = 0
+    ref = pack_metadata_reference(tokens, 0)
+    got = get_kernel("pack_metadata", ext_backend, device)(tokens.to(device), 0)
+    out[f"pack_metadata/{ext_backend}"] = {"equal": all(torch.equal(getattr(ref, f), getattr(got, f).cpu()) for f in
+                                                        ("document_ids", "position_ids", "cu_seqlens", "loss_mask"))}
+
+    n_tokens, pairs = (300, 6) if dry else (8192, 16)
+    segments = torch.full((n_tokens,), -1)
+    for p in range(2 * pairs):
+        start = p * (n_tokens // (2 * pairs))
+        segments[start + 3: start + n_tokens // (2 * pairs)] = p
+    policy = (-torch.rand(n_tokens, generator=gen) * 3).to(device)
+    reference = (policy + torch.randn(n_tokens, generator=gen).to(device) * 0.2)
+    segments = segments.to(device)
+    fused = get_kernel("dpo_loss", ext_backend, device)
+    for loss_type in DPO_LOSS_TYPES:
+        results = []
+        for fn in (dpo_loss_reference, fused):
+            p = policy.clone().requires_grad_()
+            o = fn(p, reference, segments, pairs, beta=0.1, loss_type=loss_type, label_smoothing=0.1)
+            o.losses.sum().backward()
+            results.append((o.losses.detach(), p.grad))
+        out[f"dpo_loss/{ext_backend}/{loss_type}"] = {"loss_err": max_error(results[0][0], results[1][0]),
+                                                      "grad_err": max_error(results[0][1], results[1][1])}
+
+    backends = ["chunked"]
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        backends.append("triton")
+    n, h, v = (64, 32, 1000) if dry else (4096, 2048, 128256)
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden = torch.randn(n, h, generator=gen).to(device, dtype)
+        weight = (torch.randn(v, h, generator=gen) / h ** 0.5).to(device, dtype)
+        targets = torch.randint(0, v, (n,), generator=gen).to(device)
+        g_lp, g_ent = torch.randn(n, generator=gen).to(device), torch.randn(n, generator=gen).to(device)
+
+        def run(fn):
+            hid, wei = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            lp, ent = fn(hid, wei, targets, with_entropy=True)
+            ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+            return lp.detach(), ent.detach(), hid.grad, wei.grad
+
+        want = run(linear_logprobs_reference)
+        for backend in backends:
+            got = run(get_kernel("linear_logprobs", backend, device))
+            out[f"linear_logprobs/{backend}/{str(dtype)[6:]}"] = {
+                k: max_error(a, b) for k, a, b in zip(("logp_err", "entropy_err", "grad_hidden_err", "grad_weight_err"),
+                                                      want, got)}
+    return out
+
+
+def check_attention(device: torch.device, dry: bool) -> dict:
+    """Every attention backend vs a dense masked reference over packed rows."""
+    from megatron_domain.models.attention import ATTENTION_BACKENDS, AttentionContext
+
+    bsz, heads, kv_heads, seq, dim = (2, 4, 2, 64, 16) if dry else (2, 32, 8, 4096, 64)
+    dtype = torch.float32 if dry else torch.bfloat16
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(bsz, heads, seq, dim, generator=gen).to(device, dtype)
+    k = torch.randn(bsz, kv_heads, seq, dim, generator=gen).to(device, dtype)
+    v = torch.randn(bsz, kv_heads, seq, dim, generator=gen).to(device, dtype)
+    lengths = [[seq // 4, seq // 2, seq - seq // 4 - seq // 2], [seq]]
+    document_ids = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths]).to(device)
+    with torch.no_grad():
+        groups = heads // kv_heads
+        kk, vv = k.float().repeat_interleave(groups, 1), v.float().repeat_interleave(groups, 1)
+        allowed = torch.ones(seq, seq, dtype=torch.bool, device=device).tril() & (
+            document_ids[:, None, :, None] == document_ids[:, None, None, :])
+        scores = (q.float() @ kk.transpose(-1, -2)) / dim ** 0.5
+        want = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ vv
+    out = {}
+    packages = {"flash_varlen": "flash_attn", "te": "transformer_engine"}
+    for name, attend in ATTENTION_BACKENDS.items():
+        if name in packages and importlib.util.find_spec(packages[name]) is None:
+            out[name] = {"skipped": f"{packages[name]} is not installed"}
+            continue
+        try:
+            ctx = AttentionContext.build(document_ids, name)
+            with torch.no_grad():
+                got = attend(q, k, v, ctx)
+            out[name] = {"max_err": max_error(got, want), "tolerance": 1e-5 if dtype == torch.float32 else 3e-2}
+            out[name]["ok"] = out[name]["max_err"] <= out[name]["tolerance"]
+        except Exception as exc:
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    return out
+
+
+def check_fp8(device: torch.device, dry: bool) -> dict:
+    """float8 (torchao) and TE linears vs the bf16 linear on the same inputs: relative error."""
+    out: dict = {}
+    m, k, n = (64, 64, 64) if dry else (8192, 4096, 4096)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(m, k, generator=gen).to(device)
+    linear = torch.nn.Linear(k, n, bias=False).to(device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        want = linear(x).float()
+    if importlib.util.find_spec("torchao") is None:
+        out["float8"] = {"skipped": "torchao is not installed"}
+    else:
+        from megatron_domain.models.ao import convert_to_float8
+
+        holder = torch.nn.Sequential(linear)
+        convert_to_float8(holder, emulate=device.type != "cuda")
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            got = holder(x).float()
+        out["float8"] = {"relative_error": float((got - want).norm() / want.norm()), "emulated": device.type != "cuda"}
+    if importlib.util.find_spec("transformer_engine") is None:
+        out["te"] = {"skipped": "transformer_engine is not installed"}
+    return out
+
+
+def bench_training(device: torch.device, dry: bool, fp8: str, steps: int, compile_layers: bool) -> dict:
+    """Training steps of the ~1B preset at seq 4096 (engine model, AdamW, bf16 autocast,
+    full-logits CE): tokens/s, MFU, peak memory."""
+    from megatron_domain.config import model_config_from_dict
+    from megatron_domain.losses import masked_cross_entropy_sum
+    from megatron_domain.metrics import GPU_PEAK_FLOPS, measured_matmul_flops
+    from megatron_domain.models.llama import build_model, materialize, training_flops_per_token
+    from megatron_domain.optim import adamw_implementation
+
+    preset, batch, seq = ("tiny-test", 2, 64) if dry else ("llama3.2-1b", 2, 4096)
+    cfg = model_config_from_dict({"preset": preset})
+    model = build_model(cfg)
+    if fp8 == "float8":
+        if importlib.util.find_spec("torchao") is None:
+            return {"skipped": "torchao is not installed"}
+        from megatron_domain.models.ao import convert_to_float8
+
+        convert_to_float8(model, emulate=device.type != "cuda")
+    model = materialize(model, device, seed=0)
+    if compile_layers:
+        for layer in model.layers.values():
+            layer.compile()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **adamw_implementation(device))
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen).to(device)
+    positions = torch.arange(seq, device=device).expand(batch, seq)
+    mask = torch.ones(batch * seq, dtype=torch.bool, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, warmup = [], 1 if dry else 3
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(tokens[:, :-1], positions)  # [B, S, V]
+            loss_sum, count = masked_cross_entropy_sum(logits.flatten(0, 1), tokens[:, 1:].flatten(), mask)
+        (loss_sum / count).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    tokens_per_s = batch * seq * len(times) / sum(times)
+    flops = training_flops_per_token(cfg, seq) * tokens_per_s
+    measured = measured_matmul_flops(device, torch.bfloat16, size=256 if dry else 8192)
+    sheet = next((v for k, v in GPU_PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), 0)
+    return {"preset": preset, "batch": batch, "seq": seq, "fp8": fp8, "compiled": compile_layers,
+            "tokens_per_s": tokens_per_s, "step_time_s": sum(times) / len(times),
+            "mfu_vs_measured_matmul": flops / measured, "measured_matmul_tflops": measured / 1e12,
+            "mfu_vs_datasheet": flops / sheet if sheet else None, "final_loss": float(loss_sum.detach() / count),
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: test the script itself")
+    parser.add_argument("--out", default="gpu_check.json")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per benchmark")
+    parser.add_argument("--no-compile", action="store_true", help="benchmark without torch.compile per layer")
+    parser.add_argument("--skip", nargs="*", default=[], help="section names to skip")
+    args = parser.parse_args()
+    dry = args.dry_run
+    if not dry and not torch.cuda.is_available():
+        parser.error("no CUDA device: run on a GPU machine, or use --dry-run")
+    device = torch.device("cpu" if dry else "cuda")
+    summary: dict = {"torch": torch.__version__, "device": "cpu (dry run)" if dry else torch.cuda.get_device_name(),
+                     "triton": None, "dry_run": dry}
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+
+        summary["triton"] = triton.__version__
+    compile_layers = not args.no_compile and not dry
+    sections = {
+        "extension": lambda: check_extension(device),
+        "kernels": lambda: check_kernels(device, dry),
+        "attention": lambda: check_attention(device, dry),
+        "fp8": lambda: check_fp8(device, dry),
+        "bench_bf16": lambda: bench_training(device, dry, "none", args.steps if not dry else 2, compile_layers),
+        "bench_fp8": lambda: bench_training(device, dry, "float8", args.steps if not dry else 2, compile_layers),
+    }
+    for name, fn in sections.items():
+        if name not in args.skip:
+            run_section(name, fn, summary)
+    bf16, fp8 = summary.get("bench_bf16", {}), summary.get("bench_fp8", {})
+    if "tokens_per_s" in bf16 and "tokens_per_s" in fp8:
+        summary["fp8_speedup"] = fp8["tokens_per_s"] / bf16["tokens_per_s"]
+    tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, args.out)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("kernels",)}, default=str)[:6000])
+
+
+if __name__ == "__main__":
+    main()
