@@ -260,6 +260,7 @@ class KernelsConfig:
     linear_logprobs: str = "auto"
     dpo_loss: str = "auto"
     logprob_chunk_rows: int = 0  # rows per logits slice of the chunked/triton logprobs; 0 = ~64 MiB slices
+    fused_cross_entropy: bool = False  # causal-LM loss through linear_logprobs: no full [B, S, V] logits
 
 
 @dataclass
@@ -507,6 +508,9 @@ def validate_kernels(k: KernelsConfig, prefix: str) -> list[str]:
         choice = getattr(k, op)
         if choice != "auto" and choice not in backends:
             problems.append(f"{_join(prefix, op)}: unknown {choice!r}; choose auto or one of {', '.join(backends)}")
+    if k.fused_cross_entropy and k.linear_logprobs == "reference":
+        problems.append(f"{_join(prefix, 'fused_cross_entropy')}: needs kernels.linear_logprobs chunked, triton "
+                        "or auto (the reference materializes the logits)")
     if k.logprob_chunk_rows < 0:
         problems.append(f"{_join(prefix, 'logprob_chunk_rows')}: must be >= 0 (0 = automatic), got {k.logprob_chunk_rows}")
     return problems
@@ -589,6 +593,9 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
     problems.extend(validate_parallel(cfg, prefix))
     problems.extend(validate_lora(cfg, prefix))
     problems.extend(validate_kernels(cfg.kernels, _join(prefix, "kernels")))
+    if cfg.kernels.fused_cross_entropy and cfg.parallel.pp > 1:
+        problems.append(f"{p('kernels.fused_cross_entropy')}: not available with parallel.pp > 1 (the last pipeline "
+                        "stage computes the loss from logits); set it to false")
     problems.extend(validate_fp8(cfg, prefix))
     if cfg.mode == "sft":
         chat = cfg.data.chat

@@ -41,10 +41,12 @@ def triton_interpreted_errors() -> dict:
     from megatron_domain.kernels.triton_logprobs import linear_logprobs_triton
 
     errors = {}
-    for n, h, v, chunk in [(7, 8, 33, 3), (16, 16, 1500, 16)]:
+    for n, h, v, chunk, dtype in [(7, 8, 33, 3, torch.float32), (16, 16, 1500, 16, torch.float32),
+                                  (9, 16, 130, 4, torch.bfloat16)]:
         for with_entropy in (False, True):
             g = torch.Generator().manual_seed(v)
-            hidden, weight = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) / h ** 0.5
+            hidden = torch.randn(n, h, generator=g).to(dtype)
+            weight = (torch.randn(v, h, generator=g) / h ** 0.5).to(dtype)
             targets = torch.randint(0, v, (n,), generator=g)
             g_lp, g_ent = torch.randn(n, generator=g), torch.randn(n, generator=g)
             results = []
@@ -53,6 +55,6 @@ def triton_interpreted_errors() -> dict:
                 lp, ent = fn(hid, wei, targets, with_entropy=with_entropy, **kwargs)
                 ((lp * g_lp).sum() + ((ent * g_ent).sum() if with_entropy else 0)).backward()
                 results.append([lp, hid.grad, wei.grad] + ([ent] if with_entropy else []))
-            name = f"n{n}_v{v}_entropy{int(with_entropy)}"
-            errors[name] = max((a - b).abs().max().item() for a, b in zip(*results))
+            name = f"n{n}_v{v}_entropy{int(with_entropy)}_{str(dtype)[6:]}"
+            errors[name] = max((a.float() - b.float()).abs().max().item() for a, b in zip(*results))
     return errors

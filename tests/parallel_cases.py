@@ -17,7 +17,8 @@ from megatron_domain.models.llama import canonical_name
 
 
 def parity_config_dict(corpora: dict, run_dir: Path | str, parallel: dict | None = None, steps: int = 3,
-                       dtype: str = "fp32", lora: dict | None = None, fp8: dict | None = None, **model) -> dict:
+                       dtype: str = "fp32", lora: dict | None = None, fp8: dict | None = None,
+                       kernels: dict | None = None, **model) -> dict:
     """A 4-layer GQA model (4 heads, 2 KV heads) on the synthetic blend: global batch 8 of
     micro-batches of 2, seq 32, so every layout here divides it. Without pipeline stages the
     run also evaluates held-out perplexity after step 3 (`eval_ppl/alpha` in metrics.jsonl)."""
@@ -36,6 +37,7 @@ def parity_config_dict(corpora: dict, run_dir: Path | str, parallel: dict | None
                  "max_rows": 4, "batch_size": 2},
         "lora": lora or {},
         "fp8": fp8 or {},
+        "kernels": kernels or {},
     }
 
 

@@ -77,7 +77,8 @@ def test_pipeline_errors_name_the_stage(tmp_path):
 
 def test_demo_pipeline_config_is_valid():
     pipe, stages = load_pipeline("configs/pipelines/demo.yaml")
-    assert [s.mode for s in stages] == ["pretrain", "pretrain"]
+    assert [s.mode for s in stages] == ["pretrain", "pretrain", "sft"]
     assert stages[1].model.init_from.endswith("base_pretrain")
+    assert stages[2].model.init_from.endswith("dacpt") and stages[2].lora.rank == 64
     weights = {c.name: c.weight for c in stages[1].data.corpora}
     assert weights == {"domain": 0.9, "general": 0.1}

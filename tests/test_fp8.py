@@ -30,8 +30,8 @@ def test_float8_converts_decoder_linears_only():
     converted = convert_to_float8(model, emulate=True)
     kinds = {name: type(module).__name__ for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     assert converted == 7 * len(model.layers)  # q, k, v, o, gate, up, down per layer
-    assert all(kind == "Float8Linear" for name, kind in kinds.items() if name != "output")
-    assert type(model.output) is nn.Linear
+    assert all(kind == "Float8Linear" for name, kind in kinds.items() if name != "lm_head")
+    assert type(model.lm_head) is nn.Linear
 
 
 def test_float8_emulated_training_tracks_bf16(corpora, tmp_path):

@@ -179,10 +179,12 @@ def check_fp8(device: torch.device, dry: bool) -> dict:
     return out
 
 
-def bench_training(device: torch.device, dry: bool, fp8: str, steps: int, compile_layers: bool) -> dict:
-    """Training steps of the ~1B preset at seq 4096 (engine model, AdamW, bf16 autocast,
-    full-logits CE): tokens/s, MFU, peak memory."""
+def bench_training(device: torch.device, dry: bool, fp8: str, steps: int, compile_layers: bool,
+                   fused_ce: bool = False) -> dict:
+    """Training steps of the ~1B preset at seq 4096 (engine model, AdamW, bf16 autocast;
+    full-logits CE, or the fused linear log-probs with `fused_ce`): tokens/s, MFU, peak memory."""
     from megatron_domain.config import model_config_from_dict
+    from megatron_domain.kernels.registry import get_kernel
     from megatron_domain.losses import masked_cross_entropy_sum
     from megatron_domain.metrics import GPU_PEAK_FLOPS, measured_matmul_flops
     from megatron_domain.models.llama import build_model, materialize, training_flops_per_token
@@ -208,12 +210,17 @@ def bench_training(device: torch.device, dry: bool, fp8: str, steps: int, compil
     mask = torch.ones(batch * seq, dtype=torch.bool, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    kernel = get_kernel("linear_logprobs", "auto", device) if fused_ce else None
     times, warmup = [], 1 if dry else 3
     for step in range(warmup + steps):
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = model(tokens[:, :-1], positions)  # [B, S, V]
-            loss_sum, count = masked_cross_entropy_sum(logits.flatten(0, 1), tokens[:, 1:].flatten(), mask)
+            if fused_ce:
+                logp = model(tokens[:, :-1], positions, targets=tokens[:, 1:], logprobs_kernel=kernel)  # [B, S]
+                loss_sum, count = -logp.sum(), torch.tensor(float(logp.numel()), device=device)
+            else:
+                logits = model(tokens[:, :-1], positions)  # [B, S, V]
+                loss_sum, count = masked_cross_entropy_sum(logits.flatten(0, 1), tokens[:, 1:].flatten(), mask)
         (loss_sum / count).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -225,7 +232,7 @@ def bench_training(device: torch.device, dry: bool, fp8: str, steps: int, compil
     flops = training_flops_per_token(cfg, seq) * tokens_per_s
     measured = measured_matmul_flops(device, torch.bfloat16, size=256 if dry else 8192)
     sheet = next((v for k, v in GPU_PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), 0)
-    return {"preset": preset, "batch": batch, "seq": seq, "fp8": fp8, "compiled": compile_layers,
+    return {"preset": preset, "batch": batch, "seq": seq, "fp8": fp8, "compiled": compile_layers, "fused_ce": fused_ce,
             "tokens_per_s": tokens_per_s, "step_time_s": sum(times) / len(times),
             "mfu_vs_measured_matmul": flops / measured, "measured_matmul_tflops": measured / 1e12,
             "mfu_vs_datasheet": flops / sheet if sheet else None, "final_loss": float(loss_sum.detach() / count),
@@ -257,6 +264,8 @@ def main() -> None:
         "attention": lambda: check_attention(device, dry),
         "fp8": lambda: check_fp8(device, dry),
         "bench_bf16": lambda: bench_training(device, dry, "none", args.steps if not dry else 2, compile_layers),
+        "bench_bf16_fused_ce": lambda: bench_training(device, dry, "none", args.steps if not dry else 2,
+                                                      compile_layers, fused_ce=True),
         "bench_fp8": lambda: bench_training(device, dry, "float8", args.steps if not dry else 2, compile_layers),
     }
     for name, fn in sections.items():

@@ -1,4 +1,5 @@
-"""The pipeline report: report.json, a readable report.md, and a loss-curve PNG."""
+"""The pipeline report: report.json, a readable report.md, a loss-curve PNG and a PNG of the
+evaluation before/after each stage."""
 
 from __future__ import annotations
 
@@ -30,11 +31,61 @@ def plot_loss_curves(stages: list[dict], out_file: str | os.PathLike) -> None:
     ax.set_title("Training loss per stage")
     ax.grid(alpha=0.3)
     ax.legend()
+    _save(fig, out_file)
+
+
+def _save(fig, out_file: str | os.PathLike) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = Path(str(out_file) + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, out_file)
+
+
+def plot_eval_deltas(stages: list[dict], out_file: str | os.PathLike) -> None:
+    """Per stage: held-out perplexity before/after per eval set (log scale), and the
+    generation metrics before/after when the stage has them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_generation = [s for s in stages if "generation" in s["eval_after"]]
+    fig, axes = plt.subplots(1, 2 if with_generation else 1, figsize=(11 if with_generation else 7, 4.2),
+                             squeeze=False)
+    ax = axes[0][0]
+    sets = sorted({name for s in stages for name in s["eval_after"].get("ppl", {})})
+    width = 0.8 / max(2 * len(sets), 1)
+    for i, name in enumerate(sets):
+        for j, (when, hatch) in enumerate((("eval_before", "//"), ("eval_after", ""))):
+            xs = [k + (2 * i + j) * width for k in range(len(stages))]
+            ys = [s[when].get("ppl", {}).get(name, float("nan")) for s in stages]
+            ax.bar(xs, ys, width, label=f"{name} {'before' if j == 0 else 'after'}", hatch=hatch,
+                   color=f"C{i}", alpha=0.5 if j == 0 else 0.9)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(stages))], [s["name"] for s in stages])
+    ax.set_yscale("log")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("Perplexity before / after each stage")
+    ax.legend(fontsize=8)
+    if with_generation:
+        ax = axes[0][1]
+        labels, before, after = [], [], []
+        for stage in with_generation:
+            for metric, value in stage["eval_after"]["generation"].items():
+                if isinstance(value, float):
+                    labels.append(f"{stage['name']}\n{metric}")
+                    before.append(stage["eval_before"].get("generation", {}).get(metric, 0.0))
+                    after.append(value)
+        xs = range(len(labels))
+        ax.bar([x - 0.2 for x in xs], before, 0.4, label="before", alpha=0.5)
+        ax.bar([x + 0.2 for x in xs], after, 0.4, label="after")
+        ax.set_xticks(list(xs), labels, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title("Generation metrics (greedy, held-out questions)")
+        ax.legend(fontsize=8)
+    _save(fig, out_file)
 
 
 def _pct(before: float, after: float) -> str:
@@ -65,15 +116,17 @@ def render_markdown(report: dict) -> str:
         for check in report["checks"]:
             lines.append(f"- {'PASS' if check['passed'] else 'FAIL'}: {check['description']} (measured {check['measured']})")
         lines.append("")
-    lines += ["## Loss curves", "", "![loss curves](loss_curves.png)", ""]
+    lines += ["## Loss curves", "", "![loss curves](loss_curves.png)", "",
+              "![evaluation before and after each stage](eval_deltas.png)", ""]
     return "\n".join(lines)
 
 
 def write_report(report: dict, out_dir: str | os.PathLike) -> None:
-    """report.json, report.md and loss_curves.png in `out_dir` (each written atomically)."""
+    """report.json, report.md, loss_curves.png and eval_deltas.png in `out_dir` (each written atomically)."""
     out = Path(out_dir)
     write_json_atomic(out / "report.json", report)
     plot_loss_curves(report["stages"], out / "loss_curves.png")
+    plot_eval_deltas(report["stages"], out / "eval_deltas.png")
     tmp = out / "report.md.tmp"
     tmp.write_text(render_markdown(report))
     os.replace(tmp, out / "report.md")

@@ -22,8 +22,13 @@ from megatron_domain.losses import token_entropy, token_logprobs
 
 
 def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                              with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Full logits: hidden [N, H], weight [V, H], targets [N] -> (log p [N] fp32, entropy [N] fp32 or None)."""
+                              with_entropy: bool = False, group: dist.ProcessGroup | None = None,
+                              chunk_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Full logits: hidden [N, H], weight [V, H], targets [N] -> (log p [N] fp32, entropy [N] fp32 or None).
+    The whole vocabulary only (`group` must be None; `chunk_rows` is ignored)."""
+    if group is not None:
+        raise ValueError("kernels.linear_logprobs: the reference needs the whole vocabulary on one rank; "
+                         "with tensor parallelism choose chunked or triton")
     logits = hidden @ weight.t()  # [N, V]
     return token_logprobs(logits, targets), (token_entropy(logits) if with_entropy else None)
 

@@ -10,8 +10,8 @@ this CPU (and on GPUs) with no native kernels, and torchao is already DESIGN.md'
 library; bitsandbytes' 4-bit path needs its CUDA (or a platform-specific) backend.
 
 Float8 (`fp8.backend: float8`): every decoder linear becomes torchao's Float8Linear (dynamic
-scaling: tensorwise, or rowwise with `fp8.recipe: rowwise`); the output head stays in high
-precision, as in torchtitan. Inputs, weights and output gradients are cast to e4m3/e5m2 per
+scaling: tensorwise, or rowwise with `fp8.recipe: rowwise`); the output head (`lm_head`) stays in
+high precision, as in torchtitan. Inputs, weights and output gradients are cast to e4m3/e5m2 per
 matmul; on a GPU without FP8 tensor cores, or on CPU, `fp8.emulate: true` runs the same
 casts with high-precision matmuls (what the tests use). Float8Linear keeps nn.Linear's
 parameters, so DTensor TP styles and FSDP2 apply to it as to any linear.
@@ -88,8 +88,8 @@ FLOAT8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 
 def float8_filter(module: nn.Module, name: str) -> bool:
     """Which linears go float8: decoder projections whose dims are multiples of 16 (FP8 GEMM
-    alignment); the output head (`output`) stays in high precision."""
-    return (isinstance(module, nn.Linear) and not name.endswith("output")
+    alignment); the output head (`lm_head`) stays in high precision."""
+    return (isinstance(module, nn.Linear) and name.rpartition(".")[2] != "lm_head"
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 

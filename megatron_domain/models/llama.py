@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from megatron_domain.config import ModelConfig
 from megatron_domain.models.attention import ATTENTION_BACKENDS, AttentionContext
@@ -151,10 +152,14 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                logprobs_kernel: Callable | None = None) -> torch.Tensor:
         """inputs: tokens [B, S] (or hidden states [B, S, H] on a later pipeline chunk) ->
         logits [B, S, V] (or hidden states [B, S, H] before the last chunk). `document_ids`
-        [B, S] enables per-document masking; `position_ids` [B, S] restart at each document."""
+        [B, S] enables per-document masking; `position_ids` [B, S] restart at each document.
+        With `targets` [B, S] and a `logprobs_kernel` (kernels' linear_logprobs), the last
+        chunk returns log p(target) [B, S] fp32 instead of logits, never materializing them all
+        (computed inside forward so FSDP's unsharded output weight is at hand)."""
         x = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs  # [B, S, H]
         cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)  # [B, 1, S, D]
         ctx = AttentionContext.build(document_ids, self.cfg.attention_backend, tuple(x.shape[:2]))
@@ -163,9 +168,28 @@ class Transformer(nn.Module):
         if self.norm is None:
             return x
         x = self.norm(x)  # [B, S, H]
+        if targets is not None and logprobs_kernel is not None:
+            return self.target_logprobs(x, targets, logprobs_kernel)  # [B, S]
         if self.lm_head is not None:
             return self.lm_head(x)  # [B, S, V]
         return F.linear(x, self.embed_tokens.weight)  # [B, S, V]
+
+    def target_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, logprobs_kernel: Callable) -> torch.Tensor:
+        """hidden [B, S, H] (a DTensor under TP), targets [B, S] -> log p(target) [B, S] fp32.
+        Under TP the output weight is vocabulary-sharded: each rank takes its local rows and the
+        kernel reduces over the TP group."""
+        weight, group = self.output_weight(), None
+        if isinstance(weight, DTensor):
+            group = weight.device_mesh.get_group()
+            weight = weight.to_local()  # [V / tp, H]
+        if isinstance(hidden, DTensor):
+            hidden = hidden.redistribute(placements=[Replicate()]).to_local()  # [B, S, H]
+        device_type = hidden.device.type
+        # under autocast, run the kernel's matmuls in the autocast dtype in forward and backward alike
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        with torch.autocast(device_type, enabled=False):
+            logp, _ = logprobs_kernel(hidden.flatten(0, 1).to(dtype), weight.to(dtype), targets.flatten(), group=group)
+        return logp.view(targets.shape)  # [B, S]
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

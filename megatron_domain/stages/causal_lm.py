@@ -4,8 +4,13 @@ loss_mask, position_ids and document_ids, all [B, S]."""
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 
+from megatron_domain.config import KernelsConfig
+from megatron_domain.kernels.registry import get_kernel
 from megatron_domain.losses import masked_cross_entropy_sum
 from megatron_domain.stages import PipelineBatch
 
@@ -22,6 +27,32 @@ def causal_lm_forward_step(batch: dict, model: torch.nn.Module):
         return loss_sum, count, {}
 
     return logits, loss_fn
+
+
+def fused_causal_lm_step(logprobs_kernel: Callable):
+    """The causal-LM step with the cross-entropy fused into the output layer
+    (`kernels.fused_cross_entropy`): the model returns log p(label) per token through
+    `logprobs_kernel` (kernels' linear_logprobs), so the [B, S, V] logits never exist in full."""
+
+    def forward_step(batch: dict, model: torch.nn.Module):
+        logp = model(batch["tokens"], batch["position_ids"], batch["document_ids"], targets=batch["labels"],
+                     logprobs_kernel=logprobs_kernel)  # [B, S] fp32
+
+        def loss_fn(output: torch.Tensor):
+            mask = batch["loss_mask"].float()  # [B, S]
+            return -(output * mask).sum(), mask.sum(), {}
+
+        return logp, loss_fn
+
+    return forward_step
+
+
+def select_forward_step(kernels: KernelsConfig, device: torch.device):
+    """`causal_lm_forward_step`, or its fused-cross-entropy form when kernels.fused_cross_entropy."""
+    if not kernels.fused_cross_entropy:
+        return causal_lm_forward_step
+    kernel = get_kernel("linear_logprobs", kernels.linear_logprobs, device)
+    return fused_causal_lm_step(functools.partial(kernel, chunk_rows=kernels.logprob_chunk_rows))
 
 
 def causal_lm_pipeline_batch(batch: dict) -> PipelineBatch:

@@ -14,7 +14,8 @@ from megatron_domain.data.packing import PackedSampleStream
 from megatron_domain.kernels.registry import auto_backend, get_kernel
 from megatron_domain.stages import StageContext
 from megatron_domain.stages.causal_lm import (
-    causal_lm_forward_step, causal_lm_pipeline_batch, causal_lm_pipeline_loss, micro_batch_starts)
+    causal_lm_forward_step, causal_lm_pipeline_batch, causal_lm_pipeline_loss, micro_batch_starts,
+    select_forward_step)
 
 
 class PretrainStage:
@@ -26,6 +27,7 @@ class PretrainStage:
 
     def setup(self, ctx: StageContext) -> None:
         """Build the blended dataset for the whole run (steps x global batch samples)."""
+        self.forward_step = select_forward_step(ctx.cfg.kernels, ctx.device)
         cfg = ctx.cfg
         if not cfg.data.corpora:
             raise ValueError("data.corpora: the pretrain mode needs at least one corpus "
@@ -60,7 +62,8 @@ class PretrainStage:
         self.consumed_samples += self.global_batch
         return micro
 
-    # the causal-LM step on packed rows, shared with the other next-token stages
+    # the causal-LM step on packed rows, shared with the other next-token stages (setup picks
+    # the fused-cross-entropy form when kernels.fused_cross_entropy)
     forward_step = staticmethod(causal_lm_forward_step)
     pipeline_batch = staticmethod(causal_lm_pipeline_batch)
     pipeline_loss = staticmethod(causal_lm_pipeline_loss)

@@ -16,7 +16,8 @@ from tqdm import tqdm
 from megatron_domain.data.chat import encode_conversation, load_template, pack_conversations, read_conversations
 from megatron_domain.stages import StageContext
 from megatron_domain.stages.causal_lm import (
-    causal_lm_forward_step, causal_lm_pipeline_batch, causal_lm_pipeline_loss, micro_batch_starts)
+    causal_lm_forward_step, causal_lm_pipeline_batch, causal_lm_pipeline_loss, micro_batch_starts,
+    select_forward_step)
 
 
 class SftStage:
@@ -29,6 +30,7 @@ class SftStage:
 
     def setup(self, ctx: StageContext) -> None:
         """Read, template, tokenize and pack the conversations; report what did not fit."""
+        self.forward_step = select_forward_step(ctx.cfg.kernels, ctx.device)
         cfg = ctx.cfg
         chat = cfg.data.chat
         conversations = read_conversations(chat.path)
@@ -70,7 +72,8 @@ class SftStage:
         self.consumed_rows += self.global_batch
         return micro
 
-    # the causal-LM step on packed rows, shared with the other next-token stages
+    # the causal-LM step on packed rows, shared with the other next-token stages (setup picks
+    # the fused-cross-entropy form when kernels.fused_cross_entropy)
     forward_step = staticmethod(causal_lm_forward_step)
     pipeline_batch = staticmethod(causal_lm_pipeline_batch)
     pipeline_loss = staticmethod(causal_lm_pipeline_loss)
