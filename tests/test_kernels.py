@@ -165,6 +165,17 @@ def test_linear_logprobs_vocab_split_over_two_processes(tmp_path):
         assert max(errors.values()) < 1e-5, (rank, errors)  # fp32 math on both sides
 
 
+def test_linear_logprobs_frozen_weight_gets_no_gradient():
+    """A frozen output head (LoRA runs) gets no gradient and the hidden gradient is unchanged."""
+    hidden, weight, targets, g_lp, _ = logprob_case(20, 8, 50, torch.float32, seed=3)
+    want = run_logprobs(linear_logprobs_reference, (hidden, weight, targets, g_lp, None), False)["grad_hidden"]
+    hidden = hidden.clone().requires_grad_()
+    lp, _ = linear_logprobs_chunked(hidden, weight, targets, chunk_rows=6)  # weight.requires_grad is False
+    (lp * g_lp).sum().backward()
+    assert weight.grad is None
+    torch.testing.assert_close(hidden.grad, want, atol=1e-5, rtol=1e-5)
+
+
 def test_linear_logprobs_chunked_memory_is_bounded():
     """The chunked path never holds more than a slice of logits: its autograd graph saves the
     inputs and [N]-sized statistics only (no [N, V] tensor)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from megatron_domain.config import config_from_dict, model_config_from_dict
@@ -29,10 +30,11 @@ def chat_file(tmp_path, count: int = 40):
     return path
 
 
-def sft_config(corpora, tmp_path, name, base, **train_kw):
+def sft_config(corpora, tmp_path, name, base, kernels: dict | None = None, **train_kw):
     data = tiny_config_dict(corpora, tmp_path / name, steps=8, **train_kw)
     data.update(mode="sft", model={"preset": "tiny-test", "init_from": str(base)},
-                lora={"rank": 8, "dropout": 0.0}, optim={"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1})
+                lora={"rank": 8, "dropout": 0.0}, optim={"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1},
+                kernels=kernels or {})
     data["data"]["chat"] = {"path": str(chat_file(tmp_path)), "template": "chatml"}
     return config_from_dict(data)
 
@@ -44,6 +46,16 @@ def test_lora_sft_trains_and_resumes_exactly(tiny_config, corpora, tmp_path):
     first = train(sft_config(corpora, tmp_path, "resumed", base, exit_at_step=4)).losses
     second = train(sft_config(corpora, tmp_path, "resumed", base), resume=True).losses
     assert first + second == straight
+
+
+def test_lora_sft_with_fused_cross_entropy_equals_logits_path(tiny_config, corpora, tmp_path):
+    """The fused loss in the sft mode (assistant-only mask, frozen output head: no head
+    gradient is computed) gives the losses of the full-logits path."""
+    base = train(tiny_config("base", steps=2)).final_checkpoint
+    logits = train(sft_config(corpora, tmp_path, "logits", base)).losses
+    fused = train(sft_config(corpora, tmp_path, "fused", base,
+                             kernels={"fused_cross_entropy": True, "logprob_chunk_rows": 40})).losses
+    assert fused == pytest.approx(logits, abs=1e-5)
 
 
 def test_batched_greedy_generation_equals_one_by_one():

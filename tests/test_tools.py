@@ -21,7 +21,8 @@ def test_gpu_check_dry_run(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(out.read_text())
-    for section in ("extension", "kernels", "attention", "fp8", "bench_bf16", "bench_bf16_fused_ce", "bench_fp8"):
+    for section in ("extension", "kernels", "attention", "fp8", "bench_losses", "bench_bf16", "bench_bf16_fused_ce",
+                    "bench_fp8"):
         assert "error" not in summary[section], (section, summary[section])
     kernels = summary["kernels"]
     assert kernels["pack_metadata/cpp"]["equal"] is True
@@ -32,6 +33,7 @@ def test_gpu_check_dry_run(tmp_path):
             assert errors["grad_err"] < 1e-4, (name, errors)
     assert summary["attention"]["sdpa"]["ok"] and summary["attention"]["flex"]["ok"]
     assert summary["fp8"]["float8"]["relative_error"] < 0.1  # e4m3 keeps ~3 significant bits
+    assert summary["bench_losses"]["vocab"]["4096"]["loss_diff"] < 1e-4
     assert summary["bench_bf16"]["tokens_per_s"] > 0 and summary["fp8_speedup"] > 0
     # same model, same tokens: the fused cross-entropy reaches the same loss after the same steps
     assert summary["bench_bf16_fused_ce"]["final_loss"] == pytest.approx(summary["bench_bf16"]["final_loss"], rel=2e-2)

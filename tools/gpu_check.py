@@ -179,6 +179,19 @@ def check_fp8(device: torch.device, dry: bool) -> dict:
     return out
 
 
+def bench_losses(dry: bool) -> dict:
+    """tools/bench_losses.py (fused linear log-probs + DPO loss vs full logits), its JSON."""
+    import subprocess
+
+    tool = Path(__file__).resolve().parent / "bench_losses.py"
+    extra = ["--tokens", "256", "--hidden", "32", "--vocab", "4096", "--iters", "1", "--warmup", "0"] if dry else \
+        ["--iters", "5"]
+    proc = subprocess.run([sys.executable, str(tool), *extra], capture_output=True, text=True, timeout=300)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.strip()[-1500:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def bench_training(device: torch.device, dry: bool, fp8: str, steps: int, compile_layers: bool,
                    fused_ce: bool = False) -> dict:
     """Training steps of the ~1B preset at seq 4096 (engine model, AdamW, bf16 autocast;
@@ -190,7 +203,7 @@ def bench_training(device: torch.device, dry: bool, fp8: str, steps: int, compil
     from megatron_domain.models.llama import build_model, materialize, training_flops_per_token
     from megatron_domain.optim import adamw_implementation
 
-    preset, batch, seq = ("tiny-test", 2, 64) if dry else ("llama3.2-1b", 2, 4096)
+    preset, batch, seq = ("tiny-test", 2, 64) if dry else ("llama3.2-1b", 4, 4096)
     cfg = model_config_from_dict({"preset": preset})
     model = build_model(cfg)
     if fp8 == "float8":
@@ -263,6 +276,7 @@ def main() -> None:
         "kernels": lambda: check_kernels(device, dry),
         "attention": lambda: check_attention(device, dry),
         "fp8": lambda: check_fp8(device, dry),
+        "bench_losses": lambda: bench_losses(dry),
         "bench_bf16": lambda: bench_training(device, dry, "none", args.steps if not dry else 2, compile_layers),
         "bench_bf16_fused_ce": lambda: bench_training(device, dry, "none", args.steps if not dry else 2,
                                                       compile_layers, fused_ce=True),

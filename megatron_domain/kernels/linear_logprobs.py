@@ -115,19 +115,23 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         hidden, weight, local_targets, owned, lse, mean_logit = ctx.saved_tensors
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.float()
         grad_entropy = None if grad_entropy is None else grad_entropy.float()
-        grad_hidden = torch.empty_like(hidden)  # [N, H]
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # [V_local, H]
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # a frozen head (LoRA) skips its matmul
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # [N, H]
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             logits = (hidden[rows] @ weight.t()).float()  # [n, V_local]
             grad_logits = ctx.math.gradient_(logits, lse[rows], mean_logit[rows], local_targets[rows], owned[rows],
                                              grad_logp[rows], None if grad_entropy is None else grad_entropy[rows])
             grad_logits = grad_logits.to(weight.dtype)  # [n, V_local]
-            grad_hidden[rows] = grad_logits @ weight  # [n, H]
-            grad_weight.addmm_(grad_logits.t().float(), hidden[rows].float())  # [V_local, H]
-        if ctx.group is not None:
+            if need_hidden:
+                grad_hidden[rows] = grad_logits @ weight  # [n, H]
+            if need_weight:
+                grad_weight.addmm_(grad_logits.t().float(), hidden[rows].float())  # [V_local, H]
+        if ctx.group is not None and need_hidden:
             dist.all_reduce(grad_hidden, group=ctx.group)  # every rank's vocabulary slice contributes
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None, None, None, None, None)
 
 
 def linear_logprobs_chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
