@@ -61,7 +61,7 @@ def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = Tr
                 gb, ga = before["generation"], after["generation"]
                 tqdm.write(f"[{name}] format adherence {gb['format_adherence']:.1%} -> {ga['format_adherence']:.1%}, "
                            f"citation accuracy {gb['citation_accuracy']:.1%} -> {ga['citation_accuracy']:.1%}")
-        write_report(report, out)
+        write_report(report, out, plots=False)  # a partial report survives a failing later stage
     report["checks"] = evaluate_checks(pipe, report)
     write_report(report, out)
     return report

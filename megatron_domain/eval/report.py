@@ -121,12 +121,14 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict, out_dir: str | os.PathLike) -> None:
-    """report.json, report.md, loss_curves.png and eval_deltas.png in `out_dir` (each written atomically)."""
+def write_report(report: dict, out_dir: str | os.PathLike, plots: bool = True) -> None:
+    """report.json, report.md and (with `plots`) loss_curves.png and eval_deltas.png in
+    `out_dir`, each written atomically."""
     out = Path(out_dir)
     write_json_atomic(out / "report.json", report)
-    plot_loss_curves(report["stages"], out / "loss_curves.png")
-    plot_eval_deltas(report["stages"], out / "eval_deltas.png")
+    if plots:
+        plot_loss_curves(report["stages"], out / "loss_curves.png")
+        plot_eval_deltas(report["stages"], out / "eval_deltas.png")
     tmp = out / "report.md.tmp"
     tmp.write_text(render_markdown(report))
     os.replace(tmp, out / "report.md")
