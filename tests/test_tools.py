@@ -21,8 +21,8 @@ def test_gpu_check_dry_run(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(out.read_text())
-    for section in ("extension", "kernels", "attention", "fp8", "bench_losses", "bench_bf16", "bench_bf16_fused_ce",
-                    "bench_fp8"):
+    for section in ("extension", "kernels", "attention", "fp8", "bench_losses", "bench_vs_transformers", "bench_bf16",
+                    "bench_bf16_fused_ce", "bench_fp8"):
         assert "error" not in summary[section], (section, summary[section])
     kernels = summary["kernels"]
     assert kernels["pack_metadata/cpp"]["equal"] is True
@@ -34,6 +34,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert summary["attention"]["sdpa"]["ok"] and summary["attention"]["flex"]["ok"]
     assert summary["fp8"]["float8"]["relative_error"] < 0.1  # e4m3 keeps ~3 significant bits
     assert summary["bench_losses"]["vocab"]["4096"]["loss_diff"] < 1e-4
+    for variant in ("eager", "compiled_fused_ce"):
+        assert summary["bench_vs_transformers"][variant]["speedup_vs_hf"] > 0, summary["bench_vs_transformers"]
     assert summary["bench_bf16"]["tokens_per_s"] > 0 and summary["fp8_speedup"] > 0
     # same model, same tokens: the fused cross-entropy reaches the same loss after the same steps
     assert summary["bench_bf16_fused_ce"]["final_loss"] == pytest.approx(summary["bench_bf16"]["final_loss"], rel=2e-2)

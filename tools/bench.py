@@ -4,6 +4,7 @@ LlamaForCausalLM with the same shapes, optimizer (torch AdamW) and dtype, in one
 
     python tools/bench.py                       # bench-20m preset, batch 4 x seq 512, fp32, CPU
     python tools/bench.py --steps 20 --preset bench-20m --batch 4 --seq 512 --dtype bf16
+    python tools/bench.py --dtype bf16 --compile --fused-ce      # a GPU: ours as the engine runs it there
     python tools/bench.py --parallel tp=2 --parallel pp=2     # engine: 1 process vs each layout
 
 Each implementation runs in its own subprocess (clean peak-memory numbers, no shared caches);
@@ -33,8 +34,11 @@ from pathlib import Path
 import torch
 
 
-def build(impl: str, preset: str, seq: int, device: torch.device, dtype: torch.dtype):
-    """(model, forward_loss(tokens) -> scalar loss, flops_per_token) for `impl` in {ours, hf}."""
+def build(impl: str, preset: str, seq: int, device: torch.device, dtype: torch.dtype, compile_layers: bool = False,
+          fused_ce: bool = False):
+    """(model, forward_loss(tokens) -> scalar loss, flops_per_token) for `impl` in {ours, hf}.
+    Ours can compile each decoder layer and fuse the cross-entropy into the output layer
+    (kernels.fused_cross_entropy), as the engine does on a GPU."""
     from megatron_domain.config import config_from_dict
     from megatron_domain.losses import masked_cross_entropy_sum
     from megatron_domain.models.llama import build_model, materialize, training_flops_per_token
@@ -44,6 +48,19 @@ def build(impl: str, preset: str, seq: int, device: torch.device, dtype: torch.d
     if impl == "ours":
         model = materialize(build_model(cfg), device, seed=0)
         positions = torch.arange(seq, device=device)[None]
+        if compile_layers:
+            for layer in model.layers.values():
+                layer.compile()
+        if fused_ce:
+            from megatron_domain.kernels.registry import get_kernel
+
+            kernel = get_kernel("linear_logprobs", "auto", device)
+
+            def fused_forward_loss(tokens):
+                logp = model(tokens[:, :-1], positions.expand(tokens.shape[0], -1), targets=tokens[:, 1:],
+                             logprobs_kernel=kernel)  # [B, S]
+                return -logp.mean()
+            return model, fused_forward_loss, flops
 
         def forward_loss(tokens):
             logits = model(tokens[:, :-1], positions.expand(tokens.shape[0], -1))  # [B, S, V]
@@ -72,7 +89,9 @@ def run_one(args) -> dict:
 
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model, forward_loss, flops_per_token = build(args.impl, args.preset, args.seq, device, dtype)
+    ours_only = args.impl == "ours"
+    model, forward_loss, flops_per_token = build(args.impl, args.preset, args.seq, device, dtype,
+                                                 args.compile and ours_only, args.fused_ce and ours_only)
     from megatron_domain.optim import adamw_implementation
 
     # the same torch AdamW implementation for both (the engine's choice for this device)
@@ -203,6 +222,8 @@ def main() -> None:
                              "process; repeatable")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads to split between processes "
                         "(default: all cores)")
+    parser.add_argument("--compile", action="store_true", help="ours: torch.compile each decoder layer")
+    parser.add_argument("--fused-ce", action="store_true", help="ours: cross-entropy fused into the output layer")
     parser.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.parallel:
@@ -223,7 +244,8 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
         results[impl] = json.loads(out.strip().splitlines()[-1])
     summary = {"bench": "train_step", "preset": args.preset, "batch": args.batch, "seq": args.seq,
-               "dtype": args.dtype, "device": args.device, "threads": torch.get_num_threads(), **{
+               "dtype": args.dtype, "device": args.device, "threads": torch.get_num_threads(),
+               "ours_compiled": args.compile, "ours_fused_ce": args.fused_ce, **{
                    f"{impl}_{k}": v for impl, r in results.items() for k, v in r.items() if k != "impl"}}
     if "hf" in results:
         summary["speedup_vs_hf"] = results["ours"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
