@@ -221,6 +221,8 @@ def build_trainer(cfg: Config, device: torch.device, run_dir: Path, tokenizer: T
     if cfg.model.attention_backend == "flex" and device.type == "cpu":
         raise ValueError("model.attention_backend=flex cannot train on CPU: torch has no FlexAttention backward "
                          "there; train with sdpa on CPU (flex is fine for CPU evaluation and on GPUs)")
+    if cfg.fp8.backend == "float8" and device.type == "cpu" and not cfg.fp8.emulate:
+        raise ValueError("fp8.backend=float8 on CPU needs fp8.emulate: true (CPUs have no FP8 matmul)")
     dims, mesh = setup_parallel(cfg, device)
     pm = prepare_model(cfg, dims, mesh, device)
     coords = dims.coordinates(rank())

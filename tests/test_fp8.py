@@ -72,6 +72,8 @@ def test_fp8_config_errors(corpora, tmp_path):
         config_from_dict({**base, "fp8": {"backend": "float8"}, "lora": {"rank": 4}})
     with pytest.raises(ConfigError, match="fp8.backend: unknown 'fp4'"):
         config_from_dict({**base, "fp8": {"backend": "fp4"}})
+    with pytest.raises(ValueError, match="needs fp8.emulate: true"):
+        train(config_from_dict({**base, "fp8": {"backend": "float8"}}))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None, reason="TE is installed here")

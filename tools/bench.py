@@ -209,6 +209,7 @@ def bench_layouts(args) -> dict:
 
 
 def main() -> None:
+    """Parse arguments; benchmark ours and transformers (or the parallel layouts); print one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="bench-20m")
     parser.add_argument("--batch", type=int, default=4)

@@ -88,6 +88,7 @@ def run_path(path: str, vocab: int, args) -> dict:
 
 
 def main() -> None:
+    """Parse arguments; run each (path, vocabulary) in its own process; print one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072])

@@ -273,6 +273,7 @@ def bench_training(device: torch.device, dry: bool, fp8: str, steps: int, compil
 
 
 def main() -> None:
+    """Parse arguments, run every section, write the JSON summary atomically and print it."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: test the script itself")
     parser.add_argument("--out", default="gpu_check.json")
