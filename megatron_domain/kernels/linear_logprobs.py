@@ -42,14 +42,20 @@ class TorchSliceMath:
     """Per-slice statistics and gradient in plain torch (two [rows, V_local] temporaries)."""
 
     @staticmethod
-    def stats(logits: torch.Tensor, local_targets: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
-        """logits [n, V] fp32 -> [4, n]: row max m, sum exp(z - m), target logit (0 if not on
-        this rank), sum exp(z - m) * z."""
+    def stats(logits: torch.Tensor, local_targets: torch.Tensor, owned: torch.Tensor,
+              with_entropy: bool = True) -> torch.Tensor:
+        """logits [n, V] fp32 -> [4, n]: a row offset m, sum exp(z - m), target logit (0 if not
+        on this rank), sum exp(z - m) * z (only `with_entropy`; else 0). Without the entropy,
+        m is the row's logsumexp (one fused pass) and the sum is 1."""
+        target = logits.gather(1, local_targets.clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)  # [n]
+        target = torch.where(owned, target, torch.zeros_like(target))  # [n]
+        if not with_entropy:
+            lse = torch.logsumexp(logits, dim=-1)  # [n]
+            return torch.stack([lse, torch.ones_like(lse), target, torch.zeros_like(lse)])  # [4, n]
         row_max = logits.max(dim=-1).values  # [n]
         exp = torch.exp(logits - row_max[:, None])  # [n, V]
-        target = logits.gather(1, local_targets.clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)  # [n]
-        return torch.stack([row_max, exp.sum(-1), torch.where(owned, target, torch.zeros_like(target)),
-                            (exp * logits).sum(-1)])  # [4, n]
+        sum_exp_z = (exp[:, None, :] @ logits[:, :, None]).view(-1)  # [n] row-wise dot, no [n, V] temporary
+        return torch.stack([row_max, exp.sum(-1), target, sum_exp_z])  # [4, n]
 
     @staticmethod
     def gradient_(logits: torch.Tensor, lse: torch.Tensor, mean_logit: torch.Tensor, local_targets: torch.Tensor,
@@ -67,6 +73,16 @@ class TorchSliceMath:
         rows = owned.nonzero().squeeze(1)  # [k]
         logits[rows, local_targets[rows]] += grad_logp[rows]
         return logits
+
+
+def slice_logits(hidden: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """hidden [n, H] @ weight [V, H]^T into the reused fp32 buffer's first n rows -> [n, V] fp32.
+    Reusing one buffer per call avoids re-allocating (and, on CPU, page-faulting) a fresh
+    [n, V] block for every slice."""
+    out = buffer[: hidden.shape[0]]  # [n, V]
+    if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
+        return torch.mm(hidden, weight.t(), out=out)
+    return out.copy_(hidden @ weight.t())
 
 
 def vocab_offset(local_vocab: int, group: dist.ProcessGroup | None) -> int:
@@ -99,10 +115,12 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         local_targets = targets - offset  # [N]
         owned = (local_targets >= 0) & (local_targets < local_vocab)  # [N]
         stats = torch.empty(4, hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [4, N]
+        buffer = torch.empty(min(chunk_rows, hidden.shape[0]), local_vocab, dtype=torch.float32,
+                             device=hidden.device)  # [rows, V_local]
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = (hidden[rows] @ weight.t()).float()  # [n, V_local]
-            stats[:, rows] = math.stats(logits, local_targets[rows], owned[rows])
+            logits = slice_logits(hidden[rows], weight, buffer)  # [n, V_local]
+            stats[:, rows] = math.stats(logits, local_targets[rows], owned[rows], with_entropy)
         lse, target_logit, mean_logit = merge_stats(stats, group)
         ctx.save_for_backward(hidden, weight, local_targets, owned, lse, mean_logit)
         ctx.group, ctx.chunk_rows, ctx.math = group, chunk_rows, math
@@ -118,9 +136,11 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # a frozen head (LoRA) skips its matmul
         grad_hidden = torch.empty_like(hidden) if need_hidden else None  # [N, H]
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        buffer = torch.empty(min(ctx.chunk_rows, hidden.shape[0]), weight.shape[0], dtype=torch.float32,
+                             device=hidden.device)  # [rows, V_local]
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            logits = (hidden[rows] @ weight.t()).float()  # [n, V_local]
+            logits = slice_logits(hidden[rows], weight, buffer)  # [n, V_local]
             grad_logits = ctx.math.gradient_(logits, lse[rows], mean_logit[rows], local_targets[rows], owned[rows],
                                              grad_logp[rows], None if grad_entropy is None else grad_entropy[rows])
             grad_logits = grad_logits.to(weight.dtype)  # [n, V_local]

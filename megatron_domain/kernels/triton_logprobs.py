@@ -77,8 +77,10 @@ class TritonSliceMath:
     """Drop-in for `linear_logprobs.TorchSliceMath` with the row loops in Triton."""
 
     @staticmethod
-    def stats(logits: torch.Tensor, local_targets: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
-        """logits [n, V] fp32 -> [4, n] (max, sum exp, target logit, sum exp * z)."""
+    def stats(logits: torch.Tensor, local_targets: torch.Tensor, owned: torch.Tensor,
+              with_entropy: bool = True) -> torch.Tensor:
+        """logits [n, V] fp32 -> [4, n] (max, sum exp, target logit, sum exp * z); one pass
+        computes all four, so `with_entropy` changes nothing here."""
         logits = logits.contiguous()
         n_rows, vocab = logits.shape
         out = torch.empty(4, n_rows, dtype=torch.float32, device=logits.device)  # [4, n]
