@@ -115,7 +115,7 @@ def run_one(args) -> dict:
             times.append(time.perf_counter() - start)
     tokens_per_step = args.batch * args.seq
     tokens_per_s = tokens_per_step * len(times) / sum(times)
-    peak = peak_flops(device, dtype=dtype)
+    peak = args.peak_flops or peak_flops(device, dtype=dtype)
     if device.type == "cuda":
         peak_mem = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -225,6 +225,7 @@ def main() -> None:
                         "(default: all cores)")
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile each decoder layer")
     parser.add_argument("--fused-ce", action="store_true", help="ours: cross-entropy fused into the output layer")
+    parser.add_argument("--peak-flops", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.parallel:
@@ -240,8 +241,13 @@ def main() -> None:
         impls.append("hf")
     except ImportError:
         pass
+    # one MFU denominator for both (measured once here: per-process measurements of a CPU's
+    # matmul rate differed by ~15% in one run, which made equal speeds show different MFUs)
+    from megatron_domain.metrics import peak_flops
+
+    peak = peak_flops(torch.device(args.device), dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     for impl in impls:
-        cmd = [sys.executable, __file__, "--impl", impl] + sys.argv[1:]
+        cmd = [sys.executable, __file__, "--impl", impl, "--peak-flops", str(peak)] + sys.argv[1:]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
         results[impl] = json.loads(out.strip().splitlines()[-1])
     summary = {"bench": "train_step", "preset": args.preset, "batch": args.batch, "seq": args.seq,
