@@ -14,20 +14,15 @@ from conftest import tiny_config_dict
 from megatron_domain.config import config_from_dict
 from megatron_domain.engine import train
 from megatron_domain.models.attention import (
-    ATTENTION_BACKENDS, AttentionContext, from_packed_heads, to_packed_heads, varlen_boundaries)
+    ATTENTION_BACKENDS, AttentionContext, dense_document_attention, from_packed_heads, to_packed_heads,
+    varlen_boundaries)
 
 TOLERANCE = 1e-5  # fp32 backends vs the float64 reference
 
 
 def dense_reference(q, k, v, document_ids):
-    """q [B, Hq, S, D], k/v [B, Hkv, S, D], document_ids [B, S] -> [B, Hq, S, D] (float64)."""
-    q, k, v = q.double(), k.double(), v.double()
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    seq = q.shape[2]
-    allowed = torch.ones(seq, seq, dtype=torch.bool).tril() & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
-    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5  # [B, Hq, S, S]
-    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+    """The float64 dense masked reference."""
+    return dense_document_attention(q, k, v, document_ids, torch.float64)
 
 
 def packed_qkv(bsz=3, heads=4, kv_heads=2, seq=37, dim=16, seed=0):

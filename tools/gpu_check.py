@@ -121,7 +121,7 @@ def check_kernels(device: torch.device, dry: bool) -> dict:
 
 def check_attention(device: torch.device, dry: bool) -> dict:
     """Every attention backend vs a dense masked reference over packed rows."""
-    from megatron_domain.models.attention import ATTENTION_BACKENDS, AttentionContext
+    from megatron_domain.models.attention import ATTENTION_BACKENDS, AttentionContext, dense_document_attention
 
     bsz, heads, kv_heads, seq, dim = (2, 4, 2, 64, 16) if dry else (2, 32, 8, 4096, 64)
     dtype = torch.float32 if dry else torch.bfloat16
@@ -132,12 +132,7 @@ def check_attention(device: torch.device, dry: bool) -> dict:
     lengths = [[seq // 4, seq // 2, seq - seq // 4 - seq // 2], [seq]]
     document_ids = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths]).to(device)
     with torch.no_grad():
-        groups = heads // kv_heads
-        kk, vv = k.float().repeat_interleave(groups, 1), v.float().repeat_interleave(groups, 1)
-        allowed = torch.ones(seq, seq, dtype=torch.bool, device=device).tril() & (
-            document_ids[:, None, :, None] == document_ids[:, None, None, :])
-        scores = (q.float() @ kk.transpose(-1, -2)) / dim ** 0.5
-        want = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ vv
+        want = dense_document_attention(q, k, v, document_ids, torch.float32)  # [B, Hq, S, D]
     out = {}
     packages = {"flash_varlen": "flash_attn", "te": "transformer_engine"}
     for name, attend in ATTENTION_BACKENDS.items():
@@ -179,36 +174,36 @@ def check_fp8(device: torch.device, dry: bool) -> dict:
     return out
 
 
-def bench_losses(dry: bool) -> dict:
-    """tools/bench_losses.py (fused linear log-probs + DPO loss vs full logits), its JSON."""
+def run_tool(name: str, args: list[str]) -> dict:
+    """Run tools/<name> with `args` in a fresh process; its last stdout line as JSON."""
     import subprocess
 
-    tool = Path(__file__).resolve().parent / "bench_losses.py"
-    extra = ["--tokens", "256", "--hidden", "32", "--vocab", "4096", "--iters", "1", "--warmup", "0"] if dry else \
-        ["--iters", "5"]
-    proc = subprocess.run([sys.executable, str(tool), *extra], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / name), *args], capture_output=True,
+                          text=True, timeout=300)
     if proc.returncode:
         raise RuntimeError(proc.stderr.strip()[-1500:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def bench_losses(dry: bool) -> dict:
+    """tools/bench_losses.py (fused linear log-probs + DPO loss vs full logits), its JSON."""
+    extra = ["--tokens", "256", "--hidden", "32", "--vocab", "4096", "--iters", "1", "--warmup", "0"] if dry else \
+        ["--iters", "5"]
+    return run_tool("bench_losses.py", extra)
+
+
 def bench_vs_transformers(dry: bool) -> dict:
     """tools/bench.py: our bench-20m training step vs transformers' LlamaForCausalLM (issue 2's
     target: >= 1.3x), eager and as the engine runs on a GPU (compiled layers + fused CE)."""
-    import subprocess
-
-    tool = Path(__file__).resolve().parent / "bench.py"
     base = ["--steps", "2", "--warmup", "1", "--seq", "64", "--preset", "tiny-test"] if dry else \
         ["--steps", "30", "--warmup", "5", "--dtype", "bf16"]
     out = {}
     engine_path = ["--fused-ce"] if dry else ["--compile", "--fused-ce"]  # no inductor compile in the CPU dry run
     for name, extra in (("eager", []), ("compiled_fused_ce", engine_path)):
-        proc = subprocess.run([sys.executable, str(tool), *base, *extra], capture_output=True, text=True,
-                              timeout=300)
-        if proc.returncode:
-            out[name] = {"error": proc.stderr.strip()[-1500:]}
-        else:
-            out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        try:
+            out[name] = run_tool("bench.py", base + extra)
+        except RuntimeError as exc:
+            out[name] = {"error": str(exc)}
     return out
 
 

@@ -63,8 +63,3 @@ def load_extension() -> ModuleType:
     return load(name="megatron_domain_ext", sources=extension_sources(with_cuda), extra_cflags=flags,
                 extra_cuda_cflags=["-O3"], extra_include_paths=[str(CSRC)], build_directory=str(build_dir),
                 with_cuda=with_cuda, verbose=False)
-
-
-def extension_has_cuda() -> bool:
-    """Whether the loaded extension includes the CUDA kernels."""
-    return bool(load_extension().has_cuda())

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from megatron_domain.config import FP8_RECIPES
+
 BLOCK_SIZE = 64
 
 
@@ -83,9 +85,6 @@ def weight_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-FLOAT8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
-
-
 def float8_filter(module: nn.Module, name: str) -> bool:
     """Which linears go float8: decoder projections whose dims are multiples of 16 (FP8 GEMM
     alignment); the output head (`lm_head`) stays in high precision."""
@@ -102,8 +101,9 @@ def convert_to_float8(model: nn.Module, recipe: str = "tensorwise", emulate: boo
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as exc:
         raise ImportError("fp8.backend=float8 needs torchao: pip install torchao") from exc
-    if recipe not in FLOAT8_RECIPES:
-        raise ValueError(f"fp8.recipe: {recipe!r} is not a torchao float8 recipe; choose one of {', '.join(FLOAT8_RECIPES)}")
+    if recipe not in FP8_RECIPES["float8"]:
+        raise ValueError(f"fp8.recipe: {recipe!r} is not a torchao float8 recipe; choose one of "
+                         f"{', '.join(FP8_RECIPES['float8'])}")
     config = Float8LinearConfig() if recipe == "tensorwise" else Float8LinearConfig.from_recipe_name(recipe)
     config = dataclasses.replace(config, emulate=emulate)
     before = sum(isinstance(m, nn.Linear) and type(m) is not nn.Linear for m in model.modules())

@@ -34,6 +34,18 @@ def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return (same_doc & causal)[:, None]  # [B, 1, S, S]
 
 
+def dense_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor,
+                             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The reference every backend is tested against: softmax(q k^T / sqrt(d)) v over the
+    document-causal mask, spelled out in `dtype`. q [B, Hq, S, D], k/v [B, Hkv, S, D],
+    document_ids [B, S] -> [B, Hq, S, D]."""
+    groups = q.shape[1] // k.shape[1]
+    q, k, v = q.to(dtype), k.to(dtype).repeat_interleave(groups, 1), v.to(dtype).repeat_interleave(groups, 1)
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5  # [B, Hq, S, S]
+    allowed = document_causal_mask(document_ids)  # [B, 1, S, S]
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v  # [B, Hq, S, D]
+
+
 def varlen_boundaries(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """document_ids [B, S] -> (cu_seqlens [docs + 1] int32 over the flattened B*S tokens, longest document)."""
     starts = torch.ones_like(document_ids, dtype=torch.bool)  # [B, S]

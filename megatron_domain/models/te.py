@@ -16,9 +16,9 @@ import functools
 import torch
 import torch.nn as nn
 
+from megatron_domain.config import FP8_RECIPES
 from megatron_domain.models.ao import float8_filter
 
-TE_RECIPES = ("delayed", "current")
 
 
 def _te():
@@ -46,9 +46,9 @@ def convert_to_te(model: nn.Module) -> int:
 
 def te_fp8_autocast(recipe_name: str):
     """The context every forward of a TE model runs in."""
-    if recipe_name not in TE_RECIPES:
+    if recipe_name not in FP8_RECIPES["te"]:
         raise ValueError(f"fp8.recipe: {recipe_name!r} is not a Transformer Engine recipe; choose one of "
-                         f"{', '.join(TE_RECIPES)}")
+                         f"{', '.join(FP8_RECIPES['te'])}")
     te, recipe = _te()
     fp8_recipe = recipe.DelayedScaling() if recipe_name == "delayed" else recipe.Float8CurrentScaling()
     return te.fp8_autocast(enabled=True, fp8_recipe=fp8_recipe)
