@@ -13,6 +13,19 @@ CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/pack_metadata.cpp", "csrc/cpu/dpo_loss.
 CUDA_SOURCES = ["csrc/cuda/pack_metadata.cu", "csrc/cuda/dpo_loss.cu"]
 
 
+def default_cuda_arch_flags(torch) -> list:
+    """nvcc targets when torch cannot infer them: no GPU visible at build time (a CPU build node
+    or container build) and TORCH_CUDA_ARCH_LIST unset, where torch 2.11-2.13 stop with an
+    IndexError. Then: Ampere (sm_80) and Hopper (sm_90) machine code plus Hopper PTX for newer
+    GPUs. Empty otherwise, so torch targets the visible GPU or TORCH_CUDA_ARCH_LIST."""
+    if torch.cuda.is_available() or os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return []
+    print("megatron-domain: no GPU visible and TORCH_CUDA_ARCH_LIST unset; building the CUDA kernels for "
+          "sm_80 and sm_90 (+PTX). Set TORCH_CUDA_ARCH_LIST to choose.")
+    return ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+            "-gencode=arch=compute_90,code=compute_90"]
+
+
 def kernel_extension() -> dict:
     """The csrc kernels as `megatron_domain._C` when torch is importable at build time (e.g.
     `pip install -e . --no-build-isolation`): CUDA + C++ with a CUDA torch and nvcc, C++ only
@@ -29,7 +42,7 @@ def kernel_extension() -> dict:
     if torch.version.cuda is not None and CUDA_HOME is not None:
         ext = CUDAExtension("megatron_domain._C", CPU_SOURCES + CUDA_SOURCES, include_dirs=include,
                             define_macros=[("WITH_CUDA", None)],
-                            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+                            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *default_cuda_arch_flags(torch)]})
     else:
         ext = CppExtension("megatron_domain._C", CPU_SOURCES, include_dirs=include, extra_compile_args=["-O3"])
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}

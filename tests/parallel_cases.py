@@ -121,3 +121,32 @@ def run_jobs(rank: int, jobs: list[tuple[str, str, dict, object]], out_dir: str)
         result = run_job(kind, cfg_dict, arg)
         if rank == 0:
             torch.save(result, Path(out_dir) / f"{name}.pt")
+
+
+def clipping_scales_every_placement(rank: int) -> None:
+    """Gradients as Partial(sum) (a replicated norm weight under sequence parallelism), Shard,
+    Replicate and a plain tensor: `clip_grads` must give the norm of the full gradients and
+    scale all of them (asserted on every rank)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    from megatron_domain.parallel.grads import clip_grads
+
+    mesh = init_device_mesh("cpu", (2,))
+    placements = [Partial(), Shard(0), Replicate()]
+    locals_ = [torch.full((4,), float(rank + 1)), torch.full((4,), 2.0), torch.full((4,), -1.0)]
+    params = []
+    for placement, local in zip(placements, locals_):
+        param_placement = Replicate() if isinstance(placement, Partial) else placement
+        param = torch.nn.Parameter(DTensor.from_local(torch.ones(4), mesh, [param_placement]))
+        param.grad = DTensor.from_local(local, mesh, [placement])
+        params.append(param)
+    plain = torch.nn.Parameter(torch.ones(3))
+    plain.grad = torch.full((3,), 4.0)
+    full = [p.grad.full_tensor().clone() for p in params] + [plain.grad.clone()]  # [3] x 4, [8], [4], [3]
+    want_norm = torch.cat(full).norm()
+    norm = clip_grads(params + [plain], 1.0, None)
+    assert abs(norm - float(want_norm)) < 1e-5, (norm, float(want_norm))
+    got = [p.grad.full_tensor() for p in params] + [plain.grad]
+    for name, before, after in zip(("partial", "shard", "replicate", "plain"), full, got):
+        torch.testing.assert_close(after, before / want_norm, rtol=1e-6, atol=1e-7, msg=f"{name} gradient not clipped")

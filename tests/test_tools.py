@@ -41,6 +41,18 @@ def test_gpu_check_dry_run(tmp_path):
     assert summary["bench_bf16_fused_ce"]["final_loss"] == pytest.approx(summary["bench_bf16"]["final_loss"], rel=2e-2)
 
 
+def test_gpu_check_budget_skips_the_rest_and_still_writes_json(tmp_path):
+    out = tmp_path / "check.json"
+    result = subprocess.run([sys.executable, "tools/gpu_check.py", "--dry-run", "--out", str(out), "--budget-s", "0",
+                             "--skip", "extension"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert "extension" not in summary
+    for section in ("kernels", "attention", "fp8", "bench_bf16", "bench_fp8", "bench_losses"):
+        assert "--budget-s of 0 s" in summary[section]["skipped"], summary[section]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 @pytest.mark.slow
 def test_bench_losses_fused_path_saves_memory():
     result = subprocess.run([sys.executable, "tools/bench_losses.py", "--tokens", "1024", "--hidden", "32",

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
 
 def build(impl: str, preset: str, seq: int, device: torch.device, dtype: torch.dtype, compile_layers: bool = False,
           fused_ce: bool = False):

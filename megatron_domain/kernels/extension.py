@@ -23,10 +23,14 @@ CUDA_SOURCES = ("cuda/pack_metadata.cu", "cuda/dpo_loss.cu")
 
 
 def cuda_buildable() -> bool:
-    """Whether this torch can build the CUDA half: a CUDA torch and a CUDA toolkit."""
+    """Whether the JIT build includes the CUDA half: a CUDA torch, a CUDA toolkit, and a target
+    GPU architecture (a visible GPU, or TORCH_CUDA_ARCH_LIST). Without either, torch cannot pick
+    an architecture (torch 2.11-2.13 fail with an IndexError), and CUDA kernels could not run
+    here anyway, so the CPU-only extension is built."""
     from torch.utils.cpp_extension import CUDA_HOME
 
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    has_target = torch.cuda.is_available() or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+    return torch.version.cuda is not None and CUDA_HOME is not None and has_target
 
 
 def extension_sources(with_cuda: bool) -> list[str]:

@@ -39,11 +39,21 @@ def total_grad_norm(params: list[torch.Tensor], pp_group: dist.ProcessGroup | No
     return squared.sqrt()
 
 
+def scale_grads_(params: list[torch.Tensor], factor: torch.Tensor) -> None:
+    """Multiply every gradient by `factor` (a scalar tensor) in place, on each rank's local
+    values. Scaling is linear, so this is right for every DTensor placement (Shard, Replicate,
+    Partial). Not `torch.nn.utils.clip_grads_with_norm_`: with torch 2.11 it leaves Partial(sum)
+    gradients unscaled (the replicated norm weights under sequence parallelism; measured, and
+    guarded by tests/test_parallel.py)."""
+    for group in _by_mesh(params):
+        local = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in group]
+        torch._foreach_mul_(local, factor.to(local[0].device))
+
+
 def clip_grads(params: list[torch.Tensor], max_norm: float, pp_group: dist.ProcessGroup | None) -> float:
     """Scale gradients so their global norm is at most `max_norm` (0 = no clipping); returns
     the norm before clipping."""
     norm = total_grad_norm(params, pp_group)
     if max_norm > 0 and math.isfinite(max_norm):
-        for group in _by_mesh(params):
-            torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
+        scale_grads_(params, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
     return float(norm)

@@ -13,6 +13,7 @@ import copy
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
@@ -80,6 +81,18 @@ def build_pipeline_chunks(model: Transformer, pp_rank: int, pp: int, virtual: in
     return [(s, split_model(model, s, num_stages, split[s])) for s in stages_of_rank(pp_rank, pp, virtual, schedule)]
 
 
+def schedule_problem(schedule: str, backend: str, torch_version: str) -> str | None:
+    """Why `schedule` cannot run over the `backend` process group with this torch (None when it
+    can). Before torch 2.12 the pipeline's warm-up sends to the neighbouring stage even when it
+    lives on the same rank, as the V-shaped schedule's middle stages do; NCCL allows sending to
+    oneself, gloo fails with "Pair is not connected" (seen with torch 2.11)."""
+    if (schedule == "zbv_zero_bubble" and backend == "gloo"
+            and torch.torch_version.TorchVersion(torch_version) < (2, 12)):
+        return (f"parallel.pp_schedule=zbv_zero_bubble: torch {torch_version} cannot run it over gloo (CPU), "
+                "since its warm-up sends to the same rank; upgrade to torch >= 2.12 or use interleaved_zero_bubble")
+    return None
+
+
 def build_schedule(chunks: list[tuple[int, nn.Module]], num_stages: int, pp_mesh: DeviceMesh,
                    device: torch.device, schedule: str, num_microbatches: int,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
@@ -87,6 +100,9 @@ def build_schedule(chunks: list[tuple[int, nn.Module]], num_stages: int, pp_mesh
     micro-batch's loss *sum*; gradients are not rescaled (`scale_grads=False`) because the engine
     divides by the number of loss tokens of the whole step."""
     group = pp_mesh.get_group()
+    problem = schedule_problem(schedule, dist.get_backend(group), torch.__version__)
+    if problem:
+        raise ValueError(problem)
     stages = [PipelineStage(module, index, num_stages, device, group=group) for index, module in chunks]
     cls = SCHEDULES[schedule]
     if len(stages) == 1 and schedule in ("gpipe", "1f1b"):
