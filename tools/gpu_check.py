@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 import time
 import traceback
@@ -271,6 +270,8 @@ def bench_training(device: torch.device, dry: bool, fp8: str, steps: int, compil
 
 def main() -> None:
     """Parse arguments, run every section, write the JSON summary atomically and print it."""
+    from megatron_domain.eval.perplexity import write_json_atomic
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: test the script itself")
     parser.add_argument("--out", default="gpu_check.json")
@@ -317,15 +318,8 @@ def main() -> None:
         if "tokens_per_s" in bf16 and "tokens_per_s" in fp8:
             summary["fp8_speedup"] = fp8["tokens_per_s"] / bf16["tokens_per_s"]
         summary["seconds"] = round(time.perf_counter() - start, 1)
-        write_summary(summary, Path(args.out))  # after every section: a run killed midway keeps what it measured
+        write_json_atomic(args.out, summary)  # after every section: a run killed midway keeps what it measured
     print(json.dumps({k: v for k, v in summary.items() if k not in ("kernels",)}, default=str)[:6000])
-
-
-def write_summary(summary: dict, path: Path) -> None:
-    """Write the JSON summary to `path` atomically (temp name, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
