@@ -30,6 +30,8 @@ ATTENTION_BACKENDS = ("sdpa", "flex", "flash_varlen", "te")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUANTIZE_BASE = ("none", "nf4")
 HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+ROLLOUT_BACKENDS = ("native", "vllm")
+VLLM_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -264,6 +266,55 @@ class KernelsConfig:
 
 
 @dataclass
+class VllmConfig:
+    """The in-process vLLM engine (`rollout.backend: vllm` without `rollout.urls`). dtype auto =
+    the training dtype (fp32 or bf16). `kv_cache_gb`: KV-cache memory (CPU: reserved RAM; GPU:
+    0 = vLLM's own sizing from `gpu_memory_utilization`). `max_loras` must exceed the adapters
+    in use at once by one (vLLM returns wrong tokens for no-adapter requests batched with adapter
+    requests otherwise; the backend then splits such batches). `engine_args`: any other
+    `vllm.LLM` keyword."""
+
+    dtype: str = "auto"
+    max_model_len: int = 0  # 0 = model.max_seq_len
+    gpu_memory_utilization: float = 0.5
+    kv_cache_gb: float = 1.0
+    enforce_eager: bool = True
+    tensor_parallel_size: int = 1
+    max_loras: int = 2
+    engine_args: dict = field(default_factory=dict)
+
+
+@dataclass
+class RolloutConfig:
+    """Generation for online stages, `mdt generate` and the generation eval.
+
+    backend: `native` (our model with a KV cache; the reference) or `vllm` (in-process engine on
+    the exported policy, or the OpenAI-compatible servers in `urls`, requests spread over them).
+    Sampling: temperature (0 = greedy), top_p, top_k (0 = off), n samples per prompt, seed.
+    Weight sync (vllm): every sync times out after `sync_timeout_s` with an error naming what was
+    synced where; servers read full weights from `weights_dir` (a folder they can see; default
+    <run_dir>/rollout_weights). After each sync a probe compares vLLM's log-probs of
+    `probe_sequences` fixed sequences with the trainer's: a per-token difference above
+    `probe_tolerance` (0 = 2e-3 for fp32 engines, 0.1 for bf16/fp16) is an error."""
+
+    backend: str = "native"
+    urls: list[str] = field(default_factory=list)
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = 1
+    seed: int = 0
+    max_batch_sequences: int = 64
+    request_timeout_s: float = 600.0
+    sync_timeout_s: float = 300.0
+    weights_dir: str = ""
+    probe_sequences: int = 2
+    probe_tolerance: float = 0.0
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+
+
+@dataclass
 class Config:
     """One run of the engine in one mode."""
 
@@ -277,6 +328,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     fp8: Fp8Config = field(default_factory=Fp8Config)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 @dataclass
@@ -597,6 +649,7 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
         problems.append(f"{p('kernels.fused_cross_entropy')}: not available with parallel.pp > 1 (the last pipeline "
                         "stage computes the loss from logits); set it to false")
     problems.extend(validate_fp8(cfg, prefix))
+    problems.extend(validate_rollout(cfg.rollout, _join(prefix, "rollout")))
     if cfg.mode == "sft":
         chat = cfg.data.chat
         if not chat.path:
@@ -605,6 +658,46 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
             problems.append(f"{p('data.chat.template')}: unknown {chat.template!r}; choose llama3, chatml or tokenizer")
         if chat.overflow not in ("truncate", "drop"):
             problems.append(f"{p('data.chat.overflow')}: unknown {chat.overflow!r}; choose truncate or drop")
+    return problems
+
+
+def validate_rollout(r: RolloutConfig, prefix: str) -> list[str]:
+    """Checks of the `rollout` section."""
+    p = lambda key: _join(prefix, key)  # noqa: E731
+    problems: list[str] = []
+    if r.backend not in ROLLOUT_BACKENDS:
+        problems.append(f"{p('backend')}: unknown {r.backend!r}; choose one of {', '.join(ROLLOUT_BACKENDS)}")
+    if r.urls and r.backend != "vllm":
+        problems.append(f"{p('urls')}: servers are used by the vllm backend; set rollout.backend: vllm or remove "
+                        "rollout.urls")
+    for i, url in enumerate(r.urls):
+        if not str(url).startswith(("http://", "https://")):
+            problems.append(f"{p(f'urls[{i}]')}: {url!r} is not an http(s) URL, e.g. http://10.0.0.5:8000")
+    if r.max_new_tokens < 1:
+        problems.append(f"{p('max_new_tokens')}: must be >= 1, got {r.max_new_tokens}")
+    if r.temperature < 0:
+        problems.append(f"{p('temperature')}: must be >= 0 (0 = greedy), got {r.temperature}")
+    if not 0 < r.top_p <= 1:
+        problems.append(f"{p('top_p')}: must be in (0, 1], got {r.top_p}")
+    if r.top_k < 0:
+        problems.append(f"{p('top_k')}: must be >= 0 (0 = off), got {r.top_k}")
+    if r.n < 1 or r.max_batch_sequences < 1:
+        problems.append(f"{p('n')}/{p('max_batch_sequences')}: must be >= 1, got {r.n}, {r.max_batch_sequences}")
+    if r.sync_timeout_s <= 0 or r.request_timeout_s <= 0:
+        problems.append(f"{p('sync_timeout_s')}/{p('request_timeout_s')}: must be > 0, got {r.sync_timeout_s}, "
+                        f"{r.request_timeout_s}")
+    if r.probe_sequences < 0 or r.probe_tolerance < 0:
+        problems.append(f"{p('probe_sequences')}/{p('probe_tolerance')}: must be >= 0 (probe_sequences 0 = no "
+                        f"probe), got {r.probe_sequences}, {r.probe_tolerance}")
+    v = r.vllm
+    if v.dtype not in VLLM_DTYPES:
+        problems.append(f"{p('vllm.dtype')}: unknown {v.dtype!r}; choose one of {', '.join(VLLM_DTYPES)}")
+    if v.max_loras < 1 or v.tensor_parallel_size < 1:
+        problems.append(f"{p('vllm.max_loras')}/{p('vllm.tensor_parallel_size')}: must be >= 1, got {v.max_loras}, "
+                        f"{v.tensor_parallel_size}")
+    if not 0 < v.gpu_memory_utilization <= 1 or v.kv_cache_gb < 0:
+        problems.append(f"{p('vllm.gpu_memory_utilization')}/{p('vllm.kv_cache_gb')}: need a fraction in (0, 1] and "
+                        f"GB >= 0, got {v.gpu_memory_utilization}, {v.kv_cache_gb}")
     return problems
 
 

@@ -6,13 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from megatron_domain.config import config_from_dict, model_config_from_dict
+from megatron_domain.config import config_from_dict
 from megatron_domain.engine import train
 from megatron_domain.eval.rubric import score_answer
-from megatron_domain.models.llama import build_model, materialize
-from megatron_domain.rollout.sampler import greedy_generate
 
 from conftest import ALPHA_WORDS, tiny_config_dict
 
@@ -56,15 +53,6 @@ def test_lora_sft_with_fused_cross_entropy_equals_logits_path(tiny_config, corpo
     fused = train(sft_config(corpora, tmp_path, "fused", base,
                              kernels={"fused_cross_entropy": True, "logprob_chunk_rows": 40})).losses
     assert fused == pytest.approx(logits, abs=1e-5)
-
-
-def test_batched_greedy_generation_equals_one_by_one():
-    model = materialize(build_model(model_config_from_dict({"preset": "tiny-test"})), "cpu", seed=3).eval()
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(1, 400, (n,), generator=gen).tolist() for n in (5, 11, 8)]
-    batched = greedy_generate(model, prompts, 6, pad_id=0, device=torch.device("cpu"))
-    alone = [greedy_generate(model, [p], 6, pad_id=0, device=torch.device("cpu"))[0] for p in prompts]
-    assert batched == alone and all(len(o) == 6 for o in batched)
 
 
 def test_house_format_rubric():

@@ -69,7 +69,7 @@ def load_template(name: str, tokenizer_path: str = "") -> ChatTemplate:
     if name in BUILTIN_TEMPLATES:
         return ChatTemplate(name, BUILTIN_TEMPLATES[name], END_OF_TURN[name], bos_token=BOS[name])
     if name != "tokenizer":
-        raise ChatDataError(f"data.chat_template: unknown {name!r}; choose llama3, chatml or tokenizer")
+        raise ChatDataError(f"data.chat.template: unknown {name!r}; choose llama3, chatml or tokenizer")
     folder = Path(tokenizer_path)
     folder = folder if folder.is_dir() else folder.parent
     config_file = folder / "tokenizer_config.json"
@@ -80,7 +80,7 @@ def load_template(name: str, tokenizer_path: str = "") -> ChatTemplate:
     if isinstance(source, list):  # named templates: use the default one
         source = next((t["template"] for t in source if t.get("name") == "default"), None)
     if not source:
-        raise ChatDataError(f"data.chat_template=tokenizer: {folder} has no chat_template (tokenizer_config.json "
+        raise ChatDataError(f"data.chat.template=tokenizer: {folder} has no chat_template (tokenizer_config.json "
                             "or chat_template.jinja); use llama3 or chatml")
     token = lambda v: v.get("content", "") if isinstance(v, dict) else (v or "")  # noqa: E731
     return ChatTemplate("tokenizer", source, end_of_turn="", bos_token=token(config.get("bos_token")),
@@ -98,6 +98,11 @@ def parse_example(record: object, where: str) -> list[dict]:
             {"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
     else:
         raise ChatDataError(f"{where}: needs \"messages\" or \"prompt\" + \"response\", got keys {sorted(record)}")
+    return parse_messages(messages, where)
+
+
+def parse_messages(messages: object, where: str, need_assistant: bool = True) -> list[dict]:
+    """A validated list of {"role", "content"} messages (`where` names the file and line)."""
     if not isinstance(messages, list) or not messages:
         raise ChatDataError(f"{where}: \"messages\" must be a non-empty list")
     for i, message in enumerate(messages):
@@ -106,7 +111,7 @@ def parse_example(record: object, where: str) -> list[dict]:
             raise ChatDataError(f"{where}: message {i} has unknown role {role!r}; roles are {', '.join(ROLES)}")
         if not isinstance(message.get("content"), str):
             raise ChatDataError(f"{where}: message {i} ({message['role']}) needs a string \"content\"")
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise ChatDataError(f"{where}: the conversation has no assistant turn, so nothing would be trained")
     return messages
 

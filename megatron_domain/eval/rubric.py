@@ -1,4 +1,5 @@
-"""Rubric checks on generated answers (greedy decoding): the house format of the SFT stage.
+"""Rubric checks on generated answers (greedy decoding with the native sampler): the house
+format of the SFT stage.
 
 - format_adherence: share of answers that are exactly one line, a sentence ending in `.`, `!`
   or `?`, then `` [source: `<topic id>`]`` and nothing else;
@@ -15,7 +16,9 @@ import torch
 
 from megatron_domain.data.chat import load_template
 from megatron_domain.data.tokenizer import TextTokenizer
-from megatron_domain.rollout.sampler import greedy_generate
+from megatron_domain.rollout.native import NativeSampler
+from megatron_domain.rollout.prompts import chat_prompt_ids, stop_conditions
+from megatron_domain.rollout.sampling import SamplingParams
 
 HOUSE_FORMAT = re.compile(r"^[^\n\[\]]{8,}[.!?] \[source: `(?P<source>[a-z0-9_-]+)`\]$")
 CITATION = re.compile(r"\[source: `?(?P<source>[^\]`]+)`?\]")
@@ -52,13 +55,11 @@ def evaluate_generation(model: torch.nn.Module, tokenizer: TextTokenizer, path: 
     few samples."""
     questions = read_questions(path)[: max_examples or None]
     template = load_template(template_name, tokenizer.source)
-    prompts = [tokenizer.tokenizer.encode(template.render([{"role": "user", "content": q["prompt"]}],
-                                                         add_generation_prompt=True),
-                                          add_special_tokens=False).ids for q in questions]
-    stop = template.end_of_turn or tokenizer.tokenizer.id_to_token(tokenizer.eod_id)
-    is_done = lambda ids: stop in tokenizer.decode(ids[-8:]) or tokenizer.eod_id in ids[-1:]  # noqa: E731
-    outputs = greedy_generate(model, prompts, max_new_tokens, tokenizer.eod_id, device, is_done)
-    answers = [tokenizer.tokenizer.decode(ids, skip_special_tokens=False).split(stop)[0] for ids in outputs]
+    prompts = [chat_prompt_ids([{"role": "user", "content": q["prompt"]}], template, tokenizer) for q in questions]
+    stop_ids, stop_strings = stop_conditions(template, tokenizer)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop_strings,
+                            stop_token_ids=stop_ids)
+    answers = [c.text for c in NativeSampler.for_tokenizer(model, tokenizer, device).generate(prompts, params)]
     scores = [score_answer(a, q["source"]) for a, q in zip(answers, questions)]
     return {"format_adherence": sum(s["format_ok"] for s in scores) / len(scores),
             "citation_accuracy": sum(s["citation_ok"] for s in scores) / len(scores),

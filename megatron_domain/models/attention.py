@@ -63,6 +63,7 @@ class AttentionContext:
     block_mask: object = None  # flex: a BlockMask
     cu_seqlens: torch.Tensor | None = None  # flash_varlen / te: [docs + 1] int32
     max_seqlen: int = 0
+    kv_cache: object = None  # a models.kv_cache.KVCache during incremental decoding (mask and buffers)
 
     @staticmethod
     def build(document_ids: torch.Tensor | None, backend: str = "sdpa", shape: tuple[int, int] | None = None

@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from megatron_domain.config import ModelConfig
 from megatron_domain.models.attention import ATTENTION_BACKENDS, AttentionContext
+from megatron_domain.models.kv_cache import KVCache, cached_attention
 
 
 class RMSNorm(nn.Module):
@@ -79,10 +80,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE."""
+    """Grouped-query self-attention with RoPE. `layer_key` names the layer's slot in a KV cache."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_key: str = "0"):
         super().__init__()
+        self.layer_key = layer_key
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.resolved_head_dim
@@ -99,7 +101,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
         v = self.v_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.attend(q, k, v, ctx)  # [B, Hq, S, D]
+        if ctx.kv_cache is not None:  # incremental decoding: attend over the cached positions too
+            k, v = ctx.kv_cache.update(self.layer_key, k, v)  # [B, Hkv, T, D]
+            out = cached_attention(q, k, v, ctx.kv_cache.mask)  # [B, Hq, S, D]
+        else:
+            out = self.attend(q, k, v, ctx)  # [B, Hq, S, D]
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))  # [B, S, H]
 
 
@@ -120,10 +126,10 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_key: str = "0"):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer_key)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
@@ -142,7 +148,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.num_layers)})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, str(i)) for i in range(cfg.num_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("rope_inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -153,20 +159,29 @@ class Transformer(nn.Module):
 
     def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor,
                 document_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                logprobs_kernel: Callable | None = None) -> torch.Tensor:
+                logprobs_kernel: Callable | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
         """inputs: tokens [B, S] (or hidden states [B, S, H] on a later pipeline chunk) ->
         logits [B, S, V] (or hidden states [B, S, H] before the last chunk). `document_ids`
         [B, S] enables per-document masking; `position_ids` [B, S] restart at each document.
         With `targets` [B, S] and a `logprobs_kernel` (kernels' linear_logprobs), the last
         chunk returns log p(target) [B, S] fp32 instead of logits, never materializing them all
-        (computed inside forward so FSDP's unsharded output weight is at hand)."""
+        (computed inside forward so FSDP's unsharded output weight is at hand).
+
+        With a `kv_cache` (incremental decoding; `kv_cache.append` announced the S new
+        positions, `document_ids` unused) every layer reads and extends the cache, and the
+        last chunk returns the logits of the last position only, [B, 1, V]."""
         x = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs  # [B, S, H]
         cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)  # [B, 1, S, D]
-        ctx = AttentionContext.build(document_ids, self.cfg.attention_backend, tuple(x.shape[:2]))
+        if kv_cache is not None:
+            ctx = AttentionContext(kv_cache=kv_cache)
+        else:
+            ctx = AttentionContext.build(document_ids, self.cfg.attention_backend, tuple(x.shape[:2]))
         for layer in self.layers.values():
             x = layer(x, cos, sin, ctx)  # [B, S, H]
         if self.norm is None:
             return x
+        if kv_cache is not None and not isinstance(x, DTensor):
+            x = x[:, -1:]  # [B, 1, H] (a sequence-parallel DTensor keeps all positions)
         x = self.norm(x)  # [B, S, H]
         if targets is not None and logprobs_kernel is not None:
             return self.target_logprobs(x, targets, logprobs_kernel)  # [B, S]
