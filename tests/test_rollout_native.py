@@ -13,6 +13,7 @@ import torch
 from megatron_domain.models.lora import merge_lora
 from megatron_domain.parallel.distributed import ensure_process_group
 from megatron_domain.rollout.native import NativeSampler
+from megatron_domain.rollout.packed import PackedLinear, packed_linears
 from megatron_domain.rollout.sampling import SamplingParams, choose_tokens, filter_logits, make_generator
 
 from parallel_harness import run_on_ranks
@@ -151,6 +152,29 @@ def test_tensor_parallel_sampler_equals_single_process(tmp_path):
             assert [r["tokens"] for r in got] == [r["tokens"] for r in want], (parallel, lora)
             for a, b in zip(got, want):
                 torch.testing.assert_close(torch.tensor(a["logprobs"]), torch.tensor(b["logprobs"]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_packed_cpu_weights_generate_the_same_and_are_restored(tied):
+    """Prepacked oneDNN linears (the CPU default) give the unpacked tokens and log-probs, and
+    the model's own modules are back in place afterwards (also a tied output layer)."""
+    model = build_sampler_model({**sampler_config(), "model": {"preset": "tiny-test", "init_std": 0.08,
+                                                               "tie_embeddings": tied}})
+    modules_before = dict(model.named_modules())
+    prompts = [[3, 4, 5], [9, 8, 7, 6, 5, 4], [2]]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, n=2, seed=8)
+    packed = NativeSampler(model, str, 0, torch.device("cpu"), pack_weights=True)
+    assert packed.pack_weights
+    got = packed.generate(prompts, params)
+    want = NativeSampler(model, str, 0, torch.device("cpu"), pack_weights=False).generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    assert dict(model.named_modules()) == modules_before and (model.lm_head is None) == tied
+    with packed_linears(model, 8) as count:  # 7 linears per layer + the output layer
+        assert count == 7 * len(model.layers) + 1
+        assert isinstance(model.layers["0"].mlp.up_proj, PackedLinear) and isinstance(model.lm_head, PackedLinear)
+    assert dict(model.named_modules()) == modules_before
 
 
 def test_top_k_top_p_keep_the_right_tokens():

@@ -28,7 +28,8 @@ class KVCache:
         self.length = 0  # positions written (the same for every row)
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # [B, C]
         self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.mask: torch.Tensor | None = None  # [B, 1, S, length] of the forward in flight
+        self.mask: torch.Tensor | None = None  # [B, 1, S, length] bool, of the forward in flight
+        self._folded_masks: dict[int, torch.Tensor] = {}  # groups -> additive mask, shared by all layers
 
     @property
     def batch_size(self) -> int:
@@ -48,7 +49,19 @@ class KVCache:
         causal = keys[None, :] <= queries[:, None]  # [S, T]
         itself = keys[None, :] == queries[:, None]  # [S, T]
         self.mask = ((self.valid[:, None, :end] & causal) | itself)[:, None]  # [B, 1, S, T]
+        self._folded_masks = {}
         self.length = end
+
+    def folded_mask(self, groups: int, dtype: torch.dtype) -> torch.Tensor:
+        """The mask of this forward for `groups` query heads per KV head folded into the query
+        axis, as an additive float mask (0 / -inf) [B, 1, G*S, T]: built once per forward and
+        shared by every layer (SDPA on CPU is faster with it than with a boolean mask)."""
+        if groups not in self._folded_masks:
+            bsz, _, seq, keys = self.mask.shape
+            folded = self.mask[:, :, None].expand(bsz, 1, groups, seq, keys).reshape(bsz, 1, groups * seq, keys)
+            additive = torch.zeros(folded.shape, dtype=dtype, device=folded.device)
+            self._folded_masks[groups] = additive.masked_fill_(~folded, float("-inf"))
+        return self._folded_masks[groups]
 
     def update(self, layer: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this forward's keys/values k, v [B, Hkv, S, D] of `layer`; returns the cached
@@ -70,16 +83,13 @@ class KVCache:
                         for name, (k, v) in self.buffers.items()}
 
 
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of S new queries over the cache: q [B, Hq, S, D], k/v [B, Hkv, T, D],
-    mask [B, 1, S, T] bool -> [B, Hq, S, D]. Grouped-query heads are folded into the query
-    axis (the group's queries share their KV head) instead of repeating the cached keys and
-    values for every query head, which would copy the whole cache at every decode step."""
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Attention of S new queries over the cache: q [B, Hq, S, D], k/v [B, Hkv, T, D] (the
+    cache's views) -> [B, Hq, S, D]. Grouped-query heads are folded into the query axis (the
+    group's queries share their KV head) instead of repeating the cached keys and values for
+    every query head, which would copy the whole cache at every decode step."""
     bsz, q_heads, seq, dim = q.shape
     groups = q_heads // k.shape[1]
-    if groups == 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     folded = q.reshape(bsz, k.shape[1], groups * seq, dim)  # [B, Hkv, G*S, D] (head h = kv * G + g)
-    folded_mask = mask[:, :, None].expand(bsz, 1, groups, seq, mask.shape[-1]).reshape(bsz, 1, groups * seq, -1)
-    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=folded_mask)  # [B, Hkv, G*S, D]
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=cache.folded_mask(groups, q.dtype))  # [B, Hkv, G*S, D]
     return out.reshape(bsz, q_heads, seq, dim)

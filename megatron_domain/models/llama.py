@@ -103,7 +103,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.kv_cache is not None:  # incremental decoding: attend over the cached positions too
             k, v = ctx.kv_cache.update(self.layer_key, k, v)  # [B, Hkv, T, D]
-            out = cached_attention(q, k, v, ctx.kv_cache.mask)  # [B, Hq, S, D]
+            out = cached_attention(q, k, v, ctx.kv_cache)  # [B, Hq, S, D]
         else:
             out = self.attend(q, k, v, ctx)  # [B, Hq, S, D]
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))  # [B, S, H]

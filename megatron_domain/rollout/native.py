@@ -8,11 +8,13 @@ and prefilled once (one forward over the whole prompt), the cache rows are repea
 per live sequence. Finished sequences (stop token, stop string, length) are dropped from the
 batch once they make up a quarter of it, so the tail of a batch does not pay for the dead
 rows. Works on a plain model, with LoRA adapters, and on a tensor-parallel model (every TP
-rank calls `generate` with the same prompts and seeds; each caches its own heads).
+rank calls `generate` with the same prompts and seeds; each caches its own heads). On CPU the
+plain linear layers run on prepacked oneDNN weights during a generation (rollout/packed.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
@@ -21,15 +23,17 @@ from torch.distributed.tensor import DTensor
 
 from megatron_domain.data.tokenizer import TextTokenizer
 from megatron_domain.models.kv_cache import KVCache
+from megatron_domain.rollout.packed import packed_linears, packing_available
 from megatron_domain.rollout.sampling import (
     Completion, SamplingParams, StopChecker, choose_tokens, make_generator, sequence_seeds)
 
 
 class NativeSampler:
-    """Generate from `model` (a Transformer, possibly with LoRA or tensor parallel)."""
+    """Generate from `model` (a Transformer, possibly with LoRA or tensor parallel).
+    `pack_weights`: run plain linear layers on prepacked CPU weights (None = when available)."""
 
     def __init__(self, model: torch.nn.Module, decode: Callable[[list[int]], str], pad_id: int,
-                 device: torch.device, max_batch_sequences: int = 64):
+                 device: torch.device, max_batch_sequences: int = 64, pack_weights: bool | None = None):
         if getattr(model, "embed_tokens", True) is None or getattr(model, "norm", True) is None:
             raise ValueError("native sampler: the model is one pipeline chunk (no embedding or no output layer); "
                              "generation needs the whole model on every rank: use parallel.pp=1 for sampling")
@@ -39,6 +43,7 @@ class NativeSampler:
         self.device = device
         self.max_batch_sequences = max_batch_sequences
         self.sequence_multiple = sequence_parallel_degree(model)
+        self.pack_weights = packing_available(device) if pack_weights is None else pack_weights
         self.last_stats: dict = {}
 
     @classmethod
@@ -70,12 +75,15 @@ class NativeSampler:
         self.model.eval()
         started, new_tokens = time.perf_counter(), 0
         try:
-            for start in range(0, len(order), per_batch):
-                indices = order[start:start + per_batch]
-                for completion in self._generate_batch([prompts[i] for i in indices], indices,
-                                                       [request_seeds[i] for i in indices], params, progress):
-                    results[(completion.prompt_index, completion.sample_index)] = completion
-                    new_tokens += len(completion.token_ids)
+            with contextlib.ExitStack() as stack:
+                if self.pack_weights:
+                    stack.enter_context(packed_linears(self.model, self.max_batch_sequences))
+                for start in range(0, len(order), per_batch):
+                    indices = order[start:start + per_batch]
+                    for completion in self._generate_batch([prompts[i] for i in indices], indices,
+                                                           [request_seeds[i] for i in indices], params, progress):
+                        results[(completion.prompt_index, completion.sample_index)] = completion
+                        new_tokens += len(completion.token_ids)
         finally:
             self.model.train(was_training)
         elapsed = time.perf_counter() - started

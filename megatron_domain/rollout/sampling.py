@@ -1,11 +1,12 @@
 """What every rollout backend shares: sampling parameters, the completion record, the
 next-token choice (temperature, top-k, top-p, per-sequence seeded noise) and stop handling.
 
-Randomness is per sequence, as in vLLM: sequence j of request i draws its noise from its own
-generator seeded by (request seed, j), so a request's samples do not depend on which other
-requests share its batch, and a seeded request is reproducible. Sampling uses the
-exponential race: token = argmax_v p_v / E_v with E_v ~ Exp(1), which draws v with
-probability p_v (the Gumbel-max trick in another form) and needs no cumulative sums.
+Randomness is per sequence, as in vLLM: sequence j of request i draws from its own generator
+seeded by (request seed, j), so a request's samples do not depend on which other requests
+share its batch, and a seeded request is reproducible. A token is drawn by inverting the
+cumulative distribution with one uniform number per sequence and step (as torch.multinomial
+does): one scalar draw per row instead of a vocabulary-sized noise vector per row, which cost
+a fifth of the decode time on CPU.
 """
 
 from __future__ import annotations
@@ -110,14 +111,15 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
 
 def choose_tokens(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
-    """Next token of every row: logits [B, V] -> ids [B]; `generators[b]` draws row b's noise."""
+    """Next token of every row: logits [B, V] -> ids [B]; `generators[b]` draws row b's number."""
     if params.temperature == 0:
         return logits.argmax(-1)
     probs = filter_logits(logits, params.temperature, params.top_k, params.top_p).softmax(-1)  # [B, V]
-    noise = torch.empty_like(probs)  # [B, V]
-    for row, generator in enumerate(generators):
-        noise[row].exponential_(generator=generator)
-    return (probs / noise).argmax(-1)  # [B]
+    cdf = probs.double().cumsum(-1)  # [B, V] fp64: exact enough over 100K+ tokens
+    uniform = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generators])  # [B]
+    target = (uniform * cdf[:, -1])[:, None]  # [B, 1] a point in [0, total mass)
+    # the first token whose cumulative mass exceeds the point; zero-probability tokens never do
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)  # [B]
 
 
 class StopChecker:
