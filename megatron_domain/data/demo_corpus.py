@@ -20,10 +20,10 @@ from pathlib import Path
 from megatron_domain.config import DemoDataConfig
 from megatron_domain.data.indexed import write_indexed_dataset
 from megatron_domain.data.preprocess import tokenize_documents
-from megatron_domain.data.tokenizer import train_bpe_tokenizer
+from megatron_domain.data.tokenizer import CHATML_SPECIALS, train_bpe_tokenizer
 
 SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo", "ensurepip"}
-MANIFEST_VERSION = 3
+MANIFEST_VERSION = 4  # 4: chatml markers are special tokens
 
 
 def unwrap_paragraphs(text: str) -> str:
@@ -115,7 +115,9 @@ def prepare_demo_data(out_dir: str | os.PathLike, cfg: DemoDataConfig, progress:
             docs = docs[:: max(1, len(docs) // limits[name])][: limits[name]]  # evenly spread subset
         splits[name] = split_documents(docs, cfg.heldout_fraction, cfg.seed)
     train_texts = splits["general"][0] + splits["domain"][0]
-    tokenizer = train_bpe_tokenizer(train_texts, cfg.vocab_size, out / "tokenizer.json")
+    # the chat markers of the SFT stage's chatml template are special tokens (as in Qwen's tokenizer),
+    # so a chat turn ends at one token and the exported model stops there
+    tokenizer = train_bpe_tokenizer(train_texts, cfg.vocab_size, out / "tokenizer.json", CHATML_SPECIALS)
     stats = {}
     for name, (train, heldout) in splits.items():
         for split, texts in (("train", train), ("heldout", heldout)):

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOD_CANDIDATES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eot_id|>")
 DEMO_EOD = "<|endoftext|>"
+CHATML_SPECIALS = ("<|im_start|>", "<|im_end|>")  # one token each, as in Qwen's tokenizer
 
 
 class TextTokenizer:
@@ -69,12 +70,15 @@ def load_tokenizer(path: str | os.PathLike, eod_token: str = "") -> TextTokenize
                      "set data.eod_token to the token that ends a document")
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_file: str | os.PathLike) -> TextTokenizer:
-    """Train a byte-level BPE with `<|endoftext|>` as EOD and save it (atomically) to `out_file`."""
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_file: str | os.PathLike,
+                        extra_special_tokens: tuple[str, ...] = ()) -> TextTokenizer:
+    """Train a byte-level BPE with `<|endoftext|>` as EOD (plus `extra_special_tokens`, e.g. a
+    chat template's markers, each kept as one token) and save it (atomically) to `out_file`."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[DEMO_EOD], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[DEMO_EOD, *extra_special_tokens],
+                                  show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     out_file = Path(out_file)

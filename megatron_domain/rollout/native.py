@@ -55,10 +55,12 @@ class NativeSampler:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None,
-                 progress: Callable[[int], None] | None = None) -> list[Completion]:
+                 progress: Callable[[int], None] | None = None,
+                 on_token: Callable[[int, int, int], None] | None = None) -> list[Completion]:
         """n completions per prompt, in order (prompt 0's samples first). `seeds` gives each
         request its own seed (default params.seed + index). `progress(new_tokens)` is called
-        after every decode step."""
+        after every decode step, `on_token(prompt_index, sample_index, token_id)` for every
+        generated token (streaming)."""
         params.validate()
         if any(len(p) == 0 for p in prompts):
             raise ValueError("generate: every prompt needs at least one token")
@@ -81,7 +83,8 @@ class NativeSampler:
                 for start in range(0, len(order), per_batch):
                     indices = order[start:start + per_batch]
                     for completion in self._generate_batch([prompts[i] for i in indices], indices,
-                                                           [request_seeds[i] for i in indices], params, progress):
+                                                           [request_seeds[i] for i in indices], params, progress,
+                                                           on_token):
                         results[(completion.prompt_index, completion.sample_index)] = completion
                         new_tokens += len(completion.token_ids)
         finally:
@@ -99,7 +102,7 @@ class NativeSampler:
         return logits[:, -1].float()  # [B, V]
 
     def _generate_batch(self, prompts: list[list[int]], indices: list[int], seeds: list[int],
-                        params: SamplingParams, progress) -> list[Completion]:
+                        params: SamplingParams, progress, on_token) -> list[Completion]:
         n, device, multiple = params.n, self.device, self.sequence_multiple
         width = -(-max(len(p) for p in prompts) // multiple) * multiple
         cache = KVCache(len(prompts), width + params.max_new_tokens * multiple, device)
@@ -135,6 +138,8 @@ class NativeSampler:
                 outputs[key].append(token)
                 logprobs[key].append(logprob)
                 appended += 1
+                if on_token is not None:
+                    on_token(indices[key[0]], key[1], token)
                 if stopper.finished(outputs[key]):
                     finished[key] = "stop"
             if progress is not None:
