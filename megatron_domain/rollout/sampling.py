@@ -140,9 +140,10 @@ class StopChecker:
         return False
 
     def text(self, token_ids: list[int]) -> str:
-        """The completion's text: a final stop token left out, cut before the first stop string."""
+        """The completion's text: a final stop token left out, cut before the first stop string,
+        without a trailing incomplete UTF-8 character (as vLLM's detokenizer, which never emits one)."""
         if token_ids and token_ids[-1] in self.stop_ids:
             token_ids = token_ids[:-1]
         text = self.decode(token_ids)
         cuts = [text.find(s) for s in self.stop_strings if s in text]
-        return text[: min(cuts)] if cuts else text
+        return (text[: min(cuts)] if cuts else text).rstrip("\ufffd")
