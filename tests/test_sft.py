@@ -3,7 +3,6 @@ from an adapter checkpoint; greedy generation batches exactly; the house-format 
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -11,19 +10,13 @@ from megatron_domain.config import config_from_dict
 from megatron_domain.engine import train
 from megatron_domain.eval.rubric import score_answer
 
-from conftest import ALPHA_WORDS, tiny_config_dict
+from conftest import chat_lines, tiny_config_dict
 
 
 def chat_file(tmp_path, count: int = 40):
     """Conversations whose answers follow a fixed pattern the model can learn."""
     path = tmp_path / "chat.jsonl"
-    lines = []
-    for i in range(count):
-        word = ALPHA_WORDS[i % len(ALPHA_WORDS)]
-        lines.append(json.dumps({"messages": [
-            {"role": "user", "content": f"what is {word}?"},
-            {"role": "assistant", "content": f"the {word} returns a list. [source: `{word}`]"}]}))
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(chat_lines(count)) + "\n")
     return path
 
 

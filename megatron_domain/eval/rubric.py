@@ -8,13 +8,11 @@ format of the SFT stage.
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import torch
 
-from megatron_domain.data.chat import load_template
+from megatron_domain.data.chat import jsonl_records, load_template
 from megatron_domain.data.tokenizer import TextTokenizer
 from megatron_domain.rollout.native import NativeSampler
 from megatron_domain.rollout.prompts import chat_prompt_ids, stop_conditions
@@ -27,17 +25,10 @@ CITATION = re.compile(r"\[source: `?(?P<source>[^\]`]+)`?\]")
 def read_questions(path: str) -> list[dict]:
     """{"prompt", "source"} records of a JSONL file (errors name file and line)."""
     questions = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict) or "prompt" not in record or "source" not in record:
-                raise ValueError(f"{path}:{number}: expected {{\"prompt\": ..., \"source\": ...}}")
-            questions.append(record)
-    if not questions:
-        raise ValueError(f"{path}: no questions (eval.generation.path)")
+    for where, record in jsonl_records(path, "a question (eval.generation.path)"):
+        if not isinstance(record, dict) or "prompt" not in record or "source" not in record:
+            raise ValueError(f"{where}: expected {{\"prompt\": ..., \"source\": ...}}")
+        questions.append(record)
     return questions
 
 

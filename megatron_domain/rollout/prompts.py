@@ -8,11 +8,10 @@ token always stops.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_domain.data.chat import ChatTemplate, parse_messages
+from megatron_domain.data.chat import ChatTemplate, jsonl_records, parse_messages
 from megatron_domain.data.tokenizer import TextTokenizer
 
 
@@ -48,18 +47,8 @@ def stop_conditions(template: ChatTemplate | None, tokenizer: TextTokenizer) -> 
 def read_prompts(path: str | Path) -> list[PromptRecord]:
     """JSONL prompts: {"messages": [...]} (chat) or {"prompt": "text"} (plain), each with an
     optional "id" and "seed". Errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts {path}: no such file")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not valid JSON ({exc.msg})") from exc
+    for where, data in jsonl_records(path, "a prompt"):
         if not isinstance(data, dict) or not (("messages" in data) ^ ("prompt" in data)):
             raise ValueError(f"{where}: expected {{\"messages\": [...]}} or {{\"prompt\": \"...\"}} (one of them)")
         seed = data.get("seed")
@@ -75,6 +64,4 @@ def read_prompts(path: str | Path) -> list[PromptRecord]:
             if not isinstance(data["prompt"], str) or not data["prompt"]:
                 raise ValueError(f"{where}: \"prompt\" must be a non-empty string")
             records.append(PromptRecord(record_id, text=data["prompt"], seed=seed))
-    if not records:
-        raise ValueError(f"{path}: no prompts; expected one JSON object per line")
     return records

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_domain.config import sampling_problems
+
 FINISH_REASONS = ("stop", "length")
 
 
@@ -36,19 +38,8 @@ class SamplingParams:
 
     def validate(self) -> "SamplingParams":
         """Raise ValueError naming the bad field; returns self."""
-        problems = []
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.n < 1:
-            problems.append(f"n must be >= 1, got {self.n}")
-        if self.temperature == 0 and self.n > 1:
-            problems.append(f"n={self.n} with temperature 0 (greedy) would repeat one answer; use temperature > 0")
+        problems = [f"{key} {message}" for key, message in sampling_problems(
+            self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.n)]
         if any(not s for s in self.stop):
             problems.append("stop strings must be non-empty")
         if problems:
