@@ -22,6 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_PRESET_DIR = REPO_ROOT / "configs" / "models"
 
 MODES = ("pretrain", "sft")
+CHAT_MODES = ("sft", "dpo", "rs_sft")  # modes that train on chat data: their exports and servers speak chat
 DTYPES = ("fp32", "bf16")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble")

@@ -27,7 +27,7 @@ import torch
 
 from megatron_domain.checkpoint import (
     EXTRA_FILE, load_initial_weights, load_model_weights, resolve_checkpoint, stored_dtype)
-from megatron_domain.config import LoraConfig, ModelConfig, config_from_dict, load_yaml, model_config_from_dict
+from megatron_domain.config import CHAT_MODES, LoraConfig, ModelConfig, config_from_dict, load_yaml, model_config_from_dict
 from megatron_domain.models.hf import (
     HF_PREFIX, HFCheckpointError, copy_tokenizer_files, hf_config_from_model, hf_name, model_config_dict, model_config_from_hf,
     our_name, read_hf_config, safetensors_files)
@@ -86,9 +86,6 @@ def verify_logits(model: Transformer, hf_folder: Path, num_prompts: int = 3, seq
         raise HFCheckpointError(f"verification failed: max logit difference {diff:.3g} between our model and "
                                 f"transformers on {hf_folder} exceeds {limit:.3g}; the conversion is wrong")
     return diff
-
-
-CHAT_MODES = ("sft", "dpo", "rs_sft")
 
 
 def _run_data(checkpoint: Path, config: str | None) -> tuple[str, str]:

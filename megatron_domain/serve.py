@@ -23,16 +23,15 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from megatron_domain.config import Config, config_from_dict, load_yaml
+from megatron_domain.config import CHAT_MODES, Config, config_from_dict, load_yaml
 from megatron_domain.data.chat import ChatTemplate, load_template, parse_messages
 from megatron_domain.data.tokenizer import TextTokenizer, load_tokenizer
 from megatron_domain.rollout.native import NativeSampler
 from megatron_domain.rollout.prompts import chat_prompt_ids, stop_conditions
-from megatron_domain.rollout.sampling import Completion, SamplingParams
+from megatron_domain.rollout.sampling import Completion, SamplingParams, sequence_seeds
 
 
 class RequestError(ValueError):
@@ -98,7 +97,7 @@ def sampling_from_request(body: dict, served: ServedModel, chat: bool) -> Sampli
     params = SamplingParams(max_new_tokens=_number({"max_tokens": max_tokens}, "max_tokens", 16 if not chat else 256, int),
                             temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
                             top_k=max(0, _number(body, "top_k", 0, int)), n=_number(body, "n", 1, int),
-                            seed=_number(body, "seed", None, int) if body.get("seed") is not None else None,
+                            seed=_number(body, "seed", None, int),
                             stop=stop + stop_strings, stop_token_ids=sorted(set(stop_ids + extra_ids)),
                             ignore_stop=bool(body.get("ignore_eos", False)))
     try:
@@ -199,7 +198,7 @@ def create_app(served: ServedModel):
             check_lengths(prompts, params, served)
         except RequestError as exc:
             return error(400, str(exc))
-        seeds = _seeds(params, len(prompts))
+        seeds = sequence_seeds(params.seed, None, len(prompts))
         if body.get("stream"):
             return StreamingResponse(_stream(served, prompts, params, seeds, chat=False), media_type="text/event-stream")
         done = await _generate_async(served, prompts, params, seeds)
@@ -228,7 +227,7 @@ def create_app(served: ServedModel):
             check_lengths([prompt], params, served)
         except RequestError as exc:
             return error(400, str(exc))
-        seeds = _seeds(params, 1)
+        seeds = sequence_seeds(params.seed, None, 1)
         if body.get("stream"):
             return StreamingResponse(_stream(served, [prompt], params, seeds, chat=True), media_type="text/event-stream")
         done = await _generate_async(served, [prompt], params, seeds)
@@ -248,11 +247,6 @@ def create_app(served: ServedModel):
         return response
 
     return app
-
-
-def _seeds(params: SamplingParams, count: int) -> list[int]:
-    base = params.seed if params.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-    return [base + i for i in range(count)]
 
 
 async def _generate_async(served: ServedModel, prompts, params, seeds) -> list[Completion]:
@@ -345,7 +339,7 @@ def build_served_model(checkpoint: str, config: str | None = None, name: str = "
     ensure_process_group(torch_device)
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
     model = load_eval_model(cfg, path, torch_device)
-    template_name = template or (cfg.data.chat.template if cfg.mode in ("sft", "dpo", "rs_sft") else "chatml")
+    template_name = template or (cfg.data.chat.template if cfg.mode in CHAT_MODES else "chatml")
     sampler = NativeSampler.for_tokenizer(model, tokenizer, torch_device, max_batch_sequences)
     return ServedModel(name=name or Path(checkpoint).resolve().name, sampler=sampler, tokenizer=tokenizer,
                        template=load_template(template_name, tokenizer.source), max_seq_len=cfg.model.max_seq_len,

@@ -31,11 +31,6 @@ class KVCache:
         self.mask: torch.Tensor | None = None  # [B, 1, S, length] bool, of the forward in flight
         self._folded_masks: dict[int, torch.Tensor] = {}  # groups -> additive mask, shared by all layers
 
-    @property
-    def batch_size(self) -> int:
-        """Rows currently held."""
-        return self.valid.shape[0]
-
     def append(self, valid_new: torch.Tensor) -> None:
         """Announce the next forward: valid_new [B, S] says which of its S positions are real
         tokens (False = left padding). Builds the attention mask [B, 1, S, length + S]."""

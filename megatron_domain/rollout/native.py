@@ -15,7 +15,6 @@ plain linear layers run on prepacked oneDNN weights during a generation (rollout
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Callable
 
 import torch
@@ -44,7 +43,6 @@ class NativeSampler:
         self.max_batch_sequences = max_batch_sequences
         self.sequence_multiple = sequence_parallel_degree(model)
         self.pack_weights = packing_available(device) if pack_weights is None else pack_weights
-        self.last_stats: dict = {}
 
     @classmethod
     def for_tokenizer(cls, model: torch.nn.Module, tokenizer: TextTokenizer, device: torch.device,
@@ -75,7 +73,6 @@ class NativeSampler:
         results: dict[tuple[int, int], Completion] = {}
         was_training = self.model.training
         self.model.eval()
-        started, new_tokens = time.perf_counter(), 0
         try:
             with contextlib.ExitStack() as stack:
                 if self.pack_weights:
@@ -86,12 +83,8 @@ class NativeSampler:
                                                            [request_seeds[i] for i in indices], params, progress,
                                                            on_token):
                         results[(completion.prompt_index, completion.sample_index)] = completion
-                        new_tokens += len(completion.token_ids)
         finally:
             self.model.train(was_training)
-        elapsed = time.perf_counter() - started
-        self.last_stats = {"new_tokens": new_tokens, "seconds": elapsed,
-                           "tokens_per_s": new_tokens / elapsed if elapsed > 0 else 0.0}
         return [results[(i, j)] for i in range(len(prompts)) for j in range(params.n)]
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -126,7 +119,7 @@ class NativeSampler:
         next_position = torch.tensor([len(prompts[p]) for p, _ in rows], device=device)  # [B]
         outputs: dict[tuple[int, int], list[int]] = {row: [] for row in rows}
         logprobs: dict[tuple[int, int], list[float]] = {row: [] for row in rows}
-        finished: dict[tuple[int, int], str] = {}
+        finished: set[tuple[int, int]] = set()
         stopper = StopChecker(params, self.decode)
         for step in range(params.max_new_tokens):
             chosen = choose_tokens(logits, params, generators)  # [B]
@@ -141,7 +134,7 @@ class NativeSampler:
                 if on_token is not None:
                     on_token(indices[key[0]], key[1], token)
                 if stopper.finished(outputs[key]):
-                    finished[key] = "stop"
+                    finished.add(key)
             if progress is not None:
                 progress(appended)
             if step == params.max_new_tokens - 1 or len(finished) == len(outputs):
@@ -163,7 +156,7 @@ class NativeSampler:
         for (p, j), ids in outputs.items():
             completions.append(Completion(prompt_index=indices[p], sample_index=j, token_ids=ids,
                                           text=stopper.text(ids), logprobs=logprobs[(p, j)],
-                                          finish_reason=finished.get((p, j), "length")))
+                                          finish_reason="stop" if (p, j) in finished else "length"))
         return completions
 
 

@@ -8,8 +8,9 @@
 full weights through vLLM's `reload_weights` (in-process: from memory; servers: from
 `rollout.weights_dir`, a folder they can read), or, for LoRA runs, the adapter saved in PEFT's
 format and loaded under a new name (the base never changes). Each sync is timed
-(`rollout/refit_s`) and followed by a probe: the engine's log-probs of fixed sequences must
-equal the trainer's within `rollout.probe_tolerance`, else RolloutSyncError.
+(`rollout/refit_s`) and followed by a probe: the engine continues fixed prompts greedily and
+the log-prob it reports for every token must equal the trainer's teacher-forced one within
+`rollout.probe_tolerance`, else RolloutSyncError.
 
 Under a parallel layout every rank calls every method (gathering the weights and the probe's
 forward are collective); rank 0 alone talks to the engine and shares the results.
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from megatron_domain.config import Config
+from megatron_domain.config import CHAT_MODES, Config
 from megatron_domain.data.chat import load_template
 from megatron_domain.data.tokenizer import TextTokenizer
 from megatron_domain.rollout.client import OpenAIClient, ServerError
@@ -34,9 +35,6 @@ from megatron_domain.rollout.probe import completion_logprobs, max_abs_differenc
 from megatron_domain.rollout.prompts import stop_conditions
 from megatron_domain.rollout.sampling import Completion, SamplingParams, sequence_seeds
 from megatron_domain.rollout.vllm_engine import RolloutSyncError
-
-CHAT_MODES = ("sft", "dpo", "rs_sft")
-
 
 def sampling_from_config(cfg: Config, tokenizer: TextTokenizer, chat: bool) -> SamplingParams:
     """The `rollout` section's sampling, stopping at the chat template's end of turn (chat
@@ -98,7 +96,6 @@ class PolicyRollout:
         self.engine = None
         self.client: OpenAIClient | None = None
         self.served_model = ""
-        self.last_sync: dict = {}
         if self.backend == "native":
             self.native = NativeSampler.for_tokenizer(model, tokenizer, device, cfg.rollout.max_batch_sequences)
             return
@@ -176,16 +173,13 @@ class PolicyRollout:
         {"rollout/refit_s", "rollout/probe_max_abs_diff"} (native: nothing to do, 0)."""
         model = model or self.model
         if self.backend == "native":
-            self.last_sync = {"rollout/refit_s": 0.0, "rollout/probe_max_abs_diff": 0.0}
-            return self.last_sync
+            return {"rollout/refit_s": 0.0, "rollout/probe_max_abs_diff": 0.0}
         started = time.perf_counter()
         state = gathered_state_dict(model) if state is None else state
         self.version += 1
         on_rank0(lambda: self._push(state))
         refit_s = time.perf_counter() - started
-        metrics = {"rollout/refit_s": refit_s, "rollout/probe_max_abs_diff": self._probe(model)}
-        self.last_sync = metrics
-        return metrics
+        return {"rollout/refit_s": refit_s, "rollout/probe_max_abs_diff": self._probe(model)}
 
     def _push(self, state: dict) -> None:
         timeout = self.cfg.rollout.sync_timeout_s

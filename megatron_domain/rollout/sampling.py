@@ -17,9 +17,6 @@ import torch
 
 from megatron_domain.config import sampling_problems
 
-FINISH_REASONS = ("stop", "length")
-
-
 @dataclass
 class SamplingParams:
     """How to continue each prompt. temperature 0 = greedy; top_k 0 and top_p 1 = off.
@@ -60,11 +57,6 @@ class Completion:
     text: str
     logprobs: list[float]
     finish_reason: str
-
-    @property
-    def cumulative_logprob(self) -> float:
-        """Sum of the per-token log-probs."""
-        return float(sum(self.logprobs))
 
 
 def sequence_seeds(base_seed: int | None, request_seeds: list[int] | None, num_requests: int) -> list[int]:

@@ -28,7 +28,7 @@ from typing import Callable
 
 from megatron_domain.rollout.sampling import Completion, SamplingParams
 
-VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+VLLM_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class RolloutSyncError(RuntimeError):
@@ -106,7 +106,7 @@ class VllmEngine:
 
         self.max_loras = max_loras
         self._next_adapter_id = 1
-        kwargs = dict(model=model_dir, dtype=VLLM_DTYPES.get(dtype, dtype), max_model_len=max_model_len, seed=seed,
+        kwargs = dict(model=model_dir, dtype=VLLM_DTYPE_NAMES.get(dtype, dtype), max_model_len=max_model_len, seed=seed,
                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                       gpu_memory_utilization=gpu_memory_utilization,
                       worker_extension_cls=f"{__name__}.VllmWorkerExtension")
@@ -188,7 +188,7 @@ def vllm_server_command(model_dir: str, port: int, dtype: str, max_model_len: in
     are switched on (VLLM_SERVER_DEV_MODE=1, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), so bind it
     to a private interface only."""
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", host,
-            "--port", str(port), "--dtype", VLLM_DTYPES.get(dtype, dtype), "--max-model-len", str(max_model_len),
+            "--port", str(port), "--dtype", VLLM_DTYPE_NAMES.get(dtype, dtype), "--max-model-len", str(max_model_len),
             "--seed", str(seed), "--worker-extension-cls", f"{__name__}.VllmWorkerExtension"]
     if enforce_eager:
         argv.append("--enforce-eager")
