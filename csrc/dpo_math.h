@@ -30,6 +30,11 @@ MDT_HOST_DEVICE inline float mdt_dpo_pair_loss(float h, float beta, float label_
     *dloss_dh = z < 1.f ? -beta : 0.f;
     return z < 1.f ? 1.f - z : 0.f;
   }
+  if (loss_type == 3) {  // robust: (-(1 - eps) log sigma(z) + eps log sigma(-z)) / (1 - 2 eps)
+    const float norm = 1.f - 2.f * label_smoothing;
+    *dloss_dh = beta * (-(1.f - label_smoothing) * mdt_sigmoid(-z) - label_smoothing * mdt_sigmoid(z)) / norm;
+    return (-(1.f - label_smoothing) * mdt_log_sigmoid(z) + label_smoothing * mdt_log_sigmoid(-z)) / norm;
+  }
   // sigmoid: -(1 - eps) log sigma(z) - eps log sigma(-z)
   *dloss_dh = beta * (-(1.f - label_smoothing) * mdt_sigmoid(-z) + label_smoothing * mdt_sigmoid(z));
   return -(1.f - label_smoothing) * mdt_log_sigmoid(z) - label_smoothing * mdt_log_sigmoid(-z);

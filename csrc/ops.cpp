@@ -87,7 +87,8 @@ std::vector<torch::Tensor> dpo_forward(torch::Tensor policy, torch::Tensor refer
                                        int64_t pairs, double beta, double label_smoothing, int64_t loss_type) {
   TORCH_CHECK(policy.dim() == 1 && reference.sizes() == policy.sizes(),
               "dpo_loss: policy and reference log-probs must both be [tokens]");
-  TORCH_CHECK(loss_type >= 0 && loss_type <= 2, "dpo_loss: loss_type must be 0 (sigmoid), 1 (ipo) or 2 (hinge)");
+  TORCH_CHECK(loss_type >= 0 && loss_type <= 3,
+              "dpo_loss: loss_type must be 0 (sigmoid), 1 (ipo), 2 (hinge) or 3 (robust)");
   check_cuda_available(policy, "dpo_loss");
   const int64_t tokens = policy.size(0);
   check_segments(segment_ids, tokens, pairs);

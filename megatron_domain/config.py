@@ -21,7 +21,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_PRESET_DIR = REPO_ROOT / "configs" / "models"
 
-MODES = ("pretrain", "sft")
+MODES = ("pretrain", "sft", "dpo")
 CHAT_MODES = ("sft", "dpo", "rs_sft")  # modes that train on chat data: their exports and servers speak chat
 DTYPES = ("fp32", "bf16")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
@@ -32,6 +32,11 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 QUANTIZE_BASE = ("none", "nf4")
 HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 ROLLOUT_BACKENDS = ("native", "vllm")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")  # losses.DPO_LOSS_TYPES (config imports nothing of ours)
+DPO_REFERENCES = ("auto", "adapters", "copy", "precomputed")
+JUDGE_KINDS = ("rubric", "pairwise", "panel")
+PAIRWISE_BACKENDS = ("model", "openai")
+PANEL_VOTES = ("majority", "mean")
 VLLM_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -316,6 +321,73 @@ class RolloutConfig:
 
 
 @dataclass
+class RubricRuleConfig:
+    """One rule of a rubric judge; an answer's score is the weighted sum of the rules it passes.
+
+    `pattern`: a regular expression searched in the answer (`must_match: false` inverts it);
+    `{field}` placeholders are filled from the prompt record (regex-escaped), e.g.
+    "\\[source: `{source}`\\]" checks the citation against the prompt's known source. Or
+    `function: module:function` called as f(prompt_record, answer) -> score (float in [0, 1])
+    or (score, reason). A rule with `when` applies only to prompts whose record has that
+    truthy field (`when: "!field"`: only where it is missing or false)."""
+
+    name: str = ""
+    pattern: str = ""
+    must_match: bool = True
+    function: str = ""
+    weight: float = 1.0
+    when: str = ""
+
+
+@dataclass
+class JudgeConfig:
+    """The judge of an online stage (judges/): `rubric` (rules), `pairwise` (a stronger model
+    compares two answers, asked twice with the positions swapped; `backend: model` scores the
+    verdict tokens' log-probs with a checkpoint of ours or an HF folder in `model`,
+    `backend: openai` asks the endpoint `url` for `model`), or `panel` (the `members` vote by
+    `vote`: majority or mean)."""
+
+    kind: str = "rubric"
+    rules: list[RubricRuleConfig] = field(default_factory=list)
+    backend: str = "model"
+    model: str = ""
+    url: str = ""
+    timeout_s: float = 60.0
+    retries: int = 3
+    max_concurrency: int = 8
+    members: list[dict] = field(default_factory=list)
+    vote: str = "mean"
+
+
+@dataclass
+class DpoConfig:
+    """The `dpo` mode (stages/dpo.py). Offline: pairs from data.chat.path. Online
+    (`online: true`): `rounds` rounds, each samples `samples_per_prompt` completions of
+    `prompts_per_round` prompts from `prompts` with the current policy (rollout.*), judges them
+    (`judge`), pairs best vs worst (score gap >= `min_score_margin`) and trains
+    `steps_per_round` steps on them (train.steps = rounds x steps_per_round).
+
+    reference: `adapters` (LoRA: the base with adapters off), `copy` (a frozen copy of the
+    initial weights), `precomputed` (reference log-probs computed once, stored with the run);
+    `auto` = adapters with LoRA, else copy. `shared_prompt`: score both completions after one
+    pass over the prompt (sdpa/flex attention), else the two-document layout."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    reference: str = "auto"
+    shared_prompt: bool = True
+    online: bool = False
+    prompts: str = ""
+    rounds: int = 1
+    prompts_per_round: int = 8
+    samples_per_prompt: int = 2
+    steps_per_round: int = 1
+    min_score_margin: float = 0.0
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+
+@dataclass
 class Config:
     """One run of the engine in one mode."""
 
@@ -330,6 +402,7 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     fp8: Fp8Config = field(default_factory=Fp8Config)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
 
 
 @dataclass
@@ -651,15 +724,102 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
                         "stage computes the loss from logits); set it to false")
     problems.extend(validate_fp8(cfg, prefix))
     problems.extend(validate_rollout(cfg.rollout, _join(prefix, "rollout")))
-    if cfg.mode == "sft":
+    if cfg.mode == "dpo":
+        problems.extend(validate_dpo(cfg, prefix))
+    if cfg.mode in ("sft", "dpo"):
         chat = cfg.data.chat
-        if not chat.path:
+        if cfg.mode == "sft" and not chat.path:
             problems.append(f"{p('data.chat.path')}: the sft mode needs a JSONL file of conversations")
         if chat.template not in ("llama3", "chatml", "tokenizer"):
             problems.append(f"{p('data.chat.template')}: unknown {chat.template!r}; choose llama3, chatml or tokenizer")
         if chat.overflow not in ("truncate", "drop"):
             problems.append(f"{p('data.chat.overflow')}: unknown {chat.overflow!r}; choose truncate or drop")
     return problems
+
+
+def validate_dpo(cfg: Config, prefix: str = "") -> list[str]:
+    """Checks of the dpo section against the rest of the run."""
+    p = lambda key: _join(prefix, key)  # noqa: E731
+    d, problems = cfg.dpo, []
+    if d.loss_type not in DPO_LOSSES:
+        problems.append(f"{p('dpo.loss_type')}: unknown {d.loss_type!r}; choose one of {', '.join(DPO_LOSSES)}")
+    if d.beta <= 0:
+        problems.append(f"{p('dpo.beta')}: must be > 0 (typical 0.01..0.3), got {d.beta}")
+    if not 0 <= d.label_smoothing < 0.5:
+        problems.append(f"{p('dpo.label_smoothing')}: must be in [0, 0.5), got {d.label_smoothing}")
+    if d.reference not in DPO_REFERENCES:
+        problems.append(f"{p('dpo.reference')}: unknown {d.reference!r}; choose one of {', '.join(DPO_REFERENCES)}")
+    if d.reference == "adapters" and cfg.lora.rank == 0:
+        problems.append(f"{p('dpo.reference')}: adapters needs LoRA (lora.rank > 0); use copy or precomputed")
+    if d.shared_prompt and cfg.model.attention_backend not in ("sdpa", "flex"):
+        problems.append(f"{p('dpo.shared_prompt')}: model.attention_backend={cfg.model.attention_backend} cannot "
+                        "share a prompt between two completions; set dpo.shared_prompt: false or use sdpa/flex")
+    if cfg.parallel.pp > 1:
+        problems.append(f"{p('parallel.pp')}: the dpo mode does not run under pipeline parallelism yet; use "
+                        "parallel.pp=1 (tp and dp_shard work)")
+    if d.online:
+        if not d.prompts:
+            problems.append(f"{p('dpo.prompts')}: online DPO needs a JSONL file of prompts")
+        if d.samples_per_prompt < 2:
+            problems.append(f"{p('dpo.samples_per_prompt')}: needs >= 2 completions per prompt to form a pair, "
+                            f"got {d.samples_per_prompt}")
+        if min(d.rounds, d.prompts_per_round, d.steps_per_round) < 1:
+            problems.append(f"{p('dpo.rounds')}/{p('dpo.prompts_per_round')}/{p('dpo.steps_per_round')}: must be "
+                            f">= 1, got {d.rounds}, {d.prompts_per_round}, {d.steps_per_round}")
+        elif cfg.train.steps != d.rounds * d.steps_per_round:
+            problems.append(f"{p('train.steps')}: online DPO trains dpo.rounds x dpo.steps_per_round = "
+                            f"{d.rounds * d.steps_per_round} steps, got {cfg.train.steps}; set train.steps to that")
+        if d.min_score_margin < 0:
+            problems.append(f"{p('dpo.min_score_margin')}: must be >= 0, got {d.min_score_margin}")
+        problems.extend(validate_judge(d.judge, _join(prefix, "dpo.judge")))
+    elif not cfg.data.chat.path:
+        problems.append(f"{p('data.chat.path')}: offline DPO needs a JSONL file of preference pairs "
+                        "(or set dpo.online: true)")
+    return problems
+
+
+def validate_judge(j: JudgeConfig, prefix: str) -> list[str]:
+    """Checks of a judge section (members of a panel are checked when the panel is built)."""
+    p = lambda key: _join(prefix, key)  # noqa: E731
+    problems = []
+    if j.kind not in JUDGE_KINDS:
+        problems.append(f"{p('kind')}: unknown {j.kind!r}; choose one of {', '.join(JUDGE_KINDS)}")
+    if j.kind == "rubric":
+        if not j.rules:
+            problems.append(f"{p('rules')}: a rubric judge needs at least one rule (pattern or function)")
+        for i, rule in enumerate(j.rules):
+            if bool(rule.pattern) == bool(rule.function):
+                problems.append(f"{p(f'rules[{i}]')}: give exactly one of pattern or function")
+            if rule.function and ":" not in rule.function:
+                problems.append(f"{p(f'rules[{i}].function')}: expected module:function, got {rule.function!r}")
+    if j.kind == "pairwise":
+        if j.backend not in PAIRWISE_BACKENDS:
+            problems.append(f"{p('backend')}: unknown {j.backend!r}; choose one of {', '.join(PAIRWISE_BACKENDS)}")
+        if not j.model:
+            problems.append(f"{p('model')}: the pairwise judge needs a model (a checkpoint or HF folder for "
+                            "backend model, the served model name for backend openai)")
+        if j.backend == "openai" and not j.url.startswith(("http://", "https://")):
+            problems.append(f"{p('url')}: backend openai needs the endpoint, e.g. http://127.0.0.1:8000; "
+                            f"got {j.url!r}")
+        if j.timeout_s <= 0 or j.retries < 0 or j.max_concurrency < 1:
+            problems.append(f"{p('timeout_s')}/{p('retries')}/{p('max_concurrency')}: need > 0, >= 0, >= 1; got "
+                            f"{j.timeout_s}, {j.retries}, {j.max_concurrency}")
+    if j.kind == "panel":
+        if len(j.members) < 2:
+            problems.append(f"{p('members')}: a panel needs at least two judges")
+        if j.vote not in PANEL_VOTES:
+            problems.append(f"{p('vote')}: unknown {j.vote!r}; choose one of {', '.join(PANEL_VOTES)}")
+    return problems
+
+
+def judge_from_dict(data: dict, path: str) -> JudgeConfig:
+    """A panel member's JudgeConfig from its mapping; problems raise ConfigError naming `path`."""
+    problems: list[str] = []
+    judge = _build(JudgeConfig, data, path, problems)
+    problems.extend(validate_judge(judge, path))
+    if problems:
+        raise ConfigError(problems)
+    return judge
 
 
 def sampling_problems(max_new_tokens: int, temperature: float, top_p: float, top_k: int, n: int) -> list[tuple[str, str]]:

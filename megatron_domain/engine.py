@@ -115,6 +115,15 @@ def prepare_model(cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, devi
     return pm
 
 
+def frozen_copy(cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device) -> ParallelModel:
+    """A second model with the run's initial weights (model.init_from, or the seed's init) in
+    the same layout, frozen and in eval mode: the reference of a full-fine-tuning DPO run."""
+    pm = prepare_model(cfg, dims, mesh, device)
+    for p in pm.parameters():
+        p.requires_grad_(False)
+    return pm.train(False)
+
+
 def move_batch(batch: dict, device: torch.device) -> dict:
     """Tensors of a micro-batch to `device` (non-blocking on CUDA)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -133,6 +142,7 @@ class StepStats:
     loss_tokens: int
     grad_norm: float  # of the whole model, before clipping
     lr: float  # the LR this step used
+    metrics: dict = field(default_factory=dict)  # the stage's metrics, job means (`tokens`: job sum)
 
 
 @dataclass
@@ -155,13 +165,15 @@ class Trainer:
         return coords["tp"] == 0 and self.model.has_last_stage
 
 
-def forward_backward(trainer: Trainer, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_backward(trainer: Trainer, step: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Forward and backward over this rank's micro-batches of `step`; gradients hold loss
-    *sums*. Returns this rank's (loss_sum, loss_tokens), zeros where no loss is computed."""
+    *sums*. Returns this rank's (loss_sum, loss_tokens, metric sums), zeros where no loss is
+    computed."""
     cfg, device, pm = trainer.cfg, trainer.device, trainer.model
     micro = trainer.stage.batches(step)
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), device=device)
+    metric_sums: dict[str, torch.Tensor] = {}
     with loss_parallel_context(pm.dims.tp), autocast_context(cfg, device):
         if trainer.schedule is not None:
             pb = trainer.stage.pipeline_batch(concat_micro_batches(micro))
@@ -172,25 +184,31 @@ def forward_backward(trainer: Trainer, step: int) -> tuple[torch.Tensor, torch.T
             if pm.has_last_stage:
                 loss_sum += torch.stack([loss.detach() for loss in losses]).sum()
                 tokens += pb.loss_tokens.to(device)
-            return loss_sum, tokens
+            return loss_sum, tokens, metric_sums
         model = pm.parts[0]
         for i, batch in enumerate(micro):
             if pm.dims.dp > 1:  # reduce-scatter gradients once, after the last micro-batch
                 model.set_requires_gradient_sync(i == len(micro) - 1)
             output, loss_fn = trainer.stage.forward_step(move_batch(batch, device), model)
-            mb_loss, mb_tokens, _ = loss_fn(output)
+            mb_loss, mb_tokens, mb_metrics = loss_fn(output)
             mb_loss.backward()
             loss_sum += mb_loss.detach()
-            tokens += mb_tokens.detach()
-    return loss_sum, tokens
+            tokens += torch.as_tensor(mb_tokens, device=device).detach()
+            for key, value in mb_metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0) + torch.as_tensor(value, device=device).detach().float()
+    return loss_sum, tokens, metric_sums
 
 
-def normalize_gradients(trainer: Trainer, loss_sum: torch.Tensor, tokens: torch.Tensor) -> tuple[float, int]:
+def normalize_gradients(trainer: Trainer, loss_sum: torch.Tensor, tokens: torch.Tensor,
+                        metric_sums: dict | None = None) -> tuple[float, int, dict]:
     """Sum this rank's loss and token count over the job and divide every gradient by the job's
     loss-token count, so gradients are those of the token-mean loss of the whole global batch
-    (exact over micro-batches and data-parallel ranks). Returns (job loss, job loss tokens)."""
+    (exact over micro-batches and data-parallel ranks). Returns (job loss, job loss tokens, the
+    stage's metrics as job means; `tokens` as the job's sum)."""
     pm = trainer.model
-    totals = torch.stack([loss_sum, tokens]) * float(trainer.counts_loss)  # [2]
+    names = sorted(metric_sums or {})
+    values = [loss_sum, tokens] + [metric_sums[k].reshape(()) for k in names]
+    totals = torch.stack(values) * float(trainer.counts_loss)  # [2 + metrics]
     if pm.dims.is_parallel:
         dist.all_reduce(totals)
     total_tokens = totals[1].clamp(min=1)
@@ -198,14 +216,15 @@ def normalize_gradients(trainer: Trainer, loss_sum: torch.Tensor, tokens: torch.
     for p in pm.parameters():
         if p.grad is not None:
             p.grad.mul_(scale)
-    return (totals[0] / total_tokens).item(), int(totals[1].item())
+    metrics = {k: (v if k == "tokens" else v / total_tokens).item() for k, v in zip(names, totals[2:])}
+    return (totals[0] / total_tokens).item(), int(totals[1].item()), metrics
 
 
 def optimizer_step(trainer: Trainer, step: int) -> StepStats:
     """One optimizer step: forward/backward, gradients normalized over the job, clipped by the
     whole model's norm, AdamW step, LR schedule advanced."""
     cfg, pm = trainer.cfg, trainer.model
-    loss, loss_tokens = normalize_gradients(trainer, *forward_backward(trainer, step))
+    loss, loss_tokens, metrics = normalize_gradients(trainer, *forward_backward(trainer, step))
     pp_group = pm.mesh["pp"].get_group() if pm.dims.pp > 1 else None
     grad_norm = clip_grads([p for p in pm.parameters() if p.grad is not None], cfg.optim.clip_grad, pp_group)
     lr = trainer.schedulers[0].get_last_lr()[0]
@@ -213,7 +232,7 @@ def optimizer_step(trainer: Trainer, step: int) -> StepStats:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-    return StepStats(loss=loss, loss_tokens=loss_tokens, grad_norm=grad_norm, lr=lr)
+    return StepStats(loss=loss, loss_tokens=loss_tokens, grad_norm=grad_norm, lr=lr, metrics=metrics)
 
 
 def build_trainer(cfg: Config, device: torch.device, run_dir: Path, tokenizer: TextTokenizer) -> Trainer:
@@ -228,7 +247,9 @@ def build_trainer(cfg: Config, device: torch.device, run_dir: Path, tokenizer: T
     coords = dims.coordinates(rank())
     stage = create_stage(cfg.mode)
     stage.setup(StageContext(cfg=cfg, tokenizer=tokenizer, device=device, run_dir=run_dir,
-                             dp_rank=coords["dp"], dp_size=dims.dp))
+                             dp_rank=coords["dp"], dp_size=dims.dp, model=pm,
+                             build_reference=lambda: frozen_copy(cfg, dims, mesh, device), rank=rank(),
+                             tp_size=dims.tp))
     optimizers = [build_optimizer(part, cfg.optim) for part in pm.parts]
     schedulers = [build_scheduler(opt, cfg.optim, cfg.train.steps) for opt in optimizers]
     schedule = None
@@ -299,12 +320,12 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None) -> Tr
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
-        tokens_per_s = tokens_per_step / elapsed
+        tokens_per_s = stats.metrics.pop("tokens", tokens_per_step) / elapsed
         per_gpu = tokens_per_s / dims.world_size
         record = {"step": step + 1, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                   "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": per_gpu,
                   "mfu": per_gpu * flops_per_token / peak, "loss_tokens": stats.loss_tokens,
-                  "step_time_s": elapsed, "world_size": dims.world_size}
+                  "step_time_s": elapsed, "world_size": dims.world_size, **stats.metrics}
         record["peak_memory_gb"] = peak_memory_gb(device)
         result.losses.append(stats.loss)
         if cfg.eval.interval and cfg.eval.sets and (step + 1) % cfg.eval.interval == 0:
@@ -314,7 +335,9 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None) -> Tr
             record.update({f"eval_ppl/{name}": value for name, value in evaluation["ppl"].items()})
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
             log.write(record)
-        bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.1%}")
+        shown = {k.split("/")[-1]: f"{stats.metrics[k]:.3f}" for k in ("rewards/margin", "rewards/accuracy")
+                 if k in stats.metrics}
+        bar.set_postfix(loss=f"{stats.loss:.4f}", **shown, tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.1%}")
         bar.update(1)
         is_last = step + 1 == cfg.train.steps
         exiting = step + 1 == cfg.train.exit_at_step

@@ -33,7 +33,8 @@ def masked_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
     return (nll * mask).sum(), mask.sum()
 
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+LENGTH_AVERAGED_LOSSES = ("ipo",)  # losses on per-token averaged log-ratios (see dpo_pair_losses)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -62,7 +63,11 @@ def dpo_pair_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
           L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
       ipo (Azar et al. 2023; beta plays tau)   L = (h - 1 / (2 beta))^2
       hinge (SLiC, Zhao et al. 2023)           L = max(0, 1 - beta h)
-    Log-probs are sums over each sequence's counted tokens."""
+      robust (rDPO, Chowdhury et al. 2024; eps = label-flip rate < 1/2)
+          L = (-(1 - eps) log sigma(beta h) + eps log sigma(-beta h)) / (1 - 2 eps)
+    Log-probs are sums over each sequence's counted tokens, except for the losses in
+    LENGTH_AVERAGED_LOSSES (ipo), whose callers pass per-token averages log pi(y) / |y| (the IPO
+    authors' setting and TRL's: with sums the squared loss grows with the completion length)."""
     h = (policy_chosen.float() - policy_rejected.float()) - (reference_chosen.float() - reference_rejected.float())  # [P]
     if loss_type == "sigmoid":
         return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
@@ -70,4 +75,7 @@ def dpo_pair_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
         return (h - 1 / (2 * beta)) ** 2
     if loss_type == "hinge":
         return torch.relu(1 - beta * h)
+    if loss_type == "robust":
+        return (-(1 - label_smoothing) * F.logsigmoid(beta * h)
+                + label_smoothing * F.logsigmoid(-beta * h)) / (1 - 2 * label_smoothing)
     raise ValueError(f"dpo loss_type {loss_type!r} unknown; choose one of {', '.join(DPO_LOSS_TYPES)}")

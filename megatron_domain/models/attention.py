@@ -13,6 +13,11 @@ k/v [B, Hkv, S, D] -> [B, Hq, S, D] and tested against a dense masked reference:
 
 `AttentionContext.build` computes once per forward what the backend needs (mask, block mask
 or cu_seqlens).
+
+Shared prefixes (the DPO shared-prompt layout): with `prefix_ids` [B, S], query i may also
+attend key j of another document when document_ids[j] == prefix_ids[i] (j <= i). Two
+completions of one prompt then both see the prompt but not each other. `sdpa` and `flex`
+support it; the varlen backends (one contiguous document per sequence) do not.
 """
 
 from __future__ import annotations
@@ -26,23 +31,30 @@ import torch.nn.functional as F
 BACKENDS = ("sdpa", "flex", "flash_varlen", "te")
 
 
-def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean mask [B, 1, S, S]: True where query i may attend key j (j <= i, same document)."""
+PREFIX_BACKENDS = ("sdpa", "flex")
+
+
+def document_causal_mask(document_ids: torch.Tensor, prefix_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask [B, 1, S, S]: True where query i may attend key j (j <= i, same document,
+    or key j in the document `prefix_ids[i]` names)."""
     seq_len = document_ids.shape[-1]
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=document_ids.device).tril()  # [S, S]
-    same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # [B, S, S]
-    return (same_doc & causal)[:, None]  # [B, 1, S, S]
+    allowed = document_ids[:, :, None] == document_ids[:, None, :]  # [B, S, S]
+    if prefix_ids is not None:
+        allowed = allowed | (prefix_ids[:, :, None] == document_ids[:, None, :])  # [B, S, S]
+    return (allowed & causal)[:, None]  # [B, 1, S, S]
 
 
 def dense_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor,
-                             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                             dtype: torch.dtype = torch.float64, prefix_ids: torch.Tensor | None = None
+                             ) -> torch.Tensor:
     """The reference every backend is tested against: softmax(q k^T / sqrt(d)) v over the
     document-causal mask, spelled out in `dtype`. q [B, Hq, S, D], k/v [B, Hkv, S, D],
     document_ids [B, S] -> [B, Hq, S, D]."""
     groups = q.shape[1] // k.shape[1]
     q, k, v = q.to(dtype), k.to(dtype).repeat_interleave(groups, 1), v.to(dtype).repeat_interleave(groups, 1)
     scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5  # [B, Hq, S, S]
-    allowed = document_causal_mask(document_ids)  # [B, 1, S, S]
+    allowed = document_causal_mask(document_ids, prefix_ids)  # [B, 1, S, S]
     return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v  # [B, Hq, S, D]
 
 
@@ -66,18 +78,22 @@ class AttentionContext:
     kv_cache: object = None  # a models.kv_cache.KVCache during incremental decoding (mask and buffers)
 
     @staticmethod
-    def build(document_ids: torch.Tensor | None, backend: str = "sdpa", shape: tuple[int, int] | None = None
-              ) -> "AttentionContext":
+    def build(document_ids: torch.Tensor | None, backend: str = "sdpa", shape: tuple[int, int] | None = None,
+              prefix_ids: torch.Tensor | None = None) -> "AttentionContext":
         """The context for `backend`; `document_ids` [B, S] (None: one document per row, then
-        `shape` = (B, S) is needed by the backends that take explicit boundaries)."""
+        `shape` = (B, S) is needed by the backends that take explicit boundaries); `prefix_ids`
+        [B, S] shared prefixes (sdpa and flex only)."""
+        if prefix_ids is not None and backend not in PREFIX_BACKENDS:
+            raise ValueError(f"model.attention_backend={backend} cannot share a prompt between two completions "
+                             f"(needs one of {', '.join(PREFIX_BACKENDS)}); set dpo.shared_prompt: false")
         if backend == "sdpa":
-            if document_ids is None or bool((document_ids == document_ids[:, :1]).all()):
+            if prefix_ids is None and (document_ids is None or bool((document_ids == document_ids[:, :1]).all())):
                 return AttentionContext()
-            return AttentionContext(mask=document_causal_mask(document_ids))
+            return AttentionContext(mask=document_causal_mask(document_ids, prefix_ids))
         if document_ids is None:
             document_ids = torch.arange(shape[0])[:, None].expand(shape)  # [B, S] one document per row
         if backend == "flex":
-            return AttentionContext(block_mask=document_block_mask(document_ids))
+            return AttentionContext(block_mask=document_block_mask(document_ids, prefix_ids))
         cu_seqlens, max_seqlen = varlen_boundaries(document_ids)
         return AttentionContext(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
@@ -93,15 +109,21 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Atten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
 
 
-def document_block_mask(document_ids: torch.Tensor):
-    """FlexAttention BlockMask of the document-causal pattern of document_ids [B, S]."""
+def document_block_mask(document_ids: torch.Tensor, prefix_ids: torch.Tensor | None = None):
+    """FlexAttention BlockMask of the document-causal pattern of document_ids [B, S] (with
+    shared prefixes when `prefix_ids` [B, S] is given)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def document_causal(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
 
+    def prefix_causal(b, h, q_idx, kv_idx):
+        return document_causal(b, h, q_idx, kv_idx) | (
+            (q_idx >= kv_idx) & (prefix_ids[b, q_idx] == document_ids[b, kv_idx]))
+
     bsz, seq = document_ids.shape
-    return create_block_mask(document_causal, bsz, None, seq, seq, device=document_ids.device)
+    return create_block_mask(document_causal if prefix_ids is None else prefix_causal, bsz, None, seq, seq,
+                             device=document_ids.device)
 
 
 @functools.cache

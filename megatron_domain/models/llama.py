@@ -159,7 +159,8 @@ class Transformer(nn.Module):
 
     def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor,
                 document_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                logprobs_kernel: Callable | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+                logprobs_kernel: Callable | None = None, kv_cache: KVCache | None = None,
+                prefix_ids: torch.Tensor | None = None, score_index: torch.Tensor | None = None) -> torch.Tensor:
         """inputs: tokens [B, S] (or hidden states [B, S, H] on a later pipeline chunk) ->
         logits [B, S, V] (or hidden states [B, S, H] before the last chunk). `document_ids`
         [B, S] enables per-document masking; `position_ids` [B, S] restart at each document.
@@ -175,7 +176,7 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             ctx = AttentionContext(kv_cache=kv_cache)
         else:
-            ctx = AttentionContext.build(document_ids, self.cfg.attention_backend, tuple(x.shape[:2]))
+            ctx = AttentionContext.build(document_ids, self.cfg.attention_backend, tuple(x.shape[:2]), prefix_ids)
         for layer in self.layers.values():
             x = layer(x, cos, sin, ctx)  # [B, S, H]
         if self.norm is None:
@@ -184,13 +185,15 @@ class Transformer(nn.Module):
             x = x[:, -1:]  # [B, 1, H] (a sequence-parallel DTensor keeps all positions)
         x = self.norm(x)  # [B, S, H]
         if targets is not None and logprobs_kernel is not None:
-            return self.target_logprobs(x, targets, logprobs_kernel)  # [B, S]
+            return self.target_logprobs(x, targets, logprobs_kernel, score_index)  # [B, S] or [M]
         if self.lm_head is not None:
             return self.lm_head(x)  # [B, S, V]
         return F.linear(x, self.embed_tokens.weight)  # [B, S, V]
 
-    def target_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, logprobs_kernel: Callable) -> torch.Tensor:
-        """hidden [B, S, H] (a DTensor under TP), targets [B, S] -> log p(target) [B, S] fp32.
+    def target_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, logprobs_kernel: Callable,
+                        score_index: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [B, S, H] (a DTensor under TP), targets [B, S] -> log p(target) [B, S] fp32;
+        with `score_index` [M]: the hidden states at those flat positions, targets [M] -> [M].
         Under TP the output weight is vocabulary-sharded: each rank takes its local rows and the
         kernel reduces over the TP group."""
         weight, group = self.output_weight(), None
@@ -202,9 +205,12 @@ class Transformer(nn.Module):
         device_type = hidden.device.type
         # under autocast, run the kernel's matmuls in the autocast dtype in forward and backward alike
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        rows = hidden.flatten(0, 1)  # [B*S, H]
+        if score_index is not None:
+            rows = rows.index_select(0, score_index)  # [M, H]
         with torch.autocast(device_type, enabled=False):
-            logp, _ = logprobs_kernel(hidden.flatten(0, 1).to(dtype), weight.to(dtype), targets.flatten(), group=group)
-        return logp.view(targets.shape)  # [B, S]
+            logp, _ = logprobs_kernel(rows.to(dtype), weight.to(dtype), targets.flatten(), group=group)
+        return logp.view(targets.shape)  # [B, S] or [M]
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

@@ -14,6 +14,8 @@ the saved base weights back, bitwise.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,6 +38,7 @@ class LoRALinear(nn.Linear):
         self.lora_a = nn.Parameter(torch.empty(rank, in_features, device=device))
         self.lora_b = nn.Parameter(torch.empty(out_features, rank, device=device))
         self.merged = False
+        self.adapter_enabled = True  # False inside `adapters_disabled`: the frozen base alone
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -47,7 +50,7 @@ class LoRALinear(nn.Linear):
             out = out + self.bias if self.bias is not None else out
         else:
             out = F.linear(x, self.weight, self.bias)  # [..., out]
-        if self.merged:
+        if self.merged or not self.adapter_enabled:
             return out
         x = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
         return out + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling  # [..., out]
@@ -98,6 +101,23 @@ def lora_modules(model: nn.Module) -> list[LoRALinear]:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run `model` as its frozen base: every LoRA adapter is skipped inside the block (the DPO
+    reference of a LoRA run, with no second copy of the weights). Merged adapters cannot be
+    skipped: that is an error."""
+    modules = lora_modules(model)
+    if any(m.merged for m in modules):
+        raise RuntimeError("adapters_disabled: the adapters are merged into the base weights; unmerge them first")
+    for module in modules:
+        module.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.adapter_enabled = True
+
+
 def merge_lora(model: nn.Module) -> None:
     """W <- W + (alpha/r) B A for every adapter; the exact base weights are kept for unmerge."""
     for module in lora_modules(model):

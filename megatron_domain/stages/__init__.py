@@ -3,7 +3,10 @@
 - `setup(ctx)`: build its data (and anything else it needs) from the StageContext;
 - `batches(step) -> list[micro-batch]`: the micro-batches of one optimizer step for this rank;
 - `forward_step(batch, model) -> (output, loss_fn)`: run the model; `loss_fn(output)` returns
-  `(loss_sum, num_tokens, metrics)` so the engine can normalize over micro-batches and ranks;
+  `(loss_sum, loss_count, metrics)` so the engine can normalize over micro-batches and ranks
+  (`loss_count` is the number of loss tokens, or of pairs for a per-pair loss). `metrics` holds
+  per-micro-batch *sums* that the engine adds up over the job and divides by the job's
+  loss_count (key `tokens`: the tokens processed, summed only; it sets tokens/s);
 - `state_dict()` / `load_state_dict()`: the data cursor, saved in every checkpoint;
 - for pipeline parallelism (optional): `pipeline_batch(batch) -> PipelineBatch` (model inputs
   and one loss target tensor that the schedule splits into micro-batches) and
@@ -25,12 +28,17 @@ from megatron_domain.config import Config
 from megatron_domain.data.tokenizer import TextTokenizer
 
 STAGES = {"pretrain": "megatron_domain.stages.pretrain:PretrainStage",
-          "sft": "megatron_domain.stages.sft:SftStage"}
+          "sft": "megatron_domain.stages.sft:SftStage",
+          "dpo": "megatron_domain.stages.dpo:DpoStage"}
 
 
 @dataclass
 class StageContext:
-    """What the engine hands a stage at setup."""
+    """What the engine hands a stage at setup. `model` is the policy being trained (a
+    parallel.apply.ParallelModel, holding its initial weights during setup: a resumed run loads
+    its checkpoint after); `build_reference()` builds a frozen model with the run's initial
+    weights in the same parallel layout (a DPO reference); `rank`/`tp_size`: this process's
+    global rank and the tensor-parallel degree."""
 
     cfg: Config
     tokenizer: TextTokenizer
@@ -38,6 +46,10 @@ class StageContext:
     run_dir: Path
     dp_rank: int = 0
     dp_size: int = 1
+    model: Any = None
+    build_reference: Callable[[], Any] | None = None
+    rank: int = 0
+    tp_size: int = 1
 
 
 @dataclass

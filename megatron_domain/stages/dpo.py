@@ -1,0 +1,257 @@
+"""`mode: dpo`: Direct Preference Optimization (Rafailov et al. 2023) and its family (IPO, hinge,
+conservative and robust DPO: losses.dpo_pair_losses), offline on preference pairs
+(data.chat.path, data/preference.py) or online (`dpo.online: true`): each round the current
+policy samples completions of prompts, a judge scores them and best-vs-worst pairs train the
+policy (stages/online.py; `<run_dir>/rounds/<n>.jsonl` holds everything a round generated).
+
+The reference policy pi_ref (`dpo.reference`, the choice is logged): with LoRA the base with the
+adapters switched off (no second copy of the weights); otherwise a frozen copy of the initial
+weights, or (offline) reference log-probs computed once before training and stored with the run
+(`<run_dir>/reference_logps.pt`).
+
+A micro-batch is `train.micro_batch_size` pairs in ONE padding-free row (data/preference.py);
+with `dpo.shared_prompt` each pair is [prompt | chosen | rejected] so the prompt is computed once.
+Log-probs come from the fused `linear_logprobs` kernel at the scored positions only, so no
+[tokens, vocab] logits tensor is kept; the loss is the `dpo_loss` kernel op.
+
+Departures from the paper: batches count pairs (`train.global_batch_size` pairs per step, the
+loss is the mean over them); IPO runs on per-token averaged log-ratios (as its authors and TRL);
+pairs are reshuffled every epoch with a seeded permutation and the cursor counts pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from megatron_domain.config import Config
+from megatron_domain.data.chat import load_template
+from megatron_domain.data.preference import PreferencePair, pair_batch, pair_tokens, read_preferences
+from megatron_domain.kernels.registry import get_kernel
+from megatron_domain.losses import LENGTH_AVERAGED_LOSSES
+from megatron_domain.models.lora import adapters_disabled
+from megatron_domain.stages import StageContext
+from megatron_domain.stages.causal_lm import micro_batch_starts
+
+
+def resolve_reference(cfg: Config) -> str:
+    """dpo.reference with `auto` resolved: adapters under LoRA, else a frozen copy."""
+    if cfg.dpo.reference != "auto":
+        return cfg.dpo.reference
+    return "adapters" if cfg.lora.rank > 0 else "copy"
+
+
+def score_pairs(model: torch.nn.Module, batch: dict, logprobs_kernel) -> torch.Tensor:
+    """log p(completion token) at every scored position of a pair batch -> [M] fp32."""
+    return model(batch["tokens"], batch["position_ids"], batch["document_ids"], targets=batch["score_targets"],
+                 logprobs_kernel=logprobs_kernel, prefix_ids=batch["prefix_ids"],
+                 score_index=batch["score_index"])  # [M]
+
+
+def length_weights(segments: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """1 / |y| for each scored token of sequence y: segments [M] -> [M] fp32 (sums become means)."""
+    lengths = torch.bincount(segments, minlength=num_segments).clamp(min=1).float()  # [2P]
+    return 1.0 / lengths[segments]  # [M]
+
+
+def chosen_kl_per_pair(policy: torch.Tensor, reference: torch.Tensor, segments: torch.Tensor,
+                       num_pairs: int) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) on each pair's chosen completion, averaged over its
+    tokens: k3 = exp(r) - 1 - r with r = log pi_ref - log pi (Schulman 2020; >= 0, unbiased under
+    samples of pi). policy/reference/segments [M] -> [P]."""
+    r = (reference - policy.detach()).float()  # [M]
+    k3 = torch.expm1(r) - r  # [M]
+    chosen = segments % 2 == 0  # [M]
+    sums = torch.zeros(num_pairs, device=r.device).index_add(0, segments[chosen] // 2, k3[chosen])  # [P]
+    counts = torch.bincount(segments[chosen] // 2, minlength=num_pairs).clamp(min=1)  # [P]
+    return sums / counts  # [P]
+
+
+class DpoStage:
+    """Pairs (from a file, or from the online rounds) -> DPO-family loss against pi_ref."""
+
+    def __init__(self) -> None:
+        self.consumed_pairs = 0
+        self.pairs: list[PreferencePair] = []
+        self.reference_logps: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self.reference_model = None
+        self.online = None
+        self._orders: dict[int, np.ndarray] = {}
+
+    # ----------------------------------------------------------------- setup
+
+    def setup(self, ctx: StageContext) -> None:
+        """Kernels, the reference and the data (the file's pairs, or the online round driver)."""
+        cfg, d = ctx.cfg, ctx.cfg.dpo
+        self.cfg, self.ctx = cfg, ctx
+        self.template = load_template(cfg.data.chat.template, cfg.data.tokenizer)
+        kernel = get_kernel("linear_logprobs", cfg.kernels.linear_logprobs, ctx.device)
+        self.logprobs_kernel = functools.partial(kernel, chunk_rows=cfg.kernels.logprob_chunk_rows)
+        self.loss_kernel = get_kernel("dpo_loss", cfg.kernels.dpo_loss, ctx.device)
+        self.pad_multiple = ctx.tp_size if cfg.parallel.sequence_parallel else 1
+        self.reference = resolve_reference(cfg)
+        self.global_batch, self.micro_batch = cfg.train.global_batch_size, cfg.train.micro_batch_size
+        self.dp_rank, self.dp_size = ctx.dp_rank, ctx.dp_size
+        self.show = cfg.train.progress and ctx.rank == 0
+        if self.reference == "copy":
+            self.reference_model = ctx.build_reference()
+        if d.online:
+            from megatron_domain.stages.online import OnlineRounds
+
+            self.online = OnlineRounds(ctx, self.template)
+        else:
+            data = read_preferences(cfg.data.chat.path, self.template, ctx.tokenizer, cfg.data.seq_len,
+                                    cfg.data.chat.overflow)
+            self.pairs = data.pairs
+            if (data.truncated or data.dropped) and self.show:
+                tqdm.write(f"[dpo] {data.truncated} pair(s) truncated and {data.dropped} dropped for exceeding "
+                           f"data.seq_len={cfg.data.seq_len} (data.chat.overflow={cfg.data.chat.overflow})")
+        if self.show:
+            source = "online rounds" if d.online else f"{len(self.pairs)} pairs from {cfg.data.chat.path}"
+            tqdm.write(f"[dpo] loss {d.loss_type} (beta {d.beta:g}), reference: {self.reference}, layout: "
+                       f"{'shared prompt' if d.shared_prompt else 'two documents per pair'}; {source}")
+        if self.reference == "precomputed":
+            self.reference_logps = self._precomputed_reference(ctx)
+
+    @property
+    def seq_len(self) -> int:
+        return self.cfg.data.seq_len
+
+    def _batch(self, pairs: list[PreferencePair]) -> dict:
+        batch = pair_batch(pairs, self.cfg.dpo.shared_prompt, self.seq_len, self.ctx.tokenizer.eod_id,
+                           self.pad_multiple).as_dict()
+        batch["pair_tokens"] = sum(pair_tokens(p) for p in pairs)
+        return batch
+
+    # ----------------------------------------------------------------- reference log-probs
+
+    def _autocast(self):
+        device = self.ctx.device
+        if self.cfg.train.dtype == "bf16":
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(f"{self.cfg.model.init_from}|{self.cfg.train.dtype}|{self.cfg.dpo.shared_prompt}".encode())
+        for pair in self.pairs:
+            for ids in (pair.prompt, pair.chosen, pair.rejected):
+                digest.update(ids.tobytes())
+                digest.update(b"|")
+        return digest.hexdigest()
+
+    def _precomputed_reference(self, ctx: StageContext) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per pair (chosen, rejected) token log-probs under the initial policy: read from
+        <run_dir>/reference_logps.pt when it matches the data, else computed once (every rank
+        runs the same forwards; rank 0 writes the file, atomically)."""
+        path = Path(ctx.run_dir) / "reference_logps.pt"
+        fingerprint = self._fingerprint()
+        if path.is_file():
+            stored = torch.load(path, weights_only=True)
+            if stored["fingerprint"] == fingerprint:
+                return [(c.numpy(), r.numpy()) for c, r in zip(stored["chosen"], stored["rejected"])]
+            if self.show:
+                tqdm.write(f"[dpo] {path} was computed for other pairs or another initial model; recomputing")
+        model = ctx.model.parts[0]
+        out: list[tuple[np.ndarray, np.ndarray]] = []
+        bar = tqdm(total=len(self.pairs), desc="[dpo] reference log-probs", unit="pair", disable=not self.show)
+        with torch.no_grad(), self._autocast():
+            for start in range(0, len(self.pairs), self.micro_batch):
+                chunk = self.pairs[start:start + self.micro_batch]
+                batch = {k: v.to(ctx.device) if torch.is_tensor(v) else v for k, v in self._batch(chunk).items()}
+                logps = score_pairs(model, batch, self.logprobs_kernel).float().cpu()  # [M]
+                segments = batch["score_segments"].cpu()
+                for p in range(len(chunk)):
+                    out.append((logps[segments == 2 * p].numpy(), logps[segments == 2 * p + 1].numpy()))
+                bar.update(len(chunk))
+        bar.close()
+        if ctx.rank == 0:
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save({"fingerprint": fingerprint, "chosen": [torch.from_numpy(c) for c, _ in out],
+                        "rejected": [torch.from_numpy(r) for _, r in out]}, tmp)
+            os.replace(tmp, path)
+        return out
+
+    def _reference_for(self, batch: dict, model: torch.nn.Module) -> torch.Tensor:
+        """pi_ref's log-probs at the batch's scored positions [M] (no gradient)."""
+        if "reference_logps" in batch:
+            return batch["reference_logps"]
+        with torch.no_grad():
+            if self.reference == "adapters":
+                with adapters_disabled(model):
+                    return score_pairs(model, batch, self.logprobs_kernel)
+            return score_pairs(self.reference_model.parts[0], batch, self.logprobs_kernel)
+
+    # ----------------------------------------------------------------- data
+
+    def _pair_at(self, index: int, pairs: list[PreferencePair], seed: int) -> int:
+        """Which pair sits at global position `index` of the endless, per-epoch shuffled stream."""
+        epoch, offset = divmod(index, len(pairs))
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng(seed + epoch).permutation(len(pairs))}
+        return int(self._orders[epoch][offset])
+
+    def batches(self, step: int) -> list[dict]:
+        """This rank's micro-batches of `micro_batch_size` pairs (online: of the round `step`
+        belongs to, generated first when it does not exist yet); advances the cursor."""
+        if self.online is not None:
+            pairs, cursor, seed = self.online.pairs_for_step(step, self.global_batch)
+        else:
+            pairs, cursor, seed = self.pairs, self.consumed_pairs, self.cfg.data.seed
+        self.consumed_pairs += self.global_batch
+        if not pairs:
+            return []
+        micro = []
+        for start in micro_batch_starts(cursor, self.global_batch, self.micro_batch, self.dp_rank, self.dp_size):
+            indices = [self._pair_at(i, pairs, seed) for i in range(start, start + self.micro_batch)]
+            batch = self._batch([pairs[i] for i in indices])
+            if self.reference_logps is not None:
+                batch["reference_logps"] = torch.from_numpy(np.concatenate(
+                    [part for i in indices for part in self.reference_logps[i]]).astype(np.float32))
+            micro.append(batch)
+        return micro
+
+    # ----------------------------------------------------------------- step
+
+    def forward_step(self, batch: dict, model: torch.nn.Module):
+        """Policy log-probs at the scored positions; the loss function applies the DPO loss
+        against pi_ref and returns (sum of pair losses, pairs, metric sums)."""
+        reference = self._reference_for(batch, model).detach().float()  # [M]
+        policy = score_pairs(model, batch, self.logprobs_kernel)  # [M]
+
+        def loss_fn(output: torch.Tensor):
+            d = self.cfg.dpo
+            segments, num_pairs = batch["score_segments"], batch["num_pairs"]
+            pol, ref = output.float(), reference
+            if d.loss_type in LENGTH_AVERAGED_LOSSES:
+                weights = length_weights(segments, 2 * num_pairs)  # [M]
+                pol, ref = pol * weights, ref * weights
+            out = self.loss_kernel(pol, ref, segments, num_pairs, beta=d.beta, loss_type=d.loss_type,
+                                   label_smoothing=d.label_smoothing)
+            margins = out.chosen_rewards - out.rejected_rewards  # [P]
+            metrics = {"rewards/chosen": out.chosen_rewards.sum(), "rewards/rejected": out.rejected_rewards.sum(),
+                       "rewards/margin": margins.sum(), "rewards/accuracy": (margins > 0).float().sum(),
+                       "logps/chosen": out.policy_chosen.sum(), "logps/rejected": out.policy_rejected.sum(),
+                       "kl/chosen": chosen_kl_per_pair(output, reference, segments, num_pairs).sum(),
+                       "tokens": float(batch["pair_tokens"])}
+            return out.losses.sum(), num_pairs, metrics
+
+        return policy, loss_fn
+
+    # ----------------------------------------------------------------- resume
+
+    def state_dict(self) -> dict:
+        """The data cursor (pairs consumed)."""
+        return {"consumed_pairs": self.consumed_pairs}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved cursor."""
+        self.consumed_pairs = int(state["consumed_pairs"])
+
