@@ -67,7 +67,7 @@ def first_step(cfg_dict: dict) -> tuple[float, dict[str, torch.Tensor]]:
     cfg = config_from_dict(cfg_dict)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     trainer = build_trainer(cfg, torch.device("cpu"), Path(cfg.train.run_dir), tokenizer)
-    loss, _ = normalize_gradients(trainer, *forward_backward(trainer, 0))
+    loss, _, _ = normalize_gradients(trainer, *forward_backward(trainer, 0))
     return loss, full_gradients(trainer)
 
 

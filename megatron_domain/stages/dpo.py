@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megatron_domain.config import Config
+from megatron_domain.config import Config, DpoConfig
 from megatron_domain.data.chat import load_template
 from megatron_domain.data.preference import PreferencePair, pair_batch, pair_tokens, read_preferences
+from megatron_domain.kernels.dpo import dpo_loss_reference
 from megatron_domain.kernels.registry import get_kernel
 from megatron_domain.losses import LENGTH_AVERAGED_LOSSES
 from megatron_domain.models.lora import adapters_disabled
@@ -72,6 +73,27 @@ def chosen_kl_per_pair(policy: torch.Tensor, reference: torch.Tensor, segments: 
     sums = torch.zeros(num_pairs, device=r.device).index_add(0, segments[chosen] // 2, k3[chosen])  # [P]
     counts = torch.bincount(segments[chosen] // 2, minlength=num_pairs).clamp(min=1)  # [P]
     return sums / counts  # [P]
+
+
+def pair_loss(policy: torch.Tensor, reference: torch.Tensor, batch: dict, d: DpoConfig,
+              loss_kernel=dpo_loss_reference) -> tuple[torch.Tensor, int, dict]:
+    """The DPO-family loss of a pair batch from the policy's and pi_ref's log-probs at its scored
+    positions (both [M]): (sum of the pair losses, number of pairs, metric sums over the pairs:
+    rewards, margin, accuracy, policy log-probs, KL estimate on the chosen, tokens)."""
+    segments, num_pairs = batch["score_segments"], batch["num_pairs"]
+    pol, ref = policy.float(), reference.float()
+    if d.loss_type in LENGTH_AVERAGED_LOSSES:
+        weights = length_weights(segments, 2 * num_pairs)  # [M]
+        pol, ref = pol * weights, ref * weights
+    out = loss_kernel(pol, ref, segments, num_pairs, beta=d.beta, loss_type=d.loss_type,
+                      label_smoothing=d.label_smoothing)
+    margins = out.chosen_rewards - out.rejected_rewards  # [P]
+    metrics = {"rewards/chosen": out.chosen_rewards.sum(), "rewards/rejected": out.rejected_rewards.sum(),
+               "rewards/margin": margins.sum(), "rewards/accuracy": (margins > 0).float().sum(),
+               "logps/chosen": out.policy_chosen.sum(), "logps/rejected": out.policy_rejected.sum(),
+               "kl/chosen": chosen_kl_per_pair(policy, reference, segments, num_pairs).sum(),
+               "tokens": float(batch["pair_tokens"])}
+    return out.losses.sum(), num_pairs, metrics
 
 
 class DpoStage:
@@ -227,21 +249,7 @@ class DpoStage:
         policy = score_pairs(model, batch, self.logprobs_kernel)  # [M]
 
         def loss_fn(output: torch.Tensor):
-            d = self.cfg.dpo
-            segments, num_pairs = batch["score_segments"], batch["num_pairs"]
-            pol, ref = output.float(), reference
-            if d.loss_type in LENGTH_AVERAGED_LOSSES:
-                weights = length_weights(segments, 2 * num_pairs)  # [M]
-                pol, ref = pol * weights, ref * weights
-            out = self.loss_kernel(pol, ref, segments, num_pairs, beta=d.beta, loss_type=d.loss_type,
-                                   label_smoothing=d.label_smoothing)
-            margins = out.chosen_rewards - out.rejected_rewards  # [P]
-            metrics = {"rewards/chosen": out.chosen_rewards.sum(), "rewards/rejected": out.rejected_rewards.sum(),
-                       "rewards/margin": margins.sum(), "rewards/accuracy": (margins > 0).float().sum(),
-                       "logps/chosen": out.policy_chosen.sum(), "logps/rejected": out.policy_rejected.sum(),
-                       "kl/chosen": chosen_kl_per_pair(output, reference, segments, num_pairs).sum(),
-                       "tokens": float(batch["pair_tokens"])}
-            return out.losses.sum(), num_pairs, metrics
+            return pair_loss(output, reference, batch, self.cfg.dpo, self.loss_kernel)
 
         return policy, loss_fn
 

@@ -1,0 +1,309 @@
+"""The dpo mode: loss parity with TRL's DPOTrainer, the shared-prompt layout against the two-row
+reference, the LoRA reference, preference data errors, and a golden run with exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ALPHA_WORDS, CHAT_MODEL, synthetic_documents
+from megatron_domain.config import DpoConfig, config_from_dict
+from megatron_domain.data.chat import ChatDataError, load_template
+from megatron_domain.data.preference import PreferencePair, pair_batch, read_preferences
+from megatron_domain.data.tokenizer import CHATML_SPECIALS, load_tokenizer, train_bpe_tokenizer
+from megatron_domain.engine import train
+from megatron_domain.kernels.linear_logprobs import linear_logprobs_chunked
+from megatron_domain.models.llama import build_model, materialize
+from megatron_domain.models.lora import adapters_disabled, apply_lora
+from megatron_domain.stages.dpo import pair_loss, score_pairs
+
+
+def random_pairs(count: int, vocab: int, seed: int, max_prompt: int = 12, max_completion: int = 10
+                 ) -> list[PreferencePair]:
+    """Pairs of random token ids with random lengths (completions of 1 token included)."""
+    rng = np.random.default_rng(seed)
+    draw = lambda low, high: rng.integers(1, vocab, rng.integers(low, high + 1))  # noqa: E731
+    return [PreferencePair(draw(3, max_prompt), draw(1, max_completion), draw(1, max_completion), f"pair {i}")
+            for i in range(count)]
+
+
+def tiny_model(seed: int = 0, **overrides):
+    """The tiny-test decoder (fp32, random init) and its ModelConfig."""
+    cfg = config_from_dict({"model": {"preset": "tiny-test", **overrides}, "data": {"seq_len": 64}}).model
+    return materialize(build_model(cfg), "cpu", seed), cfg
+
+
+def as_batch(pairs, shared: bool, seq_len: int = 64) -> dict:
+    batch = pair_batch(pairs, shared, seq_len, pad_id=0).as_dict()
+    batch["pair_tokens"] = 0
+    return batch
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_shared_prompt_layout_equals_two_rows(backend):
+    """[prompt | chosen | rejected] with the prefix mask gives the same per-token log-probs and
+    the same loss gradients as two documents per pair (within 1e-5, fp32)."""
+    torch.manual_seed(0)
+    model, cfg = tiny_model(attention_backend=backend)
+    pairs = random_pairs(5, cfg.vocab_size, seed=1)
+    results = []
+    for shared in (True, False):
+        batch = as_batch(pairs, shared)
+        model.zero_grad()
+        with torch.set_grad_enabled(backend == "sdpa"):  # FlexAttention has no backward on CPU
+            logps = score_pairs(model, batch, linear_logprobs_chunked)  # [M]
+            reference = logps.detach() + 0.3 * torch.randn(logps.shape, generator=torch.Generator().manual_seed(2))
+            loss, _, _ = pair_loss(logps, reference, batch, DpoConfig())
+            if backend == "sdpa":
+                loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logps.detach(), batch, grads))
+    (shared_logps, shared_batch, shared_grads), (row_logps, row_batch, row_grads) = results
+    assert shared_batch["tokens"].shape[1] < row_batch["tokens"].shape[1]  # the prompt is computed once
+    assert torch.equal(shared_batch["score_targets"], row_batch["score_targets"])
+    torch.testing.assert_close(shared_logps, row_logps, rtol=0, atol=1e-5)
+    for name, grad in row_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=0, atol=1e-5, msg=name)
+    assert backend == "flex" or row_grads["layers.0.self_attn.q_proj.weight"].abs().max() > 0
+
+
+def test_pair_batch_scores_every_completion_token_at_its_predictor():
+    """The first completion token is predicted at the prompt's last position in both layouts;
+    every other at the position where the previous completion token was fed."""
+    pair = PreferencePair(np.array([5, 6, 7]), np.array([8, 9]), np.array([10, 11, 12]))
+    for shared in (True, False):
+        b = pair_batch([pair], shared, 64, pad_id=0, pad_multiple=4)
+        tokens = b.tokens[0]
+        assert b.tokens.shape[1] % 4 == 0
+        assert b.score_targets.tolist() == [8, 9, 10, 11, 12]
+        assert b.score_segments.tolist() == [0, 0, 1, 1, 1]
+        fed = tokens[b.score_index].tolist()
+        assert fed == [7, 8, 7, 10, 11]  # what the model saw last before each target
+        positions = b.position_ids[0][b.score_index].tolist()
+        assert positions == [2, 3, 2, 3, 4]  # completions both continue the prompt's positions
+
+
+def test_lora_reference_is_the_base_model():
+    """With adapters disabled a LoRA model computes exactly the base model's logits."""
+    base, cfg = tiny_model(seed=3)
+    lora_model = build_model(cfg)
+    apply_lora(lora_model, rank=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj", "gate_proj"))
+    lora_model.to_empty(device="cpu")
+    lora_model.load_state_dict(base.state_dict(), strict=False)
+    lora_model.reset_buffers()
+    with torch.no_grad():
+        for name, p in lora_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.5)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    positions = torch.arange(16).expand(2, 16)
+    with torch.no_grad():
+        expected = base(tokens, positions)
+        adapted = lora_model(tokens, positions)
+        with adapters_disabled(lora_model):
+            disabled = lora_model(tokens, positions)
+        again = lora_model(tokens, positions)
+    assert (adapted - expected).abs().max() > 1e-2  # the adapters do change the model
+    torch.testing.assert_close(disabled, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(again, adapted, rtol=0, atol=0)  # switched back on after the block
+
+
+# ----------------------------------------------------------------------------- TRL parity
+
+
+@pytest.fixture(scope="module")
+def hf_pair_models(tmp_path_factory):
+    """A random HF Llama (the reference) and a perturbed copy (the policy), saved as folders."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("hf_dpo")
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(config)
+    policy = transformers.LlamaForCausalLM(config)
+    policy.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    for name, model in (("reference", reference), ("policy", policy)):
+        model.save_pretrained(root / name)
+    return root
+
+
+def our_model_from_hf(folder):
+    from megatron_domain.models.hf import load_hf_weights, model_config_from_hf, read_hf_config
+
+    cfg = model_config_from_hf(read_hf_config(folder))
+    model = materialize(build_model(cfg), "cpu", None)
+    load_hf_weights(folder, [model], cfg)
+    return model
+
+
+@pytest.mark.parametrize("loss_type,smoothing", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.1)])
+def test_loss_equals_trl_dpo_trainer(hf_pair_models, tmp_path, loss_type, smoothing):
+    """Our loss on a batch of random pairs equals TRL's DPOTrainer.compute_loss on the same
+    token ids (TRL pads two rows per pair; we pack one shared-prompt row)."""
+    trl = pytest.importorskip("trl")
+    import transformers
+    from datasets import Dataset
+
+    pairs = random_pairs(4, 256, seed=5)
+    policy_hf = transformers.AutoModelForCausalLM.from_pretrained(hf_pair_models / "policy")
+    reference_hf = transformers.AutoModelForCausalLM.from_pretrained(hf_pair_models / "reference")
+    tokenizer_file = tmp_path / "tok.json"
+    train_bpe_tokenizer(["a b c d e"], 300, tokenizer_file)
+    processing = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token="<|endoftext|>",
+                                                      pad_token="<|endoftext|>")
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=[loss_type],
+                         label_smoothing=smoothing, report_to="none", use_cpu=True, bf16=False,
+                         per_device_train_batch_size=4, max_length=None)
+    dataset = Dataset.from_list([{"prompt": "a b", "chosen": " c", "rejected": " d"}])
+    trainer = trl.DPOTrainer(model=policy_hf, ref_model=reference_hf, args=args, train_dataset=dataset,
+                             processing_class=processing)
+    examples = [{"prompt_ids": p.prompt.tolist(), "chosen_ids": p.chosen.tolist(),
+                 "rejected_ids": p.rejected.tolist()} for p in pairs]
+    inputs = trainer.data_collator(examples)
+    with torch.no_grad():
+        trl_loss = float(trainer.compute_loss(trainer.model, inputs))
+
+    batch = as_batch(pairs, shared=True)
+    with torch.no_grad():
+        policy = score_pairs(our_model_from_hf(hf_pair_models / "policy"), batch, linear_logprobs_chunked)
+        reference = score_pairs(our_model_from_hf(hf_pair_models / "reference"), batch, linear_logprobs_chunked)
+    loss_sum, count, metrics = pair_loss(policy, reference, batch, DpoConfig(loss_type=loss_type,
+                                                                             label_smoothing=smoothing))
+    assert count == 4
+    assert abs(float(loss_sum) / count - trl_loss) <= 1e-5 * max(1.0, abs(trl_loss))
+    assert abs(float(loss_sum) / count - {"sigmoid": np.log(2), "hinge": 1.0}.get(loss_type, 0.0)) > 1e-4
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("dpo_tok")
+    texts = synthetic_documents(ALPHA_WORDS, 200, seed=1) + [f"the {w} returns a list. [source: `{w}`]"
+                                                            for w in ALPHA_WORDS]
+    train_bpe_tokenizer(texts, 400, root / "tok.json", CHATML_SPECIALS)
+    return str(root / "tok.json")
+
+
+def preference_lines(count: int = 24) -> list[dict]:
+    """String pairs: the cited pattern is chosen over a rambling answer."""
+    out = []
+    for i in range(count):
+        w = ALPHA_WORDS[i % len(ALPHA_WORDS)]
+        out.append({"prompt": f"what is {w}?", "chosen": f"the {w} returns a list. [source: `{w}`]",
+                    "rejected": f"{w} " * (1 + i % 5) + "is an error"})
+    return out
+
+
+def write_jsonl(path: Path, records: list) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+def test_preference_formats_render_with_the_chat_template(chat_tokenizer, tmp_path):
+    """String, conversational and implicit-prompt lines give the same tokens; only the
+    assistant turn (through <|im_end|>) is a completion."""
+    tok = load_tokenizer(chat_tokenizer)
+    template = load_template("chatml")
+    lines = [{"prompt": "what is list?", "chosen": "a list.", "rejected": "no."},
+             {"prompt": [{"role": "user", "content": "what is list?"}],
+              "chosen": [{"role": "assistant", "content": "a list."}],
+              "rejected": [{"role": "assistant", "content": "no."}]},
+             {"chosen": [{"role": "user", "content": "what is list?"}, {"role": "assistant", "content": "a list."}],
+              "rejected": [{"role": "user", "content": "what is list?"}, {"role": "assistant", "content": "no."}]}]
+    data = read_preferences(write_jsonl(tmp_path / "p.jsonl", lines), template, tok, 64)
+    first = data.pairs[0]
+    for pair in data.pairs[1:]:
+        assert [a.tolist() for a in (pair.prompt, pair.chosen, pair.rejected)] == \
+               [a.tolist() for a in (first.prompt, first.chosen, first.rejected)]
+    assert tok.decode(first.prompt.tolist()).endswith("assistant\n")
+    assert first.chosen[-1] == tok.tokenizer.token_to_id("<|im_end|>")
+    assert "a list." in tok.decode(first.chosen.tolist())
+
+
+@pytest.mark.parametrize("line,message", [
+    ({"prompt": "q", "chosen": " ", "rejected": "b"}, "chosen completion is empty"),
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "identical"),
+    ({"prompt": "word " * 80, "chosen": "a", "rejected": "b"}, "longer than data.seq_len=32"),
+    ({"prompt": "q", "chosen": "a"}, "needs \"chosen\" and \"rejected\""),
+])
+def test_bad_pairs_name_the_file_and_line(chat_tokenizer, tmp_path, line, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [preference_lines(1)[0], line])
+    with pytest.raises(ChatDataError, match=message) as err:
+        read_preferences(path, load_template("chatml"), load_tokenizer(chat_tokenizer), 32)
+    assert f"{path}:2" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def dpo_config(tmp_path: Path, tokenizer: str, pairs_path: str, name: str, **sections) -> dict:
+    cfg = {"mode": "dpo", "model": dict(CHAT_MODEL),
+           "data": {"tokenizer": tokenizer, "seq_len": 64, "chat": {"path": pairs_path}},
+           "optim": {"lr": 3e-3, "warmup_steps": 1, "weight_decay": 0.0},
+           "train": {"run_dir": str(tmp_path / name), "steps": 6, "micro_batch_size": 2, "global_batch_size": 4,
+                     "device": "cpu", "progress": False, "seed": 3}}
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    return cfg
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_run_learns_resumes_exactly_and_precomputes_the_reference(chat_tokenizer, tmp_path):
+    """The policy moves toward the chosen answers (margin and accuracy up, loss down); a run
+    stopped at step 3 and resumed equals the straight run; the precomputed reference gives the
+    same losses as the frozen copy and is stored with the run."""
+    pairs_path = write_jsonl(tmp_path / "pairs.jsonl", preference_lines())
+    straight = train(config_from_dict(dpo_config(tmp_path, chat_tokenizer, pairs_path, "straight")))
+    assert straight.losses[0] == pytest.approx(np.log(2), abs=1e-6)  # policy == reference at step 0
+    assert straight.losses[-1] < straight.losses[0] - 0.1
+    last = read_metrics(tmp_path / "straight")[-1]
+    assert last["rewards/margin"] > 0 and last["rewards/accuracy"] > 0.5 and last["kl/chosen"] > 0
+    halted = dpo_config(tmp_path, chat_tokenizer, pairs_path, "resumed")
+    halted["train"]["exit_at_step"] = 3
+    train(config_from_dict(halted))
+    halted["train"]["exit_at_step"] = 0
+    resumed = train(config_from_dict(halted), resume=True)
+    assert resumed.losses == straight.losses[3:]
+    precomputed = train(config_from_dict(dpo_config(tmp_path, chat_tokenizer, pairs_path, "pre",
+                                                    dpo={"reference": "precomputed"})))
+    assert (tmp_path / "pre" / "reference_logps.pt").is_file()
+    np.testing.assert_allclose(precomputed.losses, straight.losses, rtol=0, atol=1e-5)
+
+
+def test_lora_dpo_uses_the_base_as_reference(chat_tokenizer, tmp_path):
+    """LoRA DPO (reference: auto -> adapters) starts at log 2 and learns."""
+    pairs_path = write_jsonl(tmp_path / "pairs.jsonl", preference_lines())
+    result = train(config_from_dict(dpo_config(tmp_path, chat_tokenizer, pairs_path, "lora",
+                                               lora={"rank": 8, "dropout": 0.0}, optim={"lr": 1e-2})))
+    assert result.losses[0] == pytest.approx(np.log(2), abs=1e-6)
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_dpo_config_errors_name_the_field(chat_tokenizer, tmp_path):
+    from megatron_domain.config import ConfigError
+
+    bad = dpo_config(tmp_path, chat_tokenizer, "x.jsonl", "bad", dpo={"reference": "adapters", "loss_type": "kto",
+                                                                       "label_smoothing": 0.7, "online": True,
+                                                                       "samples_per_prompt": 1})
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(bad)
+    text = str(err.value)
+    for expected in ("dpo.reference: adapters needs LoRA", "dpo.loss_type: unknown 'kto'", "dpo.label_smoothing",
+                     "dpo.prompts", "dpo.samples_per_prompt", "dpo.judge.rules"):
+        assert expected in text
