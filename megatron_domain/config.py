@@ -758,6 +758,9 @@ def validate_dpo(cfg: Config, prefix: str = "") -> list[str]:
         problems.append(f"{p('parallel.pp')}: the dpo mode does not run under pipeline parallelism yet; use "
                         "parallel.pp=1 (tp and dp_shard work)")
     if d.online:
+        if d.reference == "precomputed":
+            problems.append(f"{p('dpo.reference')}: precomputed is for offline pairs (online pairs are new every "
+                            "round); use adapters (LoRA) or copy")
         if not d.prompts:
             problems.append(f"{p('dpo.prompts')}: online DPO needs a JSONL file of prompts")
         if d.samples_per_prompt < 2:
@@ -809,12 +812,20 @@ def validate_judge(j: JudgeConfig, prefix: str) -> list[str]:
             problems.append(f"{p('members')}: a panel needs at least two judges")
         if j.vote not in PANEL_VOTES:
             problems.append(f"{p('vote')}: unknown {j.vote!r}; choose one of {', '.join(PANEL_VOTES)}")
+        for i, member in enumerate(j.members):
+            member = {k: v for k, v in member.items() if k != "name"} if isinstance(member, dict) else member
+            try:
+                judge_from_dict(member, p(f"members[{i}]"))
+            except ConfigError as exc:
+                problems.extend(exc.problems)
     return problems
 
 
 def judge_from_dict(data: dict, path: str) -> JudgeConfig:
-    """A panel member's JudgeConfig from its mapping; problems raise ConfigError naming `path`."""
+    """A panel member's JudgeConfig from its mapping (an optional `name` labels it in
+    rationales); problems raise ConfigError naming `path`."""
     problems: list[str] = []
+    data = {k: v for k, v in data.items() if k != "name"} if isinstance(data, dict) else data
     judge = _build(JudgeConfig, data, path, problems)
     problems.extend(validate_judge(judge, path))
     if problems:

@@ -320,7 +320,9 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None) -> Tr
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
-        tokens_per_s = stats.metrics.pop("tokens", tokens_per_step) / elapsed
+        # stages whose rows vary (dpo) report the tokens they processed; an empty step processed none
+        default_tokens = 0.0 if getattr(trainer.stage, "reports_tokens", False) else tokens_per_step
+        tokens_per_s = stats.metrics.pop("tokens", default_tokens) / elapsed
         per_gpu = tokens_per_s / dims.world_size
         record = {"step": step + 1, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                   "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": per_gpu,

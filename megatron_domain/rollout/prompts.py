@@ -8,7 +8,7 @@ token always stops.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_domain.data.chat import ChatTemplate, jsonl_records, parse_messages
@@ -17,12 +17,14 @@ from megatron_domain.data.tokenizer import TextTokenizer
 
 @dataclass
 class PromptRecord:
-    """One line of a prompts file: chat `messages` or a plain `prompt` text, optional id/seed."""
+    """One line of a prompts file: chat `messages` or a plain `prompt` text, optional id/seed;
+    `fields`: the line's other keys (what judges check against, e.g. a known `source`)."""
 
     id: str
     messages: list[dict] | None = None
     text: str | None = None
     seed: int | None = None
+    fields: dict = field(default_factory=dict)
 
 
 def chat_prompt_ids(messages: list[dict], template: ChatTemplate, tokenizer: TextTokenizer) -> list[int]:
@@ -55,13 +57,14 @@ def read_prompts(path: str | Path) -> list[PromptRecord]:
         if seed is not None and not isinstance(seed, int):
             raise ValueError(f"{where}: \"seed\" must be an integer, got {seed!r}")
         record_id = str(data.get("id", len(records)))
+        fields = {k: v for k, v in data.items() if k not in ("messages", "prompt", "id", "seed")}
         if "messages" in data:
             messages = parse_messages(data["messages"], where, need_assistant=False)
             if messages[-1]["role"] == "assistant":
                 raise ValueError(f"{where}: the last message is the assistant's; a prompt ends with a user turn")
-            records.append(PromptRecord(record_id, messages=messages, seed=seed))
+            records.append(PromptRecord(record_id, messages=messages, seed=seed, fields=fields))
         else:
             if not isinstance(data["prompt"], str) or not data["prompt"]:
                 raise ValueError(f"{where}: \"prompt\" must be a non-empty string")
-            records.append(PromptRecord(record_id, text=data["prompt"], seed=seed))
+            records.append(PromptRecord(record_id, text=data["prompt"], seed=seed, fields=fields))
     return records

@@ -6,7 +6,8 @@
   `(loss_sum, loss_count, metrics)` so the engine can normalize over micro-batches and ranks
   (`loss_count` is the number of loss tokens, or of pairs for a per-pair loss). `metrics` holds
   per-micro-batch *sums* that the engine adds up over the job and divides by the job's
-  loss_count (key `tokens`: the tokens processed, summed only; it sets tokens/s);
+  loss_count (key `tokens`: the tokens processed, summed only; it sets tokens/s when the stage
+  has `reports_tokens = True`);
 - `state_dict()` / `load_state_dict()`: the data cursor, saved in every checkpoint;
 - for pipeline parallelism (optional): `pipeline_batch(batch) -> PipelineBatch` (model inputs
   and one loss target tensor that the schedule splits into micro-batches) and

@@ -99,13 +99,15 @@ def pair_loss(policy: torch.Tensor, reference: torch.Tensor, batch: dict, d: Dpo
 class DpoStage:
     """Pairs (from a file, or from the online rounds) -> DPO-family loss against pi_ref."""
 
+    reports_tokens = True  # the `tokens` metric (prompt + chosen + rejected) sets tokens/s
+
     def __init__(self) -> None:
         self.consumed_pairs = 0
         self.pairs: list[PreferencePair] = []
         self.reference_logps: list[tuple[np.ndarray, np.ndarray]] | None = None
         self.reference_model = None
         self.online = None
-        self._orders: dict[int, np.ndarray] = {}
+        self._orders: dict[tuple, np.ndarray] = {}
 
     # ----------------------------------------------------------------- setup
 
@@ -216,9 +218,10 @@ class DpoStage:
     def _pair_at(self, index: int, pairs: list[PreferencePair], seed: int) -> int:
         """Which pair sits at global position `index` of the endless, per-epoch shuffled stream."""
         epoch, offset = divmod(index, len(pairs))
-        if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng(seed + epoch).permutation(len(pairs))}
-        return int(self._orders[epoch][offset])
+        key = (seed, len(pairs), epoch)
+        if key not in self._orders:
+            self._orders = {key: np.random.default_rng(seed + epoch).permutation(len(pairs))}
+        return int(self._orders[key][offset])
 
     def batches(self, step: int) -> list[dict]:
         """This rank's micro-batches of `micro_batch_size` pairs (online: of the round `step`

@@ -1,0 +1,188 @@
+"""Online rounds for the `dpo` mode: each round samples `dpo.samples_per_prompt` completions of
+`dpo.prompts_per_round` prompts from the current policy (rollout.*: temperature, top-p, max new
+tokens, stop at the end of turn), scores them with the judge (`dpo.judge`), and pairs the best
+against the worst completion of each prompt. Ties and pairs whose scores differ by less than
+`dpo.min_score_margin` are dropped (counted in the round's summary).
+
+Everything a round generates is written, before training on it, to
+`<run_dir>/rounds/<n>.jsonl` (one line per prompt: messages, fields, every completion with its
+token ids, score and rationale, and the pair built), plus a line in `rounds/summary.jsonl`. A
+round file that exists is read instead of generated, so a resumed run trains on exactly the
+rounds it generated before, and a round can be re-trained offline. Sampling seeds depend only
+on (rollout.seed, round, prompt), so regenerating a round from the same weights is exact.
+
+Under a parallel layout every rank generates (the forwards are collective), rank 0 judges and
+writes, and every rank reads the file back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_domain.data.chat import ChatTemplate
+from megatron_domain.data.preference import PreferencePair, fit_pair
+from megatron_domain.judges import JudgeResult, build_judge, merge_stats, score_all
+from megatron_domain.rollout.policy import PolicyRollout, on_rank0, sampling_from_config
+from megatron_domain.rollout.prompts import PromptRecord, chat_prompt_ids, read_prompts
+from megatron_domain.rollout.sampling import Completion
+from megatron_domain.stages import StageContext
+
+
+def prompt_messages(record: PromptRecord) -> list[dict]:
+    """A prompt as chat messages (a plain `prompt` text is one user turn)."""
+    return record.messages if record.messages is not None else [{"role": "user", "content": record.text}]
+
+
+def best_and_worst(scores: list[float], min_margin: float) -> tuple[int, int] | str:
+    """(chosen, rejected) indices: the first best and the last worst; or why no pair is built
+    (`tie`: all scores equal; `margin`: best - worst < min_margin)."""
+    top, bottom = max(scores), min(scores)
+    if top == bottom:
+        return "tie"
+    if top - bottom < min_margin:
+        return "margin"
+    return scores.index(top), len(scores) - 1 - scores[::-1].index(bottom)
+
+
+def round_record(round_index: int, record: PromptRecord, prompt_ids: list[int], samples: list[Completion],
+                 judged: JudgeResult, min_margin: float) -> dict:
+    """One prompt's line of a round file."""
+    pair = best_and_worst([float(s) for s in judged.scores], min_margin)
+    return {"round": round_index, "prompt_id": record.id, "messages": prompt_messages(record), "fields": record.fields,
+            "prompt_ids": prompt_ids,
+            "completions": [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+                             "score": s, "rationale": r}
+                            for c, s, r in zip(samples, judged.scores, judged.rationales)],
+            "pair": {"chosen": pair[0], "rejected": pair[1]} if isinstance(pair, tuple) else None,
+            "dropped": pair if isinstance(pair, str) else None}
+
+
+def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
+    """All lines at once under a temporary name, then renamed (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def read_round(path: Path, seq_len: int) -> list[PreferencePair]:
+    """The pairs of a round file (prompt ids and the sampled token ids, exactly as generated)."""
+    pairs = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        record = json.loads(line)
+        if record["pair"] is None:
+            continue
+        completions = record["completions"]
+        pair = PreferencePair(np.asarray(record["prompt_ids"], dtype=np.int64),
+                              np.asarray(completions[record["pair"]["chosen"]]["token_ids"], dtype=np.int64),
+                              np.asarray(completions[record["pair"]["rejected"]]["token_ids"], dtype=np.int64),
+                              f"{path}:{number} (prompt {record['prompt_id']})")
+        pairs.append(fit_pair(pair, seq_len, "truncate"))
+    return pairs
+
+
+class OnlineRounds:
+    """Generates, judges and stores the rounds; hands the DPO stage each round's pairs."""
+
+    def __init__(self, ctx: StageContext, template: ChatTemplate):
+        self.ctx, self.cfg, self.template = ctx, ctx.cfg, template
+        self.prompts = read_prompts(self.cfg.dpo.prompts)
+        self.dir = Path(ctx.run_dir) / "rounds"
+        self.round_index = -1
+        self.pairs: list[PreferencePair] = []
+        self.rollout: PolicyRollout | None = None
+        self.judge = None
+        self.show = self.cfg.train.progress and ctx.rank == 0
+        d = self.cfg.dpo
+        params = sampling_from_config(self.cfg, ctx.tokenizer, chat=True)
+        self.params = dataclasses.replace(params, n=d.samples_per_prompt).validate()
+        longest = max(len(chat_prompt_ids(prompt_messages(p), template, ctx.tokenizer)) for p in self.prompts)
+        if longest + 1 > self.cfg.data.seq_len:
+            raise ValueError(f"dpo.prompts: a prompt of {self.cfg.dpo.prompts} is {longest} tokens, longer than "
+                             f"data.seq_len={self.cfg.data.seq_len} allows; raise data.seq_len or shorten it")
+
+    def pairs_for_step(self, step: int, global_batch: int) -> tuple[list[PreferencePair], int, int]:
+        """(the round's pairs, this step's cursor into them, the shuffling seed) for `step`."""
+        d = self.cfg.dpo
+        index = step // d.steps_per_round
+        if index != self.round_index:
+            path = self.dir / f"{index}.jsonl"
+            if not path.is_file():
+                self._run_round(index, path)
+            self.pairs = read_round(path, self.cfg.data.seq_len)
+            self.round_index = index
+        return self.pairs, (step % d.steps_per_round) * global_batch, self.cfg.data.seed + 1000 * index
+
+    def round_prompts(self, index: int) -> list[PromptRecord]:
+        """Round `index`'s prompts: the next prompts_per_round of an endless stream that walks
+        the prompts file in a fresh seeded order every epoch."""
+        count, out = self.cfg.dpo.prompts_per_round, []
+        for position in range(index * count, (index + 1) * count):
+            epoch, offset = divmod(position, len(self.prompts))
+            order = np.random.default_rng(self.cfg.data.seed + epoch).permutation(len(self.prompts))
+            out.append(self.prompts[int(order[offset])])
+        return out
+
+    def _generate(self, index: int, prompt_ids: list[list[int]], records: list[PromptRecord]) -> list[Completion]:
+        model = self.ctx.model.parts[0]
+        if self.rollout is None:
+            self.rollout = PolicyRollout(self.cfg, model, self.ctx.tokenizer, self.ctx.run_dir, self.ctx.device)
+        elif self.rollout.backend != "native":
+            self.rollout.sync(model)
+        seeds = [self.cfg.rollout.seed * 1_000_003 + index * 7_919 + i if r.seed is None else r.seed
+                 for i, r in enumerate(records)]
+        total = len(prompt_ids) * self.params.n * self.params.max_new_tokens
+        bar = tqdm(total=total, desc=f"[dpo] round {index}: sampling", unit="tok", disable=not self.show,
+                   leave=False, dynamic_ncols=True)
+        was_training = model.training
+        model.train(False)
+        try:
+            return self.rollout.generate(prompt_ids, self.params, seeds, progress=bar.update)
+        finally:
+            model.train(was_training)
+            bar.close()
+
+    def _judge(self, records: list[PromptRecord], completions: list[list[str]]) -> list[JudgeResult]:
+        if self.judge is None:
+            self.judge = build_judge(self.cfg.dpo.judge, self.ctx.device, "dpo.judge")
+        return score_all(self.judge, records, completions)
+
+    def _run_round(self, index: int, path: Path) -> None:
+        """Sample, judge, pair, and write the round (rank 0 writes; every rank waits for it)."""
+        start = time.perf_counter()
+        records = self.round_prompts(index)
+        prompt_ids = [chat_prompt_ids(prompt_messages(r), self.template, self.ctx.tokenizer) for r in records]
+        completions = self._generate(index, prompt_ids, records)
+        by_prompt = [[c for c in completions if c.prompt_index == i] for i in range(len(records))]
+        generated = time.perf_counter()
+        judged = on_rank0(lambda: self._judge(records, [[c.text for c in group] for group in by_prompt]))
+        lines = [round_record(index, r, ids, group, result, self.cfg.dpo.min_score_margin)
+                 for r, ids, group, result in zip(records, prompt_ids, by_prompt, judged)]
+        scores = [c["score"] for line in lines for c in line["completions"]]
+        summary = {"round": index, "prompts": len(lines), "pairs": sum(line["pair"] is not None for line in lines),
+                   "dropped_ties": sum(line["dropped"] == "tie" for line in lines),
+                   "dropped_margin": sum(line["dropped"] == "margin" for line in lines),
+                   "mean_score": float(np.mean(scores)),
+                   "mean_best_score": float(np.mean([max(c["score"] for c in line["completions"]) for line in lines])),
+                   "completion_tokens": sum(len(c.token_ids) for c in completions),
+                   "generate_s": generated - start, "judge_s": time.perf_counter() - generated,
+                   **merge_stats(judged)}
+        if self.ctx.rank == 0:
+            write_jsonl_atomic(path, lines)
+            with open(self.dir / "summary.jsonl", "a") as f:
+                f.write(json.dumps(summary) + "\n")
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        if self.show:
+            tqdm.write(f"[dpo] round {index}: {summary['pairs']} pairs from {summary['prompts']} prompts "
+                       f"({summary['dropped_ties']} ties, {summary['dropped_margin']} under the margin dropped), "
+                       f"mean score {summary['mean_score']:.3f}, best {summary['mean_best_score']:.3f}; "
+                       f"sampled in {summary['generate_s']:.1f} s, judged in {summary['judge_s']:.1f} s")
