@@ -343,3 +343,70 @@ def test_dpo_under_parallel_layouts_matches_one_process(chat_tokenizer, tmp_path
             torch.testing.assert_close(got["grads"][param], grad, rtol=0, atol=1e-5, msg=f"{name}: {param}")
         assert max(abs(a - b) for a, b in zip(got["losses"], ref["losses"])) <= 1e-5, name
     assert any(g.abs().max() > 0 for g in reference["full"]["grads"].values())
+
+
+# ----------------------------------------------------------------------------- online rounds
+
+HOUSE_RULES = [{"name": "format", "pattern": r"^the \w+ returns a list\. \[source: `\w+`\]$"},
+               {"name": "citation", "pattern": r"\[source: `{source}`\]"}]
+
+
+def online_config(chat_run: dict, tmp_path: Path, name: str, **dpo) -> dict:
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [{"prompt": f"what is {w}?", "source": w} for w in ALPHA_WORDS])
+    return {"mode": "dpo", "model": {**CHAT_MODEL, "init_from": chat_run["sft"]},
+            "data": {"tokenizer": chat_run["tokenizer"], "seq_len": 64, "chat": {"template": "chatml"}},
+            "optim": {"lr": 1e-3, "warmup_steps": 1, "weight_decay": 0.0},
+            "rollout": {"max_new_tokens": 20, "temperature": 1.0, "seed": 5},
+            "dpo": {"online": True, "prompts": str(prompts), "rounds": 3, "prompts_per_round": 8,
+                    "samples_per_prompt": 4, "steps_per_round": 2, "judge": {"kind": "rubric", "rules": HOUSE_RULES},
+                    **dpo},
+            "train": {"run_dir": str(tmp_path / name), "steps": 6, "micro_batch_size": 2, "global_batch_size": 4,
+                      "device": "cpu", "progress": False, "seed": 3}}
+
+
+def round_lines(run_dir: Path, index: int) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "rounds" / f"{index}.jsonl").read_text().splitlines()]
+
+
+def test_online_rounds_pair_best_and_worst_drop_ties_and_resume_exactly(chat_run, tmp_path):
+    """Each round writes every completion with its score and rationale; the pair is the best
+    against the worst; ties are dropped and counted; a run stopped mid-round and resumed trains
+    on the same rounds and ends with the same losses."""
+    straight_cfg = online_config(chat_run, tmp_path, "straight")
+    straight = train(config_from_dict(straight_cfg))
+    run_dir = tmp_path / "straight"
+    summaries = [json.loads(line) for line in (run_dir / "rounds" / "summary.jsonl").read_text().splitlines()]
+    assert [s["round"] for s in summaries] == [0, 1, 2]
+    for index, summary in enumerate(summaries):
+        lines = round_lines(run_dir, index)
+        assert len(lines) == 8 == summary["prompts"]
+        assert summary["pairs"] + summary["dropped_ties"] + summary["dropped_margin"] == 8
+        for line in lines:
+            scores = [c["score"] for c in line["completions"]]
+            assert len(scores) == 4 and all("format:" in c["rationale"] for c in line["completions"])
+            if line["pair"] is None:
+                assert line["dropped"] == "tie" and len(set(scores)) == 1
+            else:
+                assert scores[line["pair"]["chosen"]] == max(scores) > min(scores) == scores[line["pair"]["rejected"]]
+    assert sum(s["pairs"] for s in summaries) > 0 and sum(s["dropped_ties"] for s in summaries) > 0
+    halted = online_config(chat_run, tmp_path, "resumed")
+    halted["train"]["exit_at_step"] = 3  # in the middle of round 1
+    train(config_from_dict(halted))
+    assert not (tmp_path / "resumed" / "rounds" / "2.jsonl").exists()
+    halted["train"]["exit_at_step"] = 0
+    resumed = train(config_from_dict(halted), resume=True)
+    assert resumed.losses == straight.losses[3:]
+    for index in range(3):
+        assert round_lines(tmp_path / "resumed", index) == round_lines(run_dir, index)
+
+
+def test_online_margin_drops_close_pairs(chat_run, tmp_path):
+    """min_score_margin above every possible gap drops every pair (and training still runs)."""
+    cfg = online_config(chat_run, tmp_path, "margin", rounds=1, steps_per_round=1, min_score_margin=1.5)
+    cfg["train"]["steps"] = 1
+    result = train(config_from_dict(cfg))
+    summary = json.loads((tmp_path / "margin" / "rounds" / "summary.jsonl").read_text())
+    assert summary["pairs"] == 0 and summary["dropped_margin"] + summary["dropped_ties"] == 8
+    assert summary["dropped_margin"] > 0
+    assert result.losses == [0.0]
