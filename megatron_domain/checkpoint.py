@@ -170,13 +170,57 @@ def stored_dtype(path: str | os.PathLike) -> torch.dtype:
     raise FileNotFoundError(f"{path}: the checkpoint holds no model weights")
 
 
+def holds_adapters_only(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint stores LoRA adapters and no base weights (a LoRA run's)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = FileSystemReader(str(resolve_checkpoint(path))).read_metadata().state_dict_metadata
+    model_keys = [k[len("model."):] for k in stored if k.startswith("model.")]
+    return bool(model_keys) and all(is_adapter_param(k) for k in model_keys)
+
+
+def merged_lora_run_weights(path: str | os.PathLike, model_cfg) -> dict[str, torch.Tensor]:
+    """The full weights a LoRA run ends with: its base (its own model.init_from, recursively)
+    plus its checkpoint's adapters, merged (W + scale B A), by parameter name, fp32 on CPU."""
+    from megatron_domain.config import LoraConfig
+    from megatron_domain.models.llama import build_model, materialize
+    from megatron_domain.models.lora import apply_lora, merge_lora
+
+    path = resolve_checkpoint(path)
+    run_config = path.parent.parent / "config.json"
+    data = json.loads(run_config.read_text()) if run_config.is_file() else {}
+    base = (data.get("model") or {}).get("init_from", "")
+    if not data.get("lora", {}).get("rank") or not base:
+        raise FileNotFoundError(f"model.init_from={path}: the checkpoint holds only LoRA adapters and its run's "
+                                f"config ({run_config}) does not name their base (model.init_from); export the "
+                                "merged model with `mdt convert mdt-to-hf` and start from hf:<folder>")
+    lora = LoraConfig(**data["lora"])
+    model = build_model(model_cfg)
+    apply_lora(model, lora.rank, lora.scale_alpha, 0.0, tuple(lora.targets))
+    model = materialize(model, torch.device("cpu"), seed=None)
+    load_initial_weights(base, [model], model_cfg)
+    load_model_weights(path, [model], adapters_only=True)
+    merge_lora(model)
+    return {k: v for k, v in model.state_dict().items() if not is_adapter_param(k)}
+
+
 def load_initial_weights(init_from: str, parts: list[torch.nn.Module], model_cfg) -> None:
-    """`model.init_from`: a checkpoint or run directory of ours, or `hf:<folder>` (a Hugging
-    Face model folder, read slice by slice for this rank's layout)."""
+    """`model.init_from`: a checkpoint or run directory of ours (a LoRA run's: its base with
+    its adapters merged), or `hf:<folder>` (a Hugging Face model folder, read slice by slice
+    for this rank's layout)."""
     from megatron_domain.models.hf import HF_PREFIX, load_hf_weights
+    from megatron_domain.models.llama import canonical_name, copy_full_tensor
 
     if init_from.startswith(HF_PREFIX):
         load_hf_weights(init_from[len(HF_PREFIX):], parts, model_cfg)
+    elif holds_adapters_only(init_from):
+        merged = merged_lora_run_weights(init_from, model_cfg)
+        with torch.no_grad():
+            for part in parts:
+                for name, param in part.named_parameters():
+                    key = canonical_name(name)
+                    if not is_adapter_param(key):
+                        copy_full_tensor(param, merged[key])
     else:
         load_model_weights(init_from, parts)
 

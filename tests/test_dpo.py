@@ -410,3 +410,21 @@ def test_online_margin_drops_close_pairs(chat_run, tmp_path):
     assert summary["pairs"] == 0 and summary["dropped_margin"] + summary["dropped_ties"] == 8
     assert summary["dropped_margin"] > 0
     assert result.losses == [0.0]
+
+
+def test_init_from_a_lora_run_starts_from_its_merged_weights(chat_run, tmp_path):
+    """model.init_from = a LoRA run (adapters only in its checkpoints): the base it names plus
+    its adapters, merged, so a DPO stage can start from a LoRA SFT stage."""
+    from megatron_domain.eval.harness import load_eval_model
+
+    lora_cfg = config_from_dict(chat_run["lora_config"])
+    expected_model = load_eval_model(lora_cfg, chat_run["lora"], torch.device("cpu"))
+    start_cfg = config_from_dict({**chat_run["sft_config"], "model": {**CHAT_MODEL, "init_from": chat_run["lora"]}})
+    started = load_eval_model(start_cfg, None, torch.device("cpu"))
+    base = load_eval_model(config_from_dict(chat_run["sft_config"]), chat_run["sft"], torch.device("cpu"))
+    tokens = torch.randint(0, 300, (2, 12))
+    positions = torch.arange(12).expand(2, 12)
+    with torch.no_grad():
+        expected, got, before = (m(tokens, positions) for m in (expected_model, started, base))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (got - before).abs().max() > 1e-4  # the adapters were applied
