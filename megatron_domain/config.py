@@ -35,6 +35,7 @@ ROLLOUT_BACKENDS = ("native", "vllm")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")  # losses.DPO_LOSS_TYPES (config imports nothing of ours)
 DPO_REFERENCES = ("auto", "adapters", "copy", "precomputed")
 JUDGE_KINDS = ("rubric", "pairwise", "panel")
+GENERATION_METRICS = ("format_adherence", "citation_accuracy", "refusal_in_scope", "refusal_out_of_scope")
 PAIRWISE_BACKENDS = ("model", "openai")
 PANEL_VOTES = ("majority", "mean")
 VLLM_DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -211,13 +212,18 @@ class EvalSetConfig:
 
 @dataclass
 class GenerationEvalConfig:
-    """Greedy-decoding eval on held-out questions ({"prompt", "source"} JSONL): house-format
-    adherence and citation accuracy (eval/rubric.py). Empty path = off."""
+    """Greedy-decoding eval on held-out questions ({"prompt", "source"} JSONL; source null = out
+    of scope): house-format adherence, citation accuracy and, with `refusal` (the house refusal
+    sentence), refusal rates in and out of scope; `kl_samples` > 0: KL(policy || the stage's
+    initial model) estimated from that many sampled answers per question (eval/rubric.py).
+    Empty path = off."""
 
     path: str = ""
     template: str = "chatml"
     max_new_tokens: int = 64
     max_examples: int = 0
+    refusal: str = ""
+    kl_samples: int = 0
 
 
 @dataclass
@@ -422,8 +428,9 @@ class DemoDataConfig:
 class PplCheckConfig:
     """Acceptance check of a stage. `metric: ppl`: the relative perplexity change of `set` must
     be <= max_change (e.g. -0.30 = at least 30% lower; 0.05 = at most 5% higher). A generation
-    metric (`format_adherence`, `citation_accuracy`): the value after the stage must be >=
-    min_after and exceed the value before by >= min_gain."""
+    metric (`format_adherence`, `citation_accuracy`, `refusal_in_scope`, `refusal_out_of_scope`):
+    the value after the stage must be >= min_after and its change (after - before) must lie in
+    [min_gain, max_gain] (a negative min_gain allows a drop, e.g. -0.02 = at most 2 points lower)."""
 
     stage: str = ""
     set: str = ""
@@ -431,6 +438,7 @@ class PplCheckConfig:
     metric: str = "ppl"
     min_after: float = 0.0
     min_gain: float = 0.0
+    max_gain: float = 1.0
 
 
 @dataclass
@@ -1030,9 +1038,9 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple
     for i, check in enumerate(pipe.checks):
         if check.stage not in seen:
             problems.append(f"checks[{i}].stage: no stage named {check.stage!r}; stages: {', '.join(sorted(seen))}")
-        elif check.metric not in ("ppl", "format_adherence", "citation_accuracy"):
-            problems.append(f"checks[{i}].metric: unknown {check.metric!r}; choose ppl, format_adherence or "
-                            "citation_accuracy")
+        elif check.metric not in ("ppl",) + GENERATION_METRICS:
+            problems.append(f"checks[{i}].metric: unknown {check.metric!r}; choose ppl or one of "
+                            f"{', '.join(GENERATION_METRICS)}")
         elif check.metric != "ppl":
             if complete and not stage_configs[stage_names(pipe).index(check.stage)].eval.generation.path:
                 problems.append(f"checks[{i}].metric: {check.metric} needs eval.generation.path in stage "

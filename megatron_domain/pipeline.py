@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megatron_domain.config import Config, PipelineConfig, stage_names
+from megatron_domain.config import GENERATION_METRICS, Config, PipelineConfig, stage_names
 from megatron_domain.data.demo_corpus import prepare_demo_data
 from megatron_domain.data.demo_sft import build_demo_sft
 from megatron_domain.engine import train
@@ -25,7 +25,7 @@ from megatron_domain.parallel.distributed import ensure_process_group, resolve_d
 def evaluate_stage_input(cfg: Config, device: torch.device) -> dict:
     """Perplexities of the model a stage starts from (its init_from, or its random init)."""
     model = load_eval_model(cfg, None, device)
-    return evaluate_model(cfg, model, device)
+    return evaluate_model(cfg, model, device, model if cfg.eval.generation.kl_samples else None)
 
 
 def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = True) -> dict:
@@ -48,7 +48,8 @@ def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = Tr
         start = time.perf_counter()
         result = train(cfg, progress=progress)
         train_time = time.perf_counter() - start
-        after = evaluate_model(cfg, load_eval_model(cfg, str(result.final_checkpoint), device), device)
+        reference = load_eval_model(cfg, None, device) if cfg.eval.generation.kl_samples else None
+        after = evaluate_model(cfg, load_eval_model(cfg, str(result.final_checkpoint), device), device, reference)
         after["checkpoint"] = str(result.final_checkpoint)
         write_json_atomic(Path(cfg.train.run_dir) / "eval.json", after)
         entry = {"name": name, "mode": cfg.mode, "eval_before": before, "eval_after": after,
@@ -59,8 +60,10 @@ def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = Tr
             tqdm.write(f"[{name}] held-out perplexity {summary}")
             if "generation" in after:
                 gb, ga = before["generation"], after["generation"]
-                tqdm.write(f"[{name}] format adherence {gb['format_adherence']:.1%} -> {ga['format_adherence']:.1%}, "
-                           f"citation accuracy {gb['citation_accuracy']:.1%} -> {ga['citation_accuracy']:.1%}")
+                changes = ", ".join(f"{k.replace('_', ' ')} {gb[k]:.1%} -> {ga[k]:.1%}"
+                                    for k in GENERATION_METRICS if k in ga and k in gb)
+                kl = f", KL to the stage's start {ga['kl_to_reference']:.3f}" if "kl_to_reference" in ga else ""
+                tqdm.write(f"[{name}] {changes}{kl}")
         write_report(report, out, plots=False)  # a partial report survives a failing later stage
     report["checks"] = evaluate_checks(pipe, report)
     write_report(report, out)
@@ -85,9 +88,14 @@ def evaluate_checks(pipe: PipelineConfig, report: dict) -> list[dict]:
             continue
         before = stage["eval_before"]["generation"][check.metric]
         after = stage["eval_after"]["generation"][check.metric]
+        gain = after - before
+        bounds = [f">= {check.min_after:.0%} after"] if check.min_after > 0 else []
+        bounds.append(f"change {check.min_gain * 100:+.0f} points or more")
+        if check.max_gain < 1.0:
+            bounds.append(f"at most {check.max_gain * 100:+.0f} points")
         results.append({"stage": check.stage, "metric": check.metric, "min_after": check.min_after,
-                        "min_gain": check.min_gain, "measured": f"{before:.1%} -> {after:.1%}",
-                        "passed": after >= check.min_after and after - before >= check.min_gain,
-                        "description": f"{check.stage}: {check.metric} >= {check.min_after:.0%} after, "
-                                       f"+{check.min_gain:.0%} or more"})
+                        "min_gain": check.min_gain, "max_gain": check.max_gain,
+                        "measured": f"{before:.1%} -> {after:.1%} ({gain * 100:+.1f} points)",
+                        "passed": after >= check.min_after and check.min_gain <= gain <= check.max_gain,
+                        "description": f"{check.stage}: {check.metric} {', '.join(bounds)}"})
     return results

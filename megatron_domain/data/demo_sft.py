@@ -12,6 +12,14 @@ cited the right topic for <10% of held-out questions).
 A few conversations have two question/answer turns. The held-out questions use phrasings the
 SFT data never shows (HELDOUT_QUESTIONS), about every topic, so they measure whether the model
 answers new questions in the house format and cites the right section.
+
+Out-of-scope questions ask the same way about topics the reference does not contain
+(OUT_OF_SCOPE_TOPICS: cooking, geography, music, ...); the house rule is to answer them with the
+fixed REFUSAL sentence. The SFT data shows that sentence for a few such topics only
+(SFT_REFUSAL_TOPICS), so the SFT model knows it but not the rule; the DPO stage's prompts
+(dpo_prompts.jsonl: the training phrasings of every topic, with the topic id to cite as
+`source`, plus out-of-scope questions without one) teach the rule through a rubric judge, and
+the held-out questions (sft_heldout.jsonl) include out-of-scope topics never used in training.
 """
 
 from __future__ import annotations
@@ -27,6 +35,17 @@ QUESTIONS = ("What does the language reference say about `{name}`?", "Explain `{
              "Tell me about `{name}`.", "How does Python define `{name}`?")
 HELDOUT_QUESTIONS = ("Summarize `{name}` in one sentence.", "What is `{name}`?")
 MAX_WORDS = 14
+REFUSAL = "I cannot answer that from the reference."
+OUT_OF_SCOPE_TOPICS = (
+    "photosynthesis", "volcanoes", "knitting", "opera", "glaciers", "sourdough", "tax-returns", "basketball",
+    "tomatoes", "violins", "earthquakes", "origami", "coffee-roasting", "marathons", "penguins", "saffron",
+    "tides", "chess-openings", "beekeeping", "pottery", "rainbows", "tennis", "vineyards", "sculpture",
+    "monsoons", "cheese-making", "ballet", "deserts", "orchids", "surfing", "lighthouses", "mushrooms",
+    "snowflakes", "jazz", "pyramids", "dolphins", "carpentry", "hurricanes", "tea-ceremonies", "kites",
+    "coral-reefs", "falconry", "pastry", "rowing", "tulips", "comets", "weaving", "bagpipes",
+    "fjords", "gardening", "sailing", "mosaics", "avalanches", "bread-baking", "canoes", "harvests",
+    "lanterns", "meadows", "pianos", "quilting", "reindeer", "savannas", "typhoons", "walnuts")
+SFT_REFUSAL_TOPICS = 6  # out-of-scope topics whose refusal the SFT data shows (one question each)
 SENTENCE = re.compile(r"^(.{20,220}?[.!?:])(\s|$)", re.S)
 
 
@@ -53,9 +72,16 @@ def house_answer(sentence: str, topic: str) -> str:
     return f"{sentence} [source: `{topic}`]"
 
 
+def out_of_scope_split(heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(training, held-out) out-of-scope topics: the held-out ones never appear in any training data."""
+    heldout = [t for t in OUT_OF_SCOPE_TOPICS if is_heldout(f"oos:{t}", max(heldout_fraction, 0.4), seed)]
+    return [t for t in OUT_OF_SCOPE_TOPICS if t not in heldout], heldout
+
+
 def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: int) -> dict:
-    """Write sft_train.jsonl (conversations) and sft_heldout.jsonl ({"prompt", "source"}) to
-    `out_dir`; returns their counts."""
+    """Write sft_train.jsonl (conversations), dpo_prompts.jsonl ({"prompt"[, "source"]}) and
+    sft_heldout.jsonl ({"prompt", "source"}; source null = out of scope) to `out_dir`; returns
+    their counts."""
     from pydoc_data.topics import topics
 
     pairs = []
@@ -76,13 +102,24 @@ def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: in
             {"role": "assistant", "content": house_answer(sentence, topic)},
             {"role": "user", "content": QUESTIONS[(i + 1) % len(QUESTIONS)].format(name=topic_name(other_topic))},
             {"role": "assistant", "content": house_answer(other_sentence, other_topic)}]})
+    oos_train, oos_heldout = out_of_scope_split(heldout_fraction, seed)
+    for i, topic in enumerate(oos_train[:SFT_REFUSAL_TOPICS]):
+        conversations.append({"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)].format(name=topic)},
+                                           {"role": "assistant", "content": REFUSAL}]})
     out = Path(out_dir)
     _write_jsonl(out / "sft_train.jsonl", conversations)
+    dpo_prompts = [{"prompt": template.format(name=topic_name(t)), "source": t} for t, _ in pairs
+                   for template in QUESTIONS]
+    dpo_prompts += [{"prompt": template.format(name=t)} for t in oos_train for template in QUESTIONS]
+    _write_jsonl(out / "dpo_prompts.jsonl", dpo_prompts)
     heldout = [{"prompt": template.format(name=topic_name(t)), "source": t}
                for t, _ in pairs for template in HELDOUT_QUESTIONS]
     heldout = [q for q in heldout if is_heldout(q["prompt"], heldout_fraction, seed)]
+    heldout += [{"prompt": template.format(name=t), "source": None} for t in oos_heldout
+                for template in HELDOUT_QUESTIONS]
     _write_jsonl(out / "sft_heldout.jsonl", heldout)
-    return {"sft_train": len(conversations), "sft_heldout": len(heldout), "topics": len(pairs)}
+    return {"sft_train": len(conversations), "sft_heldout": len(heldout), "topics": len(pairs),
+            "dpo_prompts": len(dpo_prompts), "out_of_scope_heldout": len(oos_heldout)}
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

@@ -34,8 +34,11 @@ def load_eval_model(cfg: Config, checkpoint: str | None, device: torch.device) -
     return model.eval()
 
 
-def evaluate_model(cfg: Config, model: torch.nn.Module, device: torch.device) -> dict:
-    """Perplexity on every `eval.sets` entry with the config's tokenizer and sequence length."""
+def evaluate_model(cfg: Config, model: torch.nn.Module, device: torch.device,
+                   reference: torch.nn.Module | None = None) -> dict:
+    """Perplexity on every `eval.sets` entry with the config's tokenizer and sequence length;
+    the generation eval when `eval.generation.path` is set (`reference`: the model the KL is
+    measured against)."""
     if not cfg.eval.sets:
         raise ValueError("eval.sets: no held-out sets configured; add entries {name, path}")
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
@@ -45,7 +48,7 @@ def evaluate_model(cfg: Config, model: torch.nn.Module, device: torch.device) ->
     gen = cfg.eval.generation
     if gen.path:
         result["generation"] = evaluate_generation(model, tokenizer, gen.path, gen.template, gen.max_new_tokens,
-                                                   device, gen.max_examples)
+                                                   device, gen.max_examples, gen.refusal, reference, gen.kl_samples)
     return result
 
 

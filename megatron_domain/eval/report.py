@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from megatron_domain.config import GENERATION_METRICS
 from megatron_domain.eval.perplexity import write_json_atomic
 from megatron_domain.metrics import read_metrics
 
@@ -74,7 +75,7 @@ def plot_eval_deltas(stages: list[dict], out_file: str | os.PathLike) -> None:
         labels, before, after = [], [], []
         for stage in with_generation:
             for metric, value in stage["eval_after"]["generation"].items():
-                if isinstance(value, float):
+                if isinstance(value, float) and metric != "kl_to_reference":
                     labels.append(f"{stage['name']}\n{metric}")
                     before.append(stage["eval_before"].get("generation", {}).get(metric, 0.0))
                     after.append(value)
@@ -104,8 +105,12 @@ def render_markdown(report: dict) -> str:
         if "generation" in stage["eval_after"]:
             gb, ga = stage["eval_before"].get("generation", {}), stage["eval_after"]["generation"]
             lines += ["", "| generation metric (greedy, held-out questions) | before | after |", "|---|---:|---:|"]
-            for metric in ("format_adherence", "citation_accuracy"):
-                lines.append(f"| {metric} | {gb.get(metric, float('nan')):.1%} | {ga[metric]:.1%} |")
+            for metric in GENERATION_METRICS:
+                if metric in ga:
+                    lines.append(f"| {metric} | {gb.get(metric, float('nan')):.1%} | {ga[metric]:.1%} |")
+            if "kl_to_reference" in ga:
+                lines.append(f"| kl_to_reference (nats per answer) | {gb.get('kl_to_reference', 0.0):.3f} | "
+                             f"{ga['kl_to_reference']:.3f} |")
             for sample in ga.get("samples", [])[:2]:
                 lines += ["", f"> Q: {sample['prompt']}", f"> A: {sample['answer']}"]
         if "train_time_s" in stage:

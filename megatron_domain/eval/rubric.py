@@ -1,9 +1,15 @@
 """Rubric checks on generated answers (greedy decoding with the native sampler): the house
-format of the SFT stage.
+rules of the SFT and DPO stages, on held-out questions ({"prompt", "source"}; a null source
+marks a question the reference does not cover).
 
-- format_adherence: share of answers that are exactly one line, a sentence ending in `.`, `!`
-  or `?`, then `` [source: `<topic id>`]`` and nothing else;
-- citation_accuracy: share of answers whose cited topic id is the question's source.
+- format_adherence: share of in-scope answers that are exactly one line, a sentence ending in
+  `.`, `!` or `?`, then `` [source: `<topic id>`]`` and nothing else;
+- citation_accuracy: share of in-scope answers whose cited topic id is the question's source;
+- refusal_in_scope / refusal_out_of_scope: share of in-scope (should be 0) and out-of-scope
+  (should be 1) answers that are the refusal sentence (`eval.generation.refusal`);
+- kl_to_reference (`eval.generation.kl_samples` > 0, and a reference model given): the mean
+  over held-out prompts of log pi(y) - log pi_ref(y) for y sampled from the policy at
+  temperature 1, i.e. a Monte-Carlo estimate of KL(pi || pi_ref) per answer.
 """
 
 from __future__ import annotations
@@ -32,27 +38,61 @@ def read_questions(path: str) -> list[dict]:
     return questions
 
 
-def score_answer(answer: str, source: str) -> dict:
-    """{format_ok, citation_ok} of one answer."""
+def score_answer(answer: str, source: str | None, refusal: str = "") -> dict:
+    """{format_ok, citation_ok, refused} of one answer."""
     answer = answer.strip()
     cited = CITATION.search(answer)
     return {"format_ok": bool(HOUSE_FORMAT.match(answer)),
-            "citation_ok": bool(cited) and cited.group("source").strip() == source}
+            "citation_ok": bool(cited) and source is not None and cited.group("source").strip() == source,
+            "refused": bool(refusal) and answer == refusal.strip()}
+
+
+def share(flags: list[bool]) -> float:
+    """Fraction of true flags (0 for none)."""
+    return sum(flags) / len(flags) if flags else 0.0
 
 
 def evaluate_generation(model: torch.nn.Module, tokenizer: TextTokenizer, path: str, template_name: str,
-                        max_new_tokens: int, device: torch.device, max_examples: int = 0) -> dict:
-    """Greedy answers to the held-out questions -> format_adherence, citation_accuracy and a
-    few samples."""
+                        max_new_tokens: int, device: torch.device, max_examples: int = 0, refusal: str = "",
+                        reference: torch.nn.Module | None = None, kl_samples: int = 0) -> dict:
+    """Greedy answers to the held-out questions -> format_adherence, citation_accuracy, refusal
+    rates, a few samples, and (with a `reference` model and kl_samples > 0) kl_to_reference."""
     questions = read_questions(path)[: max_examples or None]
     template = load_template(template_name, tokenizer.source)
     prompts = [chat_prompt_ids([{"role": "user", "content": q["prompt"]}], template, tokenizer) for q in questions]
     stop_ids, stop_strings = stop_conditions(template, tokenizer)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop_strings,
                             stop_token_ids=stop_ids)
-    answers = [c.text for c in NativeSampler.for_tokenizer(model, tokenizer, device).generate(prompts, params)]
-    scores = [score_answer(a, q["source"]) for a, q in zip(answers, questions)]
-    return {"format_adherence": sum(s["format_ok"] for s in scores) / len(scores),
-            "citation_accuracy": sum(s["citation_ok"] for s in scores) / len(scores),
-            "questions": len(scores),
-            "samples": [{"prompt": q["prompt"], "answer": a.strip()} for q, a in list(zip(questions, answers))[:3]]}
+    sampler = NativeSampler.for_tokenizer(model, tokenizer, device)
+    answers = [c.text for c in sampler.generate(prompts, params)]
+    scores = [score_answer(a, q["source"], refusal) for a, q in zip(answers, questions)]
+    in_scope = [s for s, q in zip(scores, questions) if q["source"]]
+    out_of_scope = [s for s, q in zip(scores, questions) if not q["source"]]
+    result = {"format_adherence": share([s["format_ok"] for s in in_scope]),
+              "citation_accuracy": share([s["citation_ok"] for s in in_scope]),
+              "questions": len(scores), "in_scope": len(in_scope), "out_of_scope": len(out_of_scope),
+              "samples": [{"prompt": q["prompt"], "answer": a.strip()} for q, a in list(zip(questions, answers))[:3]]}
+    if refusal:
+        result["refusal_in_scope"] = share([s["refused"] for s in in_scope])
+        if out_of_scope:
+            result["refusal_out_of_scope"] = share([s["refused"] for s in out_of_scope])
+            result["samples"] += [{"prompt": q["prompt"], "answer": a.strip()} for q, a in zip(questions, answers)
+                                  if not q["source"]][:2]
+    if reference is not None and kl_samples > 0:
+        sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=kl_samples, seed=1234,
+                                 stop=stop_strings, stop_token_ids=stop_ids)
+        result["kl_to_reference"] = sampled_kl(sampler, reference, prompts, sampled, device)
+    return result
+
+
+def sampled_kl(sampler: NativeSampler, reference: torch.nn.Module, prompts: list[list[int]],
+               params: SamplingParams, device: torch.device) -> float:
+    """Mean over sampled answers y ~ pi of log pi(y) - log pi_ref(y) (sequence log-probs; the
+    sampler's log-probs are the policy's raw-model ones, the reference's are teacher forced)."""
+    from megatron_domain.rollout.probe import completion_logprobs
+
+    completions = sampler.generate(prompts, params)
+    reference_logps = completion_logprobs(reference, [prompts[c.prompt_index] for c in completions],
+                                          [c.token_ids for c in completions], device)
+    gaps = [sum(c.logprobs) - sum(ref) for c, ref in zip(completions, reference_logps)]
+    return float(sum(gaps) / len(gaps))
