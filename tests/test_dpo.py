@@ -428,3 +428,16 @@ def test_init_from_a_lora_run_starts_from_its_merged_weights(chat_run, tmp_path)
         expected, got, before = (m(tokens, positions) for m in (expected_model, started, base))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert (got - before).abs().max() > 1e-4  # the adapters were applied
+
+
+def test_pretokenized_pairs_are_used_as_they_are(chat_tokenizer, tmp_path):
+    """TRL's tokenized columns (prompt_ids, chosen_ids, rejected_ids) load without a template;
+    bad ids are named."""
+    tok = load_tokenizer(chat_tokenizer)
+    lines = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10]}]
+    data = read_preferences(write_jsonl(tmp_path / "ids.jsonl", lines), load_template("chatml"), tok, 32)
+    pair = data.pairs[0]
+    assert (pair.prompt.tolist(), pair.chosen.tolist(), pair.rejected.tolist()) == ([5, 6, 7], [8, 9], [10])
+    bad = write_jsonl(tmp_path / "bad_ids.jsonl", [{"prompt_ids": [1], "chosen_ids": [99999], "rejected_ids": [2]}])
+    with pytest.raises(ChatDataError, match=r"bad_ids.jsonl:1: \"chosen_ids\" must be a list of token ids"):
+        read_preferences(bad, load_template("chatml"), tok, 32)

@@ -9,7 +9,9 @@ Input lines, in the formats TRL users already have:
   `prompt` holds the conversation up to the last user turn, `chosen`/`rejected` the assistant
   turn(s) that follow;
 - implicit prompt: `{"chosen": [messages], "rejected": [messages]}`: the shared leading
-  messages are the prompt.
+  messages are the prompt;
+- pre-tokenized (TRL's tokenized columns): `{"prompt_ids": [int], "chosen_ids": [int],
+  "rejected_ids": [int]}`: used as they are, no template.
 
 Everything is rendered with the stage's chat template. The completion is the rendered text
 after the prompt (with the generation prompt) up to and including the last end-of-turn marker,
@@ -140,12 +142,34 @@ class PreferenceSet:
     dropped: int
 
 
+def tokenized_pair(record: dict, vocab_size: int, where: str) -> PreferencePair:
+    """A pre-tokenized line (prompt_ids, chosen_ids, rejected_ids) checked like a text pair."""
+    arrays = {}
+    for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        ids = record.get(key)
+        if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids):
+            raise ChatDataError(f"{where}: \"{key}\" must be a list of token ids in [0, {vocab_size})")
+        arrays[key] = np.asarray(ids, dtype=np.int64)
+    for name in ("chosen", "rejected"):
+        if len(arrays[f"{name}_ids"]) == 0:
+            raise ChatDataError(f"{where}: the {name} completion is empty; every pair needs two non-empty answers")
+    if not len(arrays["prompt_ids"]):
+        raise ChatDataError(f"{where}: \"prompt_ids\" is empty; the completions need a prompt to answer")
+    if np.array_equal(arrays["chosen_ids"], arrays["rejected_ids"]):
+        raise ChatDataError(f"{where}: chosen and rejected are identical, so the pair carries no preference; "
+                            "remove it")
+    return PreferencePair(arrays["prompt_ids"], arrays["chosen_ids"], arrays["rejected_ids"], where)
+
+
 def read_preferences(path: str | os.PathLike, template: ChatTemplate, tokenizer: TextTokenizer, seq_len: int,
                      overflow: str = "truncate") -> PreferenceSet:
     """Every pair of a JSONL file, tokenized and fitted; errors name the file and line."""
     pairs, truncated, dropped = [], 0, 0
     for where, record in jsonl_records(path, "a preference pair"):
-        pair = encode_pair(*split_record(record, where), template, tokenizer, where)
+        if isinstance(record, dict) and "prompt_ids" in record:
+            pair = tokenized_pair(record, tokenizer.vocab_size, where)
+        else:
+            pair = encode_pair(*split_record(record, where), template, tokenizer, where)
         fitted = fit_pair(pair, seq_len, overflow)
         if fitted is None:
             dropped += 1
