@@ -376,11 +376,13 @@ class DpoConfig:
     reference: `adapters` (LoRA: the base with adapters off), `copy` (a frozen copy of the
     initial weights), `precomputed` (reference log-probs computed once, stored with the run);
     `auto` = adapters with LoRA, else copy. `shared_prompt`: score both completions after one
-    pass over the prompt (sdpa/flex attention), else the two-document layout."""
+    pass over the prompt (sdpa/flex attention), else the two-document layout. `sft_weight` > 0
+    adds that times the chosen completion's mean NLL to each pair's loss (RPO)."""
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
+    sft_weight: float = 0.0
     reference: str = "auto"
     shared_prompt: bool = True
     online: bool = False
@@ -753,6 +755,8 @@ def validate_dpo(cfg: Config, prefix: str = "") -> list[str]:
         problems.append(f"{p('dpo.loss_type')}: unknown {d.loss_type!r}; choose one of {', '.join(DPO_LOSSES)}")
     if d.beta <= 0:
         problems.append(f"{p('dpo.beta')}: must be > 0 (typical 0.01..0.3), got {d.beta}")
+    if d.sft_weight < 0:
+        problems.append(f"{p('dpo.sft_weight')}: must be >= 0 (0 = plain DPO), got {d.sft_weight}")
     if not 0 <= d.label_smoothing < 0.5:
         problems.append(f"{p('dpo.label_smoothing')}: must be in [0, 0.5), got {d.label_smoothing}")
     if d.reference not in DPO_REFERENCES:

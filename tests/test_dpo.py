@@ -441,3 +441,17 @@ def test_pretokenized_pairs_are_used_as_they_are(chat_tokenizer, tmp_path):
     bad = write_jsonl(tmp_path / "bad_ids.jsonl", [{"prompt_ids": [1], "chosen_ids": [99999], "rejected_ids": [2]}])
     with pytest.raises(ChatDataError, match=r"bad_ids.jsonl:1: \"chosen_ids\" must be a list of token ids"):
         read_preferences(bad, load_template("chatml"), tok, 32)
+
+
+def test_sft_weight_adds_the_chosen_mean_nll_per_pair():
+    """RPO: the loss of each pair gains alpha x the mean NLL of its chosen tokens."""
+    pairs = random_pairs(3, 100, seed=9)
+    batch = as_batch(pairs, shared=True)
+    policy = -torch.rand(batch["score_targets"].shape[0], generator=torch.Generator().manual_seed(0)) * 4
+    reference = policy + 0.1
+    plain, _, _ = pair_loss(policy, reference, batch, DpoConfig())
+    rpo, _, metrics = pair_loss(policy, reference, batch, DpoConfig(sft_weight=0.5))
+    segments = batch["score_segments"]
+    expected = sum(float(-policy[segments == 2 * p].mean()) for p in range(3))
+    assert float(rpo - plain) == pytest.approx(0.5 * expected, rel=1e-6)
+    assert float(metrics["nll/chosen"]) == pytest.approx(expected, rel=1e-6)

@@ -36,7 +36,7 @@ from megatron_domain.data.chat import load_template
 from megatron_domain.data.preference import PreferencePair, pair_batch, pair_tokens, read_preferences
 from megatron_domain.kernels.dpo import dpo_loss_reference
 from megatron_domain.kernels.registry import get_kernel
-from megatron_domain.losses import LENGTH_AVERAGED_LOSSES
+from megatron_domain.losses import LENGTH_AVERAGED_LOSSES, segment_sums
 from megatron_domain.models.lora import adapters_disabled
 from megatron_domain.stages import StageContext
 from megatron_domain.stages.causal_lm import micro_batch_starts
@@ -79,7 +79,11 @@ def pair_loss(policy: torch.Tensor, reference: torch.Tensor, batch: dict, d: Dpo
               loss_kernel=dpo_loss_reference) -> tuple[torch.Tensor, int, dict]:
     """The DPO-family loss of a pair batch from the policy's and pi_ref's log-probs at its scored
     positions (both [M]): (sum of the pair losses, number of pairs, metric sums over the pairs:
-    rewards, margin, accuracy, policy log-probs, KL estimate on the chosen, tokens)."""
+    rewards, margin, accuracy, policy log-probs, KL estimate and mean NLL on the chosen, tokens).
+
+    With `dpo.sft_weight` alpha > 0 each pair's loss also gets alpha x the mean NLL of its chosen
+    completion (RPO, Pang et al. 2024; TRL's rpo_alpha): it keeps the chosen answers likely,
+    against DPO's tendency to lower both completions' likelihood."""
     segments, num_pairs = batch["score_segments"], batch["num_pairs"]
     pol, ref = policy.float(), reference.float()
     if d.loss_type in LENGTH_AVERAGED_LOSSES:
@@ -87,13 +91,18 @@ def pair_loss(policy: torch.Tensor, reference: torch.Tensor, batch: dict, d: Dpo
         pol, ref = pol * weights, ref * weights
     out = loss_kernel(pol, ref, segments, num_pairs, beta=d.beta, loss_type=d.loss_type,
                       label_smoothing=d.label_smoothing)
+    losses = out.losses  # [P]
     margins = out.chosen_rewards - out.rejected_rewards  # [P]
+    chosen_nll = -segment_sums(policy, segments, 2 * num_pairs)[0::2] / torch.bincount(
+        segments, minlength=2 * num_pairs)[0::2].clamp(min=1)  # [P] mean NLL per chosen token
+    if d.sft_weight > 0:  # RPO: + alpha * NLL(chosen) / |y_w|
+        losses = losses + d.sft_weight * chosen_nll
     metrics = {"rewards/chosen": out.chosen_rewards.sum(), "rewards/rejected": out.rejected_rewards.sum(),
                "rewards/margin": margins.sum(), "rewards/accuracy": (margins > 0).float().sum(),
                "logps/chosen": out.policy_chosen.sum(), "logps/rejected": out.policy_rejected.sum(),
                "kl/chosen": chosen_kl_per_pair(policy, reference, segments, num_pairs).sum(),
-               "tokens": float(batch["pair_tokens"])}
-    return out.losses.sum(), num_pairs, metrics
+               "nll/chosen": chosen_nll.detach().sum(), "tokens": float(batch["pair_tokens"])}
+    return losses.sum(), num_pairs, metrics
 
 
 class DpoStage:
