@@ -1,7 +1,8 @@
 """The demo pipeline, reduced in size, from the CLI: it runs end to end, writes its report,
 and meets the DACPT criteria (domain perplexity -30% or better, general at most +5%) and the
 SFT format target (>= 90% of held-out answers in the house format). The reduced SFT stage
-fine-tunes all weights: LoRA on the 64-wide model does not learn the format in 400 steps."""
+fine-tunes all weights: LoRA on the 64-wide model does not learn the format in 400 steps. The
+online DPO stage runs two short rounds (its targets are the full demo's, see the README)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ REDUCED = [  # ~2 minutes on 2 cores: a quarter of the general corpus, a 64-wide
     "stages.sft.train.steps=400",
     "stages.sft.optim.lr=3e-3",
     "stages.sft.optim.min_lr=3e-4",
+    "stages.dpo.lora.rank=8",
+    "stages.dpo.dpo.rounds=2",
+    "stages.dpo.dpo.prompts_per_round=16",
+    "stages.dpo.dpo.samples_per_prompt=4",
+    "stages.dpo.train.steps=4",
+    "stages.dpo.eval.generation.kl_samples=1",
     # measured with these settings: format 0% -> 97.2%, citation 0% -> 11.1%
     "checks=[{stage: dacpt, set: domain, max_change: -0.30}, {stage: dacpt, set: general, max_change: 0.05},"
     " {stage: sft, metric: format_adherence, min_after: 0.90, min_gain: 0.30},"
@@ -42,7 +49,7 @@ def test_reduced_demo_pipeline_meets_its_criteria(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads((out / "report.json").read_text())
-    assert [s["name"] for s in report["stages"]] == ["base_pretrain", "dacpt", "sft"]
+    assert [s["name"] for s in report["stages"]] == ["base_pretrain", "dacpt", "sft", "dpo"]
     for stage in report["stages"]:
         assert set(stage) >= {"name", "mode", "eval_before", "eval_after", "run_dir"}
         assert set(stage["eval_after"]["ppl"]) == {"domain", "general"}
@@ -56,6 +63,16 @@ def test_reduced_demo_pipeline_meets_its_criteria(tmp_path):
     assert sft["eval_before"]["generation"]["format_adherence"] == 0.0  # the DACPT model never answers so
     assert sft["eval_after"]["generation"]["format_adherence"] >= 0.90
     assert sft["eval_after"]["generation"]["citation_accuracy"] >= 0.05
+    dpo = report["stages"][3]
+    generation = dpo["eval_after"]["generation"]
+    assert set(generation) >= {"format_adherence", "citation_accuracy", "refusal_in_scope", "refusal_out_of_scope",
+                               "kl_to_reference"}
+    assert dpo["eval_before"]["generation"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-4)  # pi == pi_ref
+    # DPO starts from the SFT model (its merged weights): the same greedy answers
+    for metric in ("format_adherence", "citation_accuracy"):
+        assert dpo["eval_before"]["generation"][metric] == sft["eval_after"]["generation"][metric]
+    rounds = [json.loads(line) for line in (out / "dpo" / "rounds" / "summary.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1] and all(r["prompts"] == 16 for r in rounds)
     assert all(c["passed"] for c in report["checks"]) and len(report["checks"]) == 4
     assert (out / "report.md").read_text().startswith("# Pipeline report")
     for plot in ("loss_curves.png", "eval_deltas.png"):

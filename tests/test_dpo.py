@@ -455,3 +455,25 @@ def test_sft_weight_adds_the_chosen_mean_nll_per_pair():
     expected = sum(float(-policy[segments == 2 * p].mean()) for p in range(3))
     assert float(rpo - plain) == pytest.approx(0.5 * expected, rel=1e-6)
     assert float(metrics["nll/chosen"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_generation_eval_reports_refusals_and_kl(chat_run, tmp_path):
+    """In-scope metrics ignore out-of-scope questions; the sampled KL of a model to itself is 0
+    and to another model positive."""
+    from megatron_domain.eval.harness import load_eval_model
+    from megatron_domain.eval.rubric import evaluate_generation
+
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"prompt": f"what is {w}?", "source": w} for w in ALPHA_WORDS[:4]]
+                            + [{"prompt": "what is the weather?", "source": None}])
+    tok = load_tokenizer(chat_run["tokenizer"])
+    model = load_eval_model(config_from_dict(chat_run["sft_config"]), chat_run["sft"], torch.device("cpu"))
+    other = load_eval_model(config_from_dict(chat_run["lora_config"]), chat_run["lora"], torch.device("cpu"))
+    refusal = "the list returns a list. [source: `list`]"  # an answer the model gives, standing in for a refusal
+    same = evaluate_generation(model, tok, questions, "chatml", 24, torch.device("cpu"), refusal=refusal,
+                               reference=model, kl_samples=2)
+    assert (same["in_scope"], same["out_of_scope"]) == (4, 1)
+    assert 0 <= same["refusal_in_scope"] <= 1 and same["refusal_out_of_scope"] in (0.0, 1.0)
+    assert abs(same["kl_to_reference"]) < 1e-3
+    moved = evaluate_generation(model, tok, questions, "chatml", 24, torch.device("cpu"), reference=other,
+                                kl_samples=2)
+    assert moved["kl_to_reference"] > 1e-3 and "refusal_in_scope" not in moved

@@ -50,10 +50,14 @@ def test_lora_sft_with_fused_cross_entropy_equals_logits_path(tiny_config, corpo
 
 def test_house_format_rubric():
     assert score_answer("Assert statements insert debugging assertions. [source: `assert`]", "assert") == {
-        "format_ok": True, "citation_ok": True}
+        "format_ok": True, "citation_ok": True, "refused": False}
     assert score_answer("Assert statements insert assertions. [source: `raise`]", "assert")["citation_ok"] is False
     assert score_answer("two lines.\nsecond [source: `assert`]", "assert")["format_ok"] is False
     # a citation without the backticks names the right topic but is not the house format
     assert score_answer("Assert statements insert assertions. [source: assert]", "assert") == {
-        "format_ok": False, "citation_ok": True}
-    assert score_answer("no citation at all.", "assert") == {"format_ok": False, "citation_ok": False}
+        "format_ok": False, "citation_ok": True, "refused": False}
+    assert score_answer("no citation at all.", "assert") == {"format_ok": False, "citation_ok": False,
+                                                             "refused": False}
+    refusal = "I cannot answer that from the reference."
+    assert score_answer(f" {refusal}", None, refusal) == {"format_ok": False, "citation_ok": False, "refused": True}
+    assert score_answer(f"{refusal} [source: `x`]", "x", refusal)["refused"] is False

@@ -34,6 +34,12 @@ from megatron_domain.data.demo_corpus import is_heldout
 QUESTIONS = ("What does the language reference say about `{name}`?", "Explain `{name}` in Python.",
              "Tell me about `{name}`.", "How does Python define `{name}`?")
 HELDOUT_QUESTIONS = ("Summarize `{name}` in one sentence.", "What is `{name}`?")
+# the DPO prompts add phrasings of their own (none of them held out), so that the topic, not the
+# wording, is what tells an in-scope question from an out-of-scope one
+DPO_QUESTIONS = QUESTIONS + ("Describe `{name}`.", "Give me the reference entry for `{name}`.",
+                             "I need to know about `{name}`.", "Can you explain `{name}` briefly?",
+                             "Explain `{name}` in one line.", "Tell me about `{name}` in a few words.",
+                             "Define `{name}`.", "What do we know about `{name}`?")
 MAX_WORDS = 14
 REFUSAL = "I cannot answer that from the reference."
 OUT_OF_SCOPE_TOPICS = (
@@ -109,8 +115,8 @@ def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: in
     out = Path(out_dir)
     _write_jsonl(out / "sft_train.jsonl", conversations)
     dpo_prompts = [{"prompt": template.format(name=topic_name(t)), "source": t} for t, _ in pairs
-                   for template in QUESTIONS]
-    dpo_prompts += [{"prompt": template.format(name=t)} for t in oos_train for template in QUESTIONS]
+                   for template in DPO_QUESTIONS]
+    dpo_prompts += [{"prompt": template.format(name=t)} for t in oos_train for template in DPO_QUESTIONS]
     _write_jsonl(out / "dpo_prompts.jsonl", dpo_prompts)
     heldout = [{"prompt": template.format(name=topic_name(t)), "source": t}
                for t, _ in pairs for template in HELDOUT_QUESTIONS]
