@@ -295,8 +295,10 @@ def main() -> None:
             if run.startswith("trl") and record["trl_version"] is None:
                 record[run] = {"skipped": "trl is not installed (pip install trl)"}
                 continue
-            cmd = [sys.executable, __file__, "--worker", run, "--root", str(root)] + [
-                a for a in sys.argv[1:] if a not in ("--out",)]
+            cmd = [sys.executable, __file__, "--worker", run, "--root", str(root), "--steps", str(args.steps),
+                   "--pairs-per-step", str(args.pairs_per_step), "--threads", str(args.threads),
+                   "--vocab", str(args.vocab), "--online-prompts", str(args.online_prompts),
+                   "--online-new-tokens", str(args.online_new_tokens)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
