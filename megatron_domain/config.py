@@ -424,6 +424,7 @@ class DemoDataConfig:
     max_domain_docs: int = 0
     seed: int = 0
     sft_heldout_fraction: float = 0.5
+    sft_refusal_topics: int = 6  # out-of-scope topics whose refusal sentence the SFT data shows
 
 
 @dataclass

@@ -36,7 +36,8 @@ def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = Tr
         if progress:
             tqdm.write(f"preparing the demo corpora in {out / 'data'} ...")
         prepare_demo_data(out / "data", pipe.demo_data, progress=progress)
-        build_demo_sft(out / "data", pipe.demo_data.sft_heldout_fraction, pipe.demo_data.seed)
+        build_demo_sft(out / "data", pipe.demo_data.sft_heldout_fraction, pipe.demo_data.seed,
+                       pipe.demo_data.sft_refusal_topics)
     report: dict = {"out_dir": str(out), "stages": []}
     for name, cfg in zip(stage_names(pipe), stages):
         device = resolve_device(cfg.train.device)

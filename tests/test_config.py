@@ -77,7 +77,9 @@ def test_pipeline_errors_name_the_stage(tmp_path):
 
 def test_demo_pipeline_config_is_valid():
     pipe, stages = load_pipeline("configs/pipelines/demo.yaml")
-    assert [s.mode for s in stages] == ["pretrain", "pretrain", "sft"]
+    assert [s.mode for s in stages] == ["pretrain", "pretrain", "sft", "dpo"]
+    assert stages[3].model.init_from.endswith("sft") and stages[3].dpo.online
+    assert stages[3].train.steps == stages[3].dpo.rounds * stages[3].dpo.steps_per_round
     assert stages[1].model.init_from.endswith("base_pretrain")
     assert stages[2].model.init_from.endswith("dacpt") and stages[2].lora.rank == 64
     weights = {c.name: c.weight for c in stages[1].data.corpora}

@@ -16,7 +16,7 @@ answers new questions in the house format and cites the right section.
 Out-of-scope questions ask the same way about topics the reference does not contain
 (OUT_OF_SCOPE_TOPICS: cooking, geography, music, ...); the house rule is to answer them with the
 fixed REFUSAL sentence. The SFT data shows that sentence for a few such topics only
-(SFT_REFUSAL_TOPICS), so the SFT model knows it but not the rule; the DPO stage's prompts
+(`demo_data.sft_refusal_topics`), so the SFT model knows it but not the rule; the DPO stage's prompts
 (dpo_prompts.jsonl: the training phrasings of every topic, with the topic id to cite as
 `source`, plus out-of-scope questions without one) teach the rule through a rubric judge, and
 the held-out questions (sft_heldout.jsonl) include out-of-scope topics never used in training.
@@ -51,7 +51,6 @@ OUT_OF_SCOPE_TOPICS = (
     "coral-reefs", "falconry", "pastry", "rowing", "tulips", "comets", "weaving", "bagpipes",
     "fjords", "gardening", "sailing", "mosaics", "avalanches", "bread-baking", "canoes", "harvests",
     "lanterns", "meadows", "pianos", "quilting", "reindeer", "savannas", "typhoons", "walnuts")
-SFT_REFUSAL_TOPICS = 6  # out-of-scope topics whose refusal the SFT data shows (one question each)
 SENTENCE = re.compile(r"^(.{20,220}?[.!?:])(\s|$)", re.S)
 
 
@@ -84,10 +83,11 @@ def out_of_scope_split(heldout_fraction: float, seed: int) -> tuple[list[str], l
     return [t for t in OUT_OF_SCOPE_TOPICS if t not in heldout], heldout
 
 
-def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: int) -> dict:
+def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: int, refusal_topics: int = 6) -> dict:
     """Write sft_train.jsonl (conversations), dpo_prompts.jsonl ({"prompt"[, "source"]}) and
     sft_heldout.jsonl ({"prompt", "source"}; source null = out of scope) to `out_dir`; returns
-    their counts."""
+    their counts. `refusal_topics`: out-of-scope topics whose refusal the SFT data shows (one
+    question each)."""
     from pydoc_data.topics import topics
 
     pairs = []
@@ -109,7 +109,7 @@ def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: in
             {"role": "user", "content": QUESTIONS[(i + 1) % len(QUESTIONS)].format(name=topic_name(other_topic))},
             {"role": "assistant", "content": house_answer(other_sentence, other_topic)}]})
     oos_train, oos_heldout = out_of_scope_split(heldout_fraction, seed)
-    for i, topic in enumerate(oos_train[:SFT_REFUSAL_TOPICS]):
+    for i, topic in enumerate(oos_train[:refusal_topics]):
         conversations.append({"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)].format(name=topic)},
                                            {"role": "assistant", "content": REFUSAL}]})
     out = Path(out_dir)
