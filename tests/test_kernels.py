@@ -65,7 +65,8 @@ def dpo_inputs(pairs: int, dtype: torch.dtype, seed: int):
     return policy, reference, segment_ids
 
 
-@pytest.mark.parametrize("loss_type,smoothing", [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0), ("hinge", 0.0)])
+@pytest.mark.parametrize("loss_type,smoothing", [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0), ("hinge", 0.0),
+                                                ("robust", 0.1)])
 @pytest.mark.parametrize("pairs,dtype", [(1, torch.float32), (6, torch.float32), (5, torch.bfloat16)])
 def test_dpo_loss_cpp_equals_reference(loss_type, smoothing, pairs, dtype):
     policy, reference, segment_ids = dpo_inputs(pairs, dtype, seed=pairs)
