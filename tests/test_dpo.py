@@ -477,3 +477,37 @@ def test_generation_eval_reports_refusals_and_kl(chat_run, tmp_path):
     moved = evaluate_generation(model, tok, questions, "chatml", 24, torch.device("cpu"), reference=other,
                                 kl_samples=2)
     assert moved["kl_to_reference"] > 1e-3 and "refusal_in_scope" not in moved
+
+
+@pytest.mark.slow
+def test_online_rounds_under_tp2_and_dp_shard2_match_one_process(chat_run, tmp_path):
+    """Every rank samples the round in lockstep (the forwards are collective): tp=2 and
+    dp_shard=2 write the same round files and reach the same losses as one process."""
+    from parallel_cases import run_jobs
+    from parallel_harness import run_on_ranks
+    from conftest import chat_run_config
+
+    sft = chat_run_config(tmp_path, "sft4", chat_run["tokenizer"], chat_run["chat_path"], steps=30)
+    sft["model"] = {"preset": "tiny-test"}  # 4 heads, 2 KV heads: splits over tp=2
+    train(config_from_dict(sft))
+
+    def cfg(name: str, parallel: dict) -> dict:
+        out = online_config(chat_run, tmp_path, name, rounds=2, steps_per_round=2)
+        out["model"] = {"preset": "tiny-test", "init_from": str(tmp_path / "sft4")}
+        out["train"]["steps"] = 4
+        out["parallel"] = parallel
+        out["rollout"]["max_new_tokens"] = 16
+        out["dpo"]["judge"] = {"kind": "rubric", "rules": [{"pattern": "returns a list"},  # partial credit
+                                                          {"pattern": r"\[source: `{source}`\]"}]}
+        return out
+
+    reference = train(config_from_dict(cfg("one", {}))).losses
+    run_on_ranks(2, run_jobs, [("dp2", "train", cfg("dp2", {"dp_shard": 2}), None),
+                               ("tp2", "train", cfg("tp2", {"tp": 2}), None)], str(tmp_path))
+    for name in ("dp2", "tp2"):
+        losses = torch.load(tmp_path / f"{name}.pt", weights_only=False)
+        assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-5, name
+        for index in range(2):
+            assert round_lines(tmp_path / name, index) == round_lines(tmp_path / "one", index), (name, index)
+    assert sum(json.loads(line)["pairs"] for line in
+               (tmp_path / "one" / "rounds" / "summary.jsonl").read_text().splitlines()) > 0
