@@ -65,3 +65,21 @@ def test_bench_losses_fused_path_saves_memory():
     row = json.loads(result.stdout.strip().splitlines()[-1])["vocab"]["32768"]
     assert row["loss_diff"] < 1e-4
     assert row["memory_ratio"] < 0.5, row  # [1024, 32768] fp32 logits alone are 128 MiB
+
+
+def test_bench_dpo_compares_ours_with_trl_on_the_same_tokens(tmp_path):
+    """A tiny run of tools/bench_dpo.py: both trainers finish on the same pairs and the JSON
+    line carries tokens/s, peak memory and the ratio (speed itself is not asserted)."""
+    pytest.importorskip("trl")
+    out = tmp_path / "bench.jsonl"
+    run = subprocess.run([sys.executable, "tools/bench_dpo.py", "--steps", "2", "--prompt-len", "4", "8",
+                          "--completion-len", "2", "6", "--hidden", "64", "--layers", "1", "--vocab", "256",
+                          "--runs", "ours,trl", "--out", str(out)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert record["pairs"] == 8 and record["tokens"] > 0
+    for name in ("ours", "trl"):
+        assert record[name]["tokens_per_s"] > 0 and record[name]["peak_rss_gb"] > 0, record[name]
+        assert abs(record[name]["final_loss"] - 0.6931) < 0.01  # lr 1e-6: both stay at log 2
+    assert record["ratios"]["ours/trl"]["tokens_per_s"] > 0

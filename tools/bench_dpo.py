@@ -118,15 +118,21 @@ def padding_fraction(pairs, batch: int) -> float:
     return 1 - real / padded
 
 
+def our_model_section(root: Path) -> dict:
+    """Our `model:` config for the shared HF folder (its shape, initialized from it)."""
+    from megatron_domain.models.hf import model_config_from_hf, read_hf_config
+
+    shape = vars(model_config_from_hf(read_hf_config(root / "model")))
+    return {**{k: v for k, v in shape.items() if k != "rope_scaling"}, "init_from": f"hf:{root / 'model'}"}
+
+
 def run_ours(root: Path, args, precomputed: bool) -> dict:
     from megatron_domain.config import config_from_dict
     from megatron_domain.engine import train
-    from megatron_domain.models.hf import model_config_from_hf, read_hf_config
 
-    model = {k: v for k, v in vars(model_config_from_hf(read_hf_config(root / "model"))).items()
-             if k != "rope_scaling"}
+    model = our_model_section(root)
     cfg = config_from_dict({
-        "mode": "dpo", "model": {**model, "init_from": f"hf:{root / 'model'}"},
+        "mode": "dpo", "model": model,
         "data": {"tokenizer": str(root / "tokenizer.json"), "eod_token": EOS, "seq_len": 1024,
                  "chat": {"path": str(root / "pairs_ids.jsonl")}},
         "optim": {"lr": LR, "min_lr": LR, "warmup_steps": 0, "weight_decay": 0.0, "clip_grad": 1.0},
@@ -140,17 +146,24 @@ def run_ours(root: Path, args, precomputed: bool) -> dict:
     return {"wall_s": time.perf_counter() - start, "final_loss": result.losses[-1]}
 
 
-def run_trl(root: Path, args, precomputed: bool) -> dict:
+def trl_inputs(root: Path, data_file: str):
+    """(model, tokenizer, dataset) for a TRL trainer: the shared HF weights, the word-level
+    tokenizer, and `data_file` of `root` as a datasets.Dataset."""
     import transformers
-    import trl
     from datasets import load_dataset
 
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32)
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(root / "tokenizer.json"), eos_token=EOS,
                                                      pad_token=EOS)
-    dataset = load_dataset("json", data_files=str(root / "pairs_text.jsonl"), split="train")
+    return model, tokenizer, load_dataset("json", data_files=str(root / data_file), split="train")
+
+
+def run_trl(root: Path, args, precomputed: bool) -> dict:
+    import trl
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    model, tokenizer, dataset = trl_inputs(root, "pairs_text.jsonl")
     config = trl.DPOConfig(output_dir=str(root / "trl_out"), per_device_train_batch_size=args.pairs_per_step,
                            gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=LR,
                            lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, beta=0.1,
@@ -183,12 +196,10 @@ def online_prompts(root: Path, args) -> None:
 def run_ours_online(root: Path, args) -> dict:
     from megatron_domain.config import config_from_dict
     from megatron_domain.engine import train
-    from megatron_domain.models.hf import model_config_from_hf, read_hf_config
 
-    model = {k: v for k, v in vars(model_config_from_hf(read_hf_config(root / "model"))).items()
-             if k != "rope_scaling"}
+    model = our_model_section(root)
     cfg = config_from_dict({
-        "mode": "dpo", "model": {**model, "init_from": f"hf:{root / 'model'}"},
+        "mode": "dpo", "model": model,
         "data": {"tokenizer": str(root / "tokenizer.json"), "eod_token": EOS, "seq_len": 256,
                  "chat": {"template": "chatml"}},
         "optim": {"lr": LR, "min_lr": LR, "warmup_steps": 0, "weight_decay": 0.0, "clip_grad": 1.0},
@@ -209,16 +220,11 @@ def run_ours_online(root: Path, args) -> dict:
 
 
 def run_trl_online(root: Path, args) -> dict:
-    import transformers
-    from datasets import load_dataset
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32)
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(root / "tokenizer.json"), eos_token=EOS,
-                                                     pad_token=EOS)
-    dataset = load_dataset("json", data_files=str(root / "prompts.jsonl"), split="train")
+    model, tokenizer, dataset = trl_inputs(root, "prompts.jsonl")
     config = OnlineDPOConfig(output_dir=str(root / "trl_online"), per_device_train_batch_size=args.online_prompts,
                              gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=LR,
                              lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, beta=0.1,

@@ -124,11 +124,12 @@ class OnlineRounds:
     def round_prompts(self, index: int) -> list[PromptRecord]:
         """Round `index`'s prompts: the next prompts_per_round of an endless stream that walks
         the prompts file in a fresh seeded order every epoch."""
-        count, out = self.cfg.dpo.prompts_per_round, []
+        count, out, orders = self.cfg.dpo.prompts_per_round, [], {}
         for position in range(index * count, (index + 1) * count):
             epoch, offset = divmod(position, len(self.prompts))
-            order = np.random.default_rng(self.cfg.data.seed + epoch).permutation(len(self.prompts))
-            out.append(self.prompts[int(order[offset])])
+            if epoch not in orders:
+                orders[epoch] = np.random.default_rng(self.cfg.data.seed + epoch).permutation(len(self.prompts))
+            out.append(self.prompts[int(orders[epoch][offset])])
         return out
 
     def _generate(self, index: int, prompt_ids: list[list[int]], records: list[PromptRecord]) -> list[Completion]:
