@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +35,16 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
 
 
 def rng_state() -> dict:
-    """Python, numpy, torch CPU and CUDA generator states of this process."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch CPU and CUDA generator states of this process, as tensors and plain
+    numbers only, so that `load_rng_state` can read them with `weights_only=True` (a pickled
+    state in a checkpoint received from elsewhere could run code when loaded)."""
+    py_version, py_words, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"python_version": py_version, "python_words": torch.tensor(py_words, dtype=torch.int64),
+             "python_gauss": py_gauss, "numpy_name": np_name,
+             "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)), "numpy_pos": int(np_pos),
+             "numpy_has_gauss": int(np_has_gauss), "numpy_gauss": float(np_gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -42,11 +52,23 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     """Restore what `rng_state` captured."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate((state["python_version"], tuple(state["python_words"].tolist()), state["python_gauss"]))
+    np.random.set_state((state["numpy_name"], state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_rng_state(path: Path) -> dict:
+    """Read an RNG state file with `weights_only=True`: tensors and plain data, never code."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: refused to load: the file holds Python objects besides tensors and plain data, and "
+                         "unpickling them could run code. Checkpoints of this version store RNG states as tensors; "
+                         "if this checkpoint is an old one of your own, delete its rng_rank*.pt files to resume "
+                         f"without restoring the random generators ({str(err).splitlines()[0]})") from None
 
 
 def _options(strict: bool = True, frozen: bool = False) -> StateDictOptions:
@@ -109,16 +131,84 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return path if (path / EXTRA_FILE).is_file() else None
 
 
+def saved_step(checkpoint: Path) -> int:
+    """The training step a complete checkpoint directory was written at."""
+    return int(json.loads((checkpoint / EXTRA_FILE).read_text())["step"])
+
+
+def saved_steps(run_dir: str | os.PathLike) -> list[int]:
+    """The steps of the complete checkpoint directories of a run, ascending."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name[len("step_"):]) for p in root.glob("step_*")
+                  if p.is_dir() and p.name[len("step_"):].isdigit())
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, resume: bool, overwrite: bool) -> Path:
+    """Make `run_dir` ready for a run. A new run (not `resume`) refuses a directory that already
+    holds checkpoints: it would mix its metrics and checkpoints with the old run's. With
+    `overwrite` the old directory is moved aside (to `<run_dir>.old-<time>`), never deleted.
+    Only rank 0 moves; returns the directory."""
+    run_dir = Path(run_dir)
+    steps = [] if resume else saved_steps(run_dir)
+    if steps and not overwrite:
+        raise FileExistsError(
+            f"train.run_dir {run_dir} already holds a run (checkpoints up to step {steps[-1]}); a new run there would "
+            "mix with it. Pass --resume to continue it, choose another directory (--set train.run_dir=...), or pass "
+            "--overwrite to move the old run aside")
+    if steps and _rank() == 0:
+        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(run_dir, aside)
+        print(f"--overwrite: moved the previous run in {run_dir} to {aside}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a run directory (its latest checkpoint); clear error otherwise."""
+    """A checkpoint directory, or a run directory (its latest checkpoint); clear error otherwise.
+    Its DCP metadata is checked to hold only checkpoint metadata before anything reads it."""
     path = Path(path)
-    if (path / EXTRA_FILE).is_file():
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise FileNotFoundError(f"no checkpoint found at {path}: expected a checkpoint directory (with {EXTRA_FILE}) "
-                                "or a run directory with checkpoints/latest")
-    return latest
+    if not (path / EXTRA_FILE).is_file():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint found at {path}: expected a checkpoint directory (with "
+                                    f"{EXTRA_FILE}) or a run directory with checkpoints/latest")
+        path = latest
+    check_metadata_is_data(path / ".metadata")
+    return path
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata, refusing every global that is not one of its plain data classes."""
+
+    def find_class(self, module: str, name: str):
+        allowed = (module == "torch.distributed.checkpoint.metadata"
+                   or (module, name) in SAFE_METADATA_GLOBALS
+                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not part of checkpoint metadata")
+        return super().find_class(module, name)
+
+
+SAFE_METADATA_GLOBALS = frozenset({
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("collections", "OrderedDict")})
+
+
+def check_metadata_is_data(metadata_file: Path) -> None:
+    """DCP reads `.metadata` with plain pickle, which can run code from a crafted file: unpickle
+    it first with only DCP's metadata classes allowed, and refuse the checkpoint otherwise."""
+    if not metadata_file.is_file():
+        raise FileNotFoundError(f"{metadata_file.parent}: not a complete checkpoint (no {metadata_file.name}); "
+                                "point at a checkpoint directory written by `mdt train` or `mdt convert`")
+    try:
+        with open(metadata_file, "rb") as handle:
+            _MetadataUnpickler(handle).load()
+    except (pickle.UnpicklingError, AttributeError, EOFError, ValueError) as err:
+        raise ValueError(f"{metadata_file}: refused to load the checkpoint: {err}. A DCP metadata file holds only "
+                         "tensor shapes, dtypes and offsets; this one could run code when read. Use a checkpoint "
+                         "you wrote yourself or received from a trusted source") from None
 
 
 def load_checkpoint(path: str | os.PathLike, parts: list[torch.nn.Module],
@@ -134,7 +224,7 @@ def load_checkpoint(path: str | os.PathLike, parts: list[torch.nn.Module],
         set_optimizer_state_dict(part, opt, {k: state["optim"][k] for k in optim_sd}, options=_options())
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(load_rng_state(rng_file))
     return json.loads((path / EXTRA_FILE).read_text())
 
 

@@ -35,7 +35,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from megatron_domain.pipeline import run_pipeline
 
     pipe, stages = load_pipeline(args.config, args.overrides)
-    report = run_pipeline(pipe, stages, progress=not args.no_progress)
+    report = run_pipeline(pipe, stages, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"report: {os.path.join(pipe.out_dir, 'report.md')}")
     failed = [c for c in report.get("checks", []) if not c["passed"]]
     for check in report.get("checks", []):
@@ -66,7 +66,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     from megatron_domain.engine import train
 
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     print(json.dumps({"run_dir": str(result.run_dir), "final_loss": result.losses[-1] if result.losses else None,
                       "checkpoint": str(result.final_checkpoint)}))
     return 0
@@ -151,12 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="run a multi-stage pipeline (e.g. configs/pipelines/demo.yaml)")
     p.add_argument("config")
+    p.add_argument("--overwrite", action="store_true",
+                   help="stages whose run directory holds an earlier run: move it aside (<dir>.old-<time>) and rerun")
     _add_set(p)
     p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("train", help="train one stage")
     p.add_argument("config")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train.run_dir holds an earlier run: move it aside (<run_dir>.old-<time>) and start anew")
     p.add_argument("--dry-run", action="store_true",
                    help="print the parallel layout, layers and parameters per rank and memory per GPU; no training")
     p.add_argument("--world-size", type=int, default=0,

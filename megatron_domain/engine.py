@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from tqdm import tqdm
 
-from megatron_domain.checkpoint import latest_checkpoint, load_checkpoint, load_initial_weights, save_checkpoint
+from megatron_domain.checkpoint import (
+    latest_checkpoint, load_checkpoint, load_initial_weights, prepare_run_dir, save_checkpoint, saved_step)
 from megatron_domain.config import Config, to_dict
 from megatron_domain.data.tokenizer import TextTokenizer, load_tokenizer
 from megatron_domain.eval.perplexity import evaluate_sets
@@ -276,11 +277,17 @@ def resume_from_latest(trainer: Trainer, run_dir: Path) -> int:
     return int(extra["step"])
 
 
-def train(cfg: Config, resume: bool = False, progress: bool | None = None) -> TrainResult:
+def train(cfg: Config, resume: bool = False, progress: bool | None = None, overwrite: bool = False) -> TrainResult:
     """Run `cfg.train.steps` optimizer steps of the stage `cfg.mode` on this rank's share of
-    the parallel layout; returns the job's losses (the same on every rank)."""
-    run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    the parallel layout; returns the job's losses (the same on every rank). A new run refuses a
+    run directory with checkpoints unless `overwrite` (which moves the old one aside)."""
+    run_dir = prepare_run_dir(cfg.train.run_dir, resume, overwrite)
+    finished = latest_checkpoint(run_dir) if resume else None
+    if finished is not None and saved_step(finished) >= cfg.train.steps:
+        if rank() == 0:
+            print(f"--resume: {run_dir} already finished its {cfg.train.steps} steps ({finished}); nothing to do "
+                  "(raise train.steps to train further)", flush=True)
+        return TrainResult(run_dir=run_dir, final_checkpoint=finished)
     device = resolve_device(cfg.train.device)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)

@@ -15,9 +15,11 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12
 
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024,
                           repeats: int = 5) -> float:
-    """Best observed FLOP/s of a square matmul: the MFU denominator where no data sheet applies."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    """Best observed FLOP/s of a square matmul: the MFU denominator where no data sheet applies.
+    Draws from a private generator: a resumed run must not consume the restored training RNG."""
+    private = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=private)  # [size, size]
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=private)  # [size, size]
     best = float("inf")
     for _ in range(repeats):
         if device.type == "cuda":

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from megatron_domain.checkpoint import prepare_run_dir
 from megatron_domain.config import GENERATION_METRICS, Config, PipelineConfig, stage_names
 from megatron_domain.data.demo_corpus import prepare_demo_data
 from megatron_domain.data.demo_sft import build_demo_sft
@@ -28,8 +29,9 @@ def evaluate_stage_input(cfg: Config, device: torch.device) -> dict:
     return evaluate_model(cfg, model, device, model if cfg.eval.generation.kl_samples else None)
 
 
-def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = True) -> dict:
-    """Run every stage; returns the report dict (also written to disk)."""
+def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = True, overwrite: bool = False) -> dict:
+    """Run every stage; returns the report dict (also written to disk). A stage whose run
+    directory already holds checkpoints is refused unless `overwrite` (moved aside)."""
     out = Path(pipe.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if pipe.demo_data.enabled:
@@ -44,6 +46,7 @@ def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = Tr
         ensure_process_group(device)
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
+        prepare_run_dir(cfg.train.run_dir, resume=False, overwrite=overwrite)
         before = evaluate_stage_input(cfg, device)
         write_json_atomic(Path(cfg.train.run_dir) / "eval_before.json", before)
         start = time.perf_counter()

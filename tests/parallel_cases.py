@@ -102,11 +102,14 @@ def resume_copy(cfg_dict: dict, source_run: str) -> list[float]:
 
 def run_job(kind: str, cfg_dict: dict, arg=None):
     """One unit of work of the parity tests, the same on every rank: `layout` ->
-    layout_result; `train` -> losses; `resume` -> resume_copy(arg); `logits` -> checkpoint_logits(arg)."""
+    layout_result; `train` -> losses; `continue` -> losses of `train --resume` in the run's own
+    directory; `resume` -> resume_copy(arg); `logits` -> checkpoint_logits(arg)."""
     if kind == "layout":
         return layout_result(cfg_dict)
     if kind == "train":
         return train(config_from_dict(cfg_dict)).losses
+    if kind == "continue":
+        return train(config_from_dict(cfg_dict), resume=True).losses
     if kind == "resume":
         return resume_copy(cfg_dict, arg)
     if kind == "logits":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +95,70 @@ def test_checkpoints_are_complete_and_atomic(tiny_config):
     extra = json.loads((root / "step_0000004" / "extra.json").read_text())
     assert extra["stage"]["consumed_samples"] == 4 * cfg.train.global_batch_size
     assert extra["scheduler"]["last_epoch"] == 4
+
+
+def test_new_run_refuses_a_run_dir_with_checkpoints(tiny_config):
+    """A second run without --resume must not mix with the first: refused with the ways out;
+    --overwrite moves the old run aside (nothing deleted) and starts anew."""
+    cfg = tiny_config("taken", steps=4, checkpoint_every=2)
+    losses = train(cfg).losses
+    run_dir = Path(cfg.train.run_dir)
+    before = {p.relative_to(run_dir): p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match=r"already holds a run \(checkpoints up to step 4\).*--resume.*"
+                                              r"train.run_dir.*--overwrite"):
+        train(tiny_config("taken", steps=2))
+    after = {p.relative_to(run_dir): p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before  # untouched
+    again = train(tiny_config("taken", steps=2), overwrite=True)
+    assert again.losses == losses[:2]
+    aside = [p for p in run_dir.parent.iterdir() if p.name.startswith("taken.old-")]
+    assert len(aside) == 1 and (aside[0] / "checkpoints" / "step_0000004").is_dir()
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_0000002"]
+
+
+def test_resume_of_a_finished_run_says_so(tiny_config, capsys):
+    cfg = tiny_config("done", steps=2)
+    final = train(cfg).final_checkpoint
+    result = train(cfg, resume=True)
+    assert result.losses == [] and result.final_checkpoint == final
+    assert "already finished its 2 steps" in capsys.readouterr().out
+
+
+class _RunsCode:
+    """A pickle payload that creates a marker file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_checkpoint_pickles_that_run_code_are_refused(tiny_config, tmp_path):
+    """A crafted RNG file or DCP metadata in a received checkpoint is refused before it runs:
+    on --resume, as model.init_from and in mdt eval."""
+    import pickle
+
+    from megatron_domain.eval.harness import run_eval
+
+    cfg = tiny_config("received", steps=4, exit_at_step=2)
+    checkpoint = train(cfg).final_checkpoint
+    marker = tmp_path / "marker"
+    (checkpoint / "rng_rank0.pt").write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(ValueError, match=r"rng_rank0.pt: refused to load"):
+        train(cfg, resume=True)
+    assert not marker.exists()
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(ValueError, match=r"\.metadata: refused to load the checkpoint: global builtins.exec"):
+        train(cfg, resume=True)
+    with pytest.raises(ValueError, match="refused to load the checkpoint"):
+        run_eval(cfg, str(checkpoint))
+    init = tiny_config("from_received")
+    init.model.init_from = str(checkpoint)
+    with pytest.raises(ValueError, match="refused to load the checkpoint"):
+        train(init)
+    assert not marker.exists()
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_config):

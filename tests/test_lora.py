@@ -72,15 +72,44 @@ def test_only_adapters_train_and_checkpoints_hold_only_them(tiny_config, corpora
     assert 0 < trainable < 0.2 * total
 
 
-def test_lora_resume_equals_uninterrupted(tiny_config, corpora, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_resume_equals_uninterrupted(tiny_config, corpora, tmp_path, dropout):
+    """Exact resume, also with LoRA dropout (the training RNG is restored and nothing draws
+    from it between the restore and the first step)."""
     base = train(tiny_config("base", steps=2)).final_checkpoint
-    make = lambda name, **train_kw: config_from_dict({  # noqa: E731
+    make = lambda name, p, **train_kw: config_from_dict({  # noqa: E731
         **tiny_config_dict(corpora, tmp_path / name, steps=6, **train_kw),
-        "model": {"preset": "tiny-test", "init_from": str(base)}, "lora": LORA})
-    straight = train(make("straight")).losses
-    first = train(make("resumed", exit_at_step=3)).losses
-    second = train(make("resumed"), resume=True).losses
+        "model": {"preset": "tiny-test", "init_from": str(base)}, "lora": {**LORA, "dropout": p}})
+    straight = train(make("straight", dropout)).losses
+    first = train(make("resumed", dropout, exit_at_step=3)).losses
+    second = train(make("resumed", dropout), resume=True).losses
     assert first + second == straight
+    if dropout:  # dropout really draws random masks: the losses differ from a run without it
+        assert train(make("no_dropout", 0.0)).losses[1:] != straight[1:]
+
+
+def test_lora_dropout_drops_only_the_adapter_input():
+    """y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, against a hand-written mask: the mask
+    is drawn from the torch generator like F.dropout, scales kept inputs by 1 / (1 - p), and
+    eval mode turns it off."""
+    torch.manual_seed(0)
+    layer = LoRALinear(8, 6, bias=True, rank=2, alpha=4.0, dropout=0.5)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+        layer.lora_a.normal_()
+        layer.lora_b.normal_()
+    x = torch.randn(3, 8)
+    torch.manual_seed(1)
+    got = layer(x)
+    torch.manual_seed(1)
+    mask = torch.empty_like(x).bernoulli_(0.5)  # what F.dropout draws: keep with probability 1 - p
+    dropped = x * mask / 0.5
+    expected = x @ layer.weight.T + layer.bias + 2.0 * (dropped @ layer.lora_a.T @ layer.lora_b.T)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    layer.eval()
+    plain = x @ layer.weight.T + layer.bias + 2.0 * (x @ layer.lora_a.T @ layer.lora_b.T)
+    torch.testing.assert_close(layer(x), plain, rtol=1e-6, atol=1e-6)
 
 
 def test_two_adapters_on_one_base_stay_separate(tiny_config, corpora, tmp_path):

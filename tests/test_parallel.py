@@ -86,6 +86,15 @@ def results(corpora, tmp_path_factory) -> dict:
     ]
     jobs += [(name, "layout", parity_config_dict(corpora, root / name, par, lora=LORA), None)
              for name, par in LORA_LAYOUTS.items()]
+
+    def dropout(name: str, **train_kw) -> dict:
+        cfg = parity_config_dict(corpora, root / name, {"tp": 2}, steps=4, lora={**LORA, "dropout": 0.1})
+        cfg["train"].update(train_kw)
+        return cfg
+
+    jobs += [("tp2_dropout_straight", "train", dropout("tp2_dropout_straight"), None),
+             ("tp2_dropout_first", "train", dropout("tp2_dropout_resumed", exit_at_step=2), None),
+             ("tp2_dropout_resumed", "continue", dropout("tp2_dropout_resumed"), None)]
     jobs.append(("dp_shard2_bf16", "layout", parity_config_dict(corpora, root / "dp_shard2_bf16", {"dp_shard": 2},
                                                                 dtype="bf16"), None))
     run_on_ranks(2, run_jobs, jobs, str(root))
@@ -161,6 +170,15 @@ def test_resume_at_other_layouts_continues_the_same_run(results):
     for name in ("resume_at_pp2", "resume_at_dp_shard2", "resume_at_one_process"):
         assert len(results[name]) == 2, name
         assert max(abs(a - b) for a, b in zip(results[name], straight[2:])) <= TOL, name
+
+
+@pytest.mark.slow
+def test_tp2_lora_dropout_resume_is_exact(results):
+    """tp=2 with LoRA dropout 0.1, stopped after step 2 of 4 and resumed: every rank's RNG is
+    restored, so steps 3-4 equal the uninterrupted run exactly."""
+    straight = results["tp2_dropout_straight"]
+    assert len(straight) == 4
+    assert results["tp2_dropout_first"] + results["tp2_dropout_resumed"] == straight
 
 
 @pytest.mark.slow
