@@ -106,10 +106,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from megatron_domain.convert import hf_to_mdt, mdt_to_hf
 
     if args.direction == "hf-to-mdt":
-        summary = hf_to_mdt(args.src, args.dst, dtype=args.dtype, verify=not args.no_verify)
+        summary = hf_to_mdt(args.src, args.dst, dtype=args.dtype, verify=not args.no_verify, overwrite=args.overwrite)
     else:
         summary = mdt_to_hf(args.src, args.dst, config=args.config, tokenizer=args.tokenizer, dtype=args.dtype,
-                            max_shard_size=args.max_shard_size, verify=not args.no_verify, lora_export=args.lora)
+                            max_shard_size=args.max_shard_size, verify=not args.no_verify, lora_export=args.lora,
+                            overwrite=args.overwrite)
+    for key, ids in summary.get("ignored_source_token_ids", {}).items():
+        print(f"note: the source model's {key} {ids} are not special tokens of the tokenizer (transformers' "
+              "defaults?); not carried into the export")
     if "max_logit_diff" in summary:
         print(f"verified: max logit difference {summary['max_logit_diff']:.3g} (ours vs transformers, fp32)")
     else:
@@ -185,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="mdt-to-hf: the run config (default: found next to the checkpoint)")
     p.add_argument("--tokenizer", default=None,
                    help="mdt-to-hf: folder or tokenizer.json to carry over (default: the run's data.tokenizer)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty DST (after the new folder is verified); the source is never touched")
     p.add_argument("--max-shard-size", default="5GB", help="mdt-to-hf: largest safetensors shard (default 5GB)")
     p.add_argument("--lora", choices=["merge", "adapter"], default="merge",
                    help="mdt-to-hf of a LoRA run: merge the adapter into the base, or write a PEFT adapter")

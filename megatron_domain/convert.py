@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ from megatron_domain.models.llama import Transformer, build_model, materialize
 from megatron_domain.models.lora import apply_lora, is_adapter_param, merge_lora
 from megatron_domain.parallel.distributed import ensure_process_group
 from megatron_domain.rollout.export import (
-    gathered_state_dict, replace_dir, write_peft_adapter, write_serving_files)
+    gathered_state_dict, replace_dir, source_generation_config, write_peft_adapter, write_serving_files, write_token_ids)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VERIFY_TOLERANCE = 1e-4  # max |logit difference|, relative to max(1, max |logit|), both in fp32
@@ -128,10 +129,16 @@ def _load_lora_model(cfg: ModelConfig, lora: LoraConfig, init_from: str, checkpo
 
 def export_peft_adapter(model: Transformer, lora: LoraConfig, base: str, dst: Path, verify: bool) -> dict:
     """adapter_config.json + adapter_model.safetensors that `peft` loads onto the HF base."""
-    tmp = write_peft_adapter(Path(str(dst) + ".tmp"), gathered_state_dict(model), lora, base)
-    summary = {"export": str(dst), "kind": "peft_adapter", "base": base, "files": sorted(p.name for p in tmp.iterdir())}
-    if verify:
-        summary["max_logit_diff"] = verify_logits(model, Path(base), adapter=tmp)
+    tmp = staging_dir(dst)
+    try:
+        write_peft_adapter(tmp, gathered_state_dict(model), lora, base)
+        summary = {"export": str(dst), "kind": "peft_adapter", "base": base,
+                   "files": sorted(p.name for p in tmp.iterdir())}
+        if verify:
+            summary["max_logit_diff"] = verify_logits(model, Path(base), adapter=tmp)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_dir(tmp, dst)
     return summary
 
@@ -152,12 +159,38 @@ def _run_model_config(checkpoint: Path, config: str | None) -> ModelConfig:
                             "levels up); pass --config RUN_CONFIG.yaml")
 
 
-def hf_to_mdt(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None, verify: bool = True) -> dict:
+def check_destination(dst: Path, sources: list[Path], overwrite: bool) -> None:
+    """Refuse a destination that would destroy data: the source itself or a folder holding it
+    (always), a folder inside the source, or a non-empty folder (both unless `overwrite`; the
+    old destination is then replaced only after the new one is verified)."""
+    target = dst.resolve()
+    for source in sources:
+        origin = source.resolve()
+        if target == origin or origin.is_relative_to(target):
+            raise ValueError(f"destination {dst}: it is (or contains) the source {source}; replacing it would delete "
+                             "the source. Choose a destination outside the source")
+        if target.is_relative_to(origin) and not overwrite:
+            raise ValueError(f"destination {dst} is inside the source {source}; choose a folder outside it, or pass "
+                             "--overwrite if writing there is intended")
+    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"destination {dst} exists and is not empty; choose a new or empty folder, or pass "
+                              "--overwrite to replace it (its old contents are removed once the new export is verified)")
+
+
+def staging_dir(dst: Path) -> Path:
+    """A new, uniquely named folder next to `dst` to build the output in before renaming it."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+
+
+def hf_to_mdt(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None, verify: bool = True,
+              overwrite: bool = False) -> dict:
     """Import an HF folder as a DCP checkpoint directory at `dst`; returns a summary."""
     import torch.distributed.checkpoint as dcp
     from safetensors import safe_open
 
     src, dst = Path(src), Path(dst)
+    check_destination(dst, [src], overwrite)
     cfg = model_config_from_hf(read_hf_config(src), str(src / "config.json"))
     files = safetensors_files(src)
     ensure_process_group(torch.device("cpu"))
@@ -173,9 +206,7 @@ def hf_to_mdt(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None 
                     tensor = handle.get_tensor(key)
                     state[our_name(key)] = tensor.to(DTYPES[dtype]) if dtype else tensor
     source_dtype = str(next(iter(state.values())).dtype).replace("torch.", "")
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(dst)
     dcp.save({"model": state}, checkpoint_id=str(tmp))
     (tmp / EXTRA_FILE).write_text(json.dumps({"step": 0, "source": f"hf:{src}", "dtype": source_dtype}, indent=2))
     import yaml
@@ -183,17 +214,22 @@ def hf_to_mdt(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None 
     (tmp / "model.yaml").write_text(yaml.safe_dump(model_config_dict(cfg), sort_keys=False))
     (tmp / "tokenizer").mkdir()
     tokenizer_files = copy_tokenizer_files(src, tmp / "tokenizer")
+    source_generation_config(src).save_pretrained(str(tmp))  # its token ids and sampling defaults, for exports
     summary = {"source": str(src), "checkpoint": str(dst), "architecture": cfg.hf_architecture,
                "dtype": source_dtype, "tensors": len(state), "tokenizer_files": tokenizer_files}
     if verify:
-        summary["max_logit_diff"] = verify_logits(_load_our_model(cfg, tmp), src)
+        try:
+            summary["max_logit_diff"] = verify_logits(_load_our_model(cfg, tmp), src)
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     replace_dir(tmp, dst)
     return summary
 
 
 def mdt_to_hf(src: str | os.PathLike, dst: str | os.PathLike, config: str | None = None,
               tokenizer: str | None = None, dtype: str | None = None, max_shard_size: str = "5GB",
-              verify: bool = True, lora_export: str = "merge") -> dict:
+              verify: bool = True, lora_export: str = "merge", overwrite: bool = False) -> dict:
     """Export a checkpoint (or a run's latest) as an HF folder at `dst`; returns a summary.
     A LoRA run's checkpoint is merged into its base (`lora_export="merge"`) or written as a
     PEFT adapter for the run's HF base (`"adapter"`, needs model.init_from: hf:<folder>)."""
@@ -201,6 +237,7 @@ def mdt_to_hf(src: str | os.PathLike, dst: str | os.PathLike, config: str | None
 
     ensure_process_group(torch.device("cpu"))
     checkpoint = resolve_checkpoint(src)
+    check_destination(Path(dst), [Path(src), checkpoint], overwrite)
     cfg = _run_model_config(checkpoint, config)
     lora, init_from = _run_lora(checkpoint, config)
     out_dtype = DTYPES[dtype] if dtype else stored_dtype(checkpoint)
@@ -228,24 +265,40 @@ def mdt_to_hf(src: str | os.PathLike, dst: str | os.PathLike, config: str | None
                                 f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     if cfg.tie_embeddings:
         hf_model.tie_weights()
-    tmp = Path(str(dst) + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(Path(dst))
+    try:
+        summary = _write_export(hf_model, hf_cfg, model, cfg, checkpoint, config, tokenizer, out_dtype, max_shard_size,
+                                tmp, verify)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, Path(dst))
+    return {"export": str(dst), **summary}
+
+
+def _write_export(hf_model, hf_cfg, model: Transformer, cfg: ModelConfig, checkpoint: Path, config: str | None,
+                  tokenizer: str | None, out_dtype: torch.dtype, max_shard_size: str, tmp: Path, verify: bool) -> dict:
+    """Write the HF folder of `mdt_to_hf` into `tmp` and verify it; returns the summary."""
     hf_model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
     tokenizer_src = tokenizer or _tokenizer_source(checkpoint)
     tokenizer_files = copy_tokenizer_files(tokenizer_src, tmp) if tokenizer_src else []
-    if not (tmp / "generation_config.json").is_file():
-        transformers.GenerationConfig.from_model_config(hf_cfg).save_pretrained(str(tmp))
-    serving = {}
+    source = inherited_generation_config(checkpoint)
     if "tokenizer.json" in tokenizer_files:
         template_name, eod_token = _run_data(checkpoint, config)
-        serving = write_serving_files(tmp, tokenizer_src, template_name, eod_token, cfg.max_seq_len)
+        serving = write_serving_files(tmp, tokenizer_src, template_name, eod_token, cfg.max_seq_len, source)
         tokenizer_files = sorted(set(tokenizer_files) | {"tokenizer_config.json"})
-    summary = {"checkpoint": str(checkpoint), "export": str(dst), "architecture": hf_cfg.architectures[0],
+    else:  # no tokenizer to check ids against: the source model's, else none (never transformers' 1 / 2)
+        ids = {key: getattr(source, key, None) if source is not None else None
+               for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        write_token_ids(tmp, ids, source)
+        serving = {"eos_token_id": ids["eos_token_id"],
+                   "warning": "no tokenizer found (pass --tokenizer): special token ids "
+                              + ("taken from the source model" if source is not None else "unknown")}
+    summary = {"checkpoint": str(checkpoint), "architecture": hf_cfg.architectures[0],
                "dtype": str(out_dtype).replace("torch.", ""), "tokenizer_files": tokenizer_files, **serving,
                "files": sorted(p.name for p in tmp.iterdir())}
     if verify:
         summary["max_logit_diff"] = verify_logits(model, tmp)
-    replace_dir(tmp, Path(dst))
     return summary
 
 
@@ -255,6 +308,21 @@ def _without_adapters(model: Transformer, cfg: ModelConfig) -> Transformer:
     state = {k: v for k, v in model.state_dict().items() if not is_adapter_param(k)}
     plain.load_state_dict(state, strict=True)
     return plain.eval()
+
+
+def inherited_generation_config(checkpoint: Path, depth: int = 0):
+    """The generation config of the HF model a checkpoint descends from: the one an import
+    stored beside it, else (following the run's model.init_from) its base's; None for a model
+    trained from scratch."""
+    if (checkpoint / "generation_config.json").is_file():
+        return source_generation_config(checkpoint)
+    run_config = checkpoint.parent.parent / "config.json"
+    init_from = (json.loads(run_config.read_text()).get("model") or {}).get("init_from") if run_config.is_file() else ""
+    if not init_from or depth > 16:
+        return None
+    if init_from.startswith(HF_PREFIX):
+        return source_generation_config(init_from[len(HF_PREFIX):])
+    return inherited_generation_config(resolve_checkpoint(init_from), depth + 1)
 
 
 def _tokenizer_source(checkpoint: Path) -> str | None:

@@ -180,3 +180,147 @@ def test_lora_run_exports_merged_and_as_peft_adapter(tmp_path, corpora):
         with_adapter = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(input_ids=tokens).logits
     torch.testing.assert_close(hf_logits(tmp_path / "merged", tokens), with_adapter, rtol=0, atol=1e-4)
     assert (with_adapter - hf_logits(src, tokens)).abs().max() > 1e-3  # the adapter changed something
+
+
+def llama3_style_source(folder: Path, corpora: dict) -> dict:
+    """A tiny Llama whose tokenizer has Llama 3's special tokens and whose config.json and
+    generation_config.json name them (plus sampling defaults), as a real HF folder does. Its
+    output layer is set so that greedy decoding of PROMPT emits <|end_of_text|> at step 3."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(corpora["tokenizer"])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")])
+    ids = {t: tok.token_to_id(t) for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")}
+    bos, eod, eot = ids["<|begin_of_text|>"], ids["<|end_of_text|>"], ids["<|eot_id|>"]
+    config = transformers.LlamaConfig(**SHAPE, bos_token_id=bos, eos_token_id=eod)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    prompt = [bos] + tok.encode("the function returns a list").ids
+    with torch.no_grad():
+        tokens = list(prompt)
+        for _ in range(2):  # greedy steps 1 and 2, then make step 3's choice the end of text
+            tokens.append(int(model(input_ids=torch.tensor([tokens])).logits[0, -1].argmax()))
+        hidden = model.model(input_ids=torch.tensor([tokens])).last_hidden_state[0, -3:]  # [3 steps, hidden]
+        # the row whose logit is -50 at steps 1 and 2 and +50 at step 3 (least-norm solution)
+        target = torch.tensor([[-50.0], [-50.0], [50.0]])
+        model.lm_head.weight[eod] = torch.linalg.lstsq(hidden, target).solution[:, 0]
+    model.save_pretrained(str(folder))
+    tok.save(str(folder / "tokenizer.json"))
+    transformers.GenerationConfig(bos_token_id=bos, eos_token_id=[eod, eot], do_sample=True, temperature=0.6,
+                                  top_p=0.9).save_pretrained(str(folder))
+    return {"bos": bos, "eod": eod, "eot": eot, "prompt": prompt}
+
+
+def test_export_carries_the_source_token_ids_and_generation_config(tmp_path, corpora):
+    """Import and export keep the source's bos / eos ids and sampling defaults (not transformers'
+    bos 1 / eos 2), also for a run trained from the import; transformers' greedy `generate` on
+    the export stops where the engine's generation stops."""
+    from megatron_domain.config import config_from_dict
+    from megatron_domain.data.tokenizer import load_tokenizer
+    from megatron_domain.engine import train
+    from megatron_domain.eval.harness import load_eval_model
+    from megatron_domain.rollout.native import NativeSampler
+    from megatron_domain.rollout.prompts import stop_conditions
+    from megatron_domain.rollout.sampling import SamplingParams
+
+    from conftest import tiny_config_dict
+
+    source = llama3_style_source(tmp_path / "hf", corpora)
+    hf_to_mdt(tmp_path / "hf", tmp_path / "ckpt")
+    run = tiny_config_dict(corpora, tmp_path / "dacpt", steps=1)
+    run["model"] = {"preset": str(tmp_path / "ckpt" / "model.yaml"), "init_from": str(tmp_path / "ckpt")}
+    run["data"]["tokenizer"] = str(tmp_path / "hf" / "tokenizer.json")
+    run["optim"].update(lr=1e-9, min_lr=1e-10)  # nearly the imported weights: the same greedy answer
+    cfg = config_from_dict(run)
+    train(cfg)
+    tokenizer = load_tokenizer(tmp_path / "hf" / "tokenizer.json")
+    assert tokenizer.eod_id == source["eod"]
+    stop_ids, _ = stop_conditions(None, tokenizer)
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=stop_ids)
+    model = load_eval_model(cfg, str(tmp_path / "dacpt"), torch.device("cpu"))
+    answer = NativeSampler.for_tokenizer(model, tokenizer, torch.device("cpu")).generate([source["prompt"]], greedy)[0]
+    assert len(answer.token_ids) == 3 and answer.token_ids[-1] == source["eod"]  # the engine stopped at step 3
+    for name, src in (("from_import", tmp_path / "ckpt"), ("from_run", tmp_path / "dacpt")):
+        summary = mdt_to_hf(src, tmp_path / name)
+        assert sorted(summary["eos_token_id"]) == sorted([source["eod"], source["eot"]]), name
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        generation = json.loads((tmp_path / name / "generation_config.json").read_text())
+        for entry in (config, generation):
+            assert entry["bos_token_id"] == source["bos"], name
+            assert sorted(entry["eos_token_id"]) == sorted([source["eod"], source["eot"]]), name
+        assert generation["temperature"] == 0.6 and generation["top_p"] == 0.9 and generation["do_sample"], name
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / name), dtype=torch.float32)
+        with torch.no_grad():
+            out = hf_model.generate(torch.tensor([source["prompt"]]), max_new_tokens=8, do_sample=False)
+        assert out[0, len(source["prompt"]):].tolist() == answer.token_ids, name
+
+
+def test_default_ids_of_another_vocabulary_are_not_carried(tmp_path, corpora):
+    """A source folder with transformers' default ids (bos 1, eos 2: ordinary tokens of this
+    tokenizer) exports with the tokenizer's end of document as eos, and says what it ignored."""
+    make_hf_model(tmp_path / "hf", "llama_mha", tokenizer=corpora["tokenizer"])
+    hf_to_mdt(tmp_path / "hf", tmp_path / "ckpt")
+    summary = mdt_to_hf(tmp_path / "ckpt", tmp_path / "export")
+    eod = corpora["eod_id"]
+    assert summary["eos_token_id"] == [eod]
+    assert summary["ignored_source_token_ids"] == {"eos_token_id": [2], "bos_token_id": [1]}
+    for name in ("config.json", "generation_config.json"):
+        entry = json.loads((tmp_path / "export" / name).read_text())
+        assert entry["eos_token_id"] == eod and entry.get("bos_token_id") is None and entry["pad_token_id"] == eod, name
+
+
+def test_convert_never_destroys_data_at_or_around_the_destination(tmp_path, corpora):
+    """A non-empty destination is refused (its files untouched) unless --overwrite; the source,
+    a folder holding it, or a folder inside it is never a destination that deletes it."""
+    src = make_hf_model(tmp_path / "hf", "llama_mha", tokenizer=corpora["tokenizer"])
+    hf_to_mdt(src, tmp_path / "ckpt")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("notes")
+    for convert in (lambda dst, **kw: mdt_to_hf(tmp_path / "ckpt", dst, **kw),
+                    lambda dst, **kw: hf_to_mdt(src, dst, **kw)):
+        with pytest.raises(FileExistsError, match=r"precious exists and is not empty.*--overwrite"):
+            convert(precious)
+        assert (precious / "notes.txt").read_text() == "notes"
+    with pytest.raises(ValueError, match=r"is \(or contains\) the source"):
+        mdt_to_hf(tmp_path / "ckpt", tmp_path / "ckpt", overwrite=True)
+    with pytest.raises(ValueError, match=r"is \(or contains\) the source"):
+        hf_to_mdt(src, tmp_path, overwrite=True)  # the folder that holds the source
+    with pytest.raises(ValueError, match=r"inside the source .*--overwrite"):
+        mdt_to_hf(tmp_path / "ckpt", tmp_path / "ckpt" / "export")
+    assert (tmp_path / "ckpt" / "extra.json").is_file() and (src / "config.json").is_file()
+    summary = mdt_to_hf(tmp_path / "ckpt", precious, overwrite=True)
+    assert summary["max_logit_diff"] <= 1e-4 and not (precious / "notes.txt").exists()
+    assert (precious / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf", "precious"]  # no staging folder left
+
+
+def test_failed_verification_leaves_the_destination_as_it_was(tmp_path):
+    """An fp16 export of weights beyond fp16's range cannot reproduce the logits: the
+    verification fails, and neither a new nor an --overwrite destination changes."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_hf_model(tmp_path / "hf", "llama_mha", shard="10MB")
+    weights = load_file(str(src / "model.safetensors"))
+    weights["model.layers.0.mlp.down_proj.weight"][0, 0] = 1e6  # fine in fp32, inf in fp16
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    hf_to_mdt(src, tmp_path / "ckpt")
+    with pytest.raises(HFCheckpointError, match="verification failed: max logit difference"):
+        mdt_to_hf(tmp_path / "ckpt", tmp_path / "export", dtype="fp16")
+    assert not (tmp_path / "export").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "model.safetensors").write_text("previous export")
+    with pytest.raises(HFCheckpointError, match="verification failed"):
+        mdt_to_hf(tmp_path / "ckpt", tmp_path / "old", dtype="fp16", overwrite=True)
+    assert (tmp_path / "old" / "model.safetensors").read_text() == "previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf", "old"]
+
+
+def test_rope_parameters_win_over_a_top_level_rope_theta(tmp_path):
+    """transformers 5 reads rope_parameters.rope_theta and ignores a stale top-level
+    rope_theta; the import reads the same value, so the logits agree."""
+    src = make_hf_model(tmp_path / "hf", "llama_mha")
+    config = json.loads((src / "config.json").read_text())
+    assert config["rope_parameters"]["rope_theta"] == 10000.0
+    (src / "config.json").write_text(json.dumps({**config, "rope_theta": 500000.0}))
+    assert hf_to_mdt(src, tmp_path / "ckpt")["max_logit_diff"] <= 1e-4

@@ -67,7 +67,8 @@ def _rope(config: dict, where: str) -> tuple[float, RopeScalingConfig]:
     """(rope_theta, scaling) from either the classic (`rope_theta`, `rope_scaling`) or the
     transformers-5 (`rope_parameters`) layout."""
     params = config.get("rope_parameters") or {}
-    theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
+    # transformers 5 reads rope_parameters and ignores a top-level rope_theta beside it
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     scaling = config.get("rope_scaling") or params
     kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
     if kind in ("default", None):

@@ -69,15 +69,16 @@ def write_hf_folder(dst: str | os.PathLike, state: dict[str, torch.Tensor], cfg:
 
 
 def write_serving_files(folder: Path, tokenizer_src: str, template_name: str, eod_token: str,
-                        max_seq_len: int) -> dict:
+                        max_seq_len: int, source_generation=None) -> dict:
     """Make the exported tokenizer and generation config those of the trained model:
     tokenizer_config.json (created when the tokenizer came as a bare tokenizer.json) gets the
     tokenizer class, pad and eos tokens and, for a chat run, the run's template and its
     end-of-turn token as eos; generation_config.json and config.json stop at the end of turn
     and at EOD. A non-chat export of a folder that had its own tokenizer_config.json keeps it.
-    Returns {"eos_token_id": [...], "chat_template": bool}."""
-    import transformers
-
+    `source_generation` (a transformers GenerationConfig) is the one of the HF model the run
+    descends from: its sampling defaults are kept, its eos ids are added to the stop tokens and
+    its bos / pad ids are used, where they are special tokens of the tokenizer.
+    Returns {"eos_token_id": [...], "chat_template": bool, "ignored_source_token_ids": {...}}."""
     tokenizer = load_tokenizer(folder, eod_token)
     eod = tokenizer.tokenizer.id_to_token(tokenizer.eod_id)
     template = load_template(template_name, tokenizer_src) if template_name else None
@@ -103,17 +104,63 @@ def write_serving_files(folder: Path, tokenizer_src: str, template_name: str, eo
         config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
     bos = config.get("bos_token")
     bos = bos.get("content") if isinstance(bos, dict) else bos
-    ids = {"eos_token_id": eos_ids if len(eos_ids) > 1 else eos_ids[0], "pad_token_id": tokenizer.eod_id,
+    ids = {"eos_token_id": eos_ids, "pad_token_id": tokenizer.eod_id,
            "bos_token_id": tokenizer.tokenizer.token_to_id(bos) if bos else None}
-    # the model config's token ids were transformers' defaults (bos 1, eos 2): replace them too
+    ignored: dict[str, list[int]] = {}
+    if source_generation is not None:
+        # ids of the source model, kept where they name special tokens of the tokenizer: a real
+        # model's bos / eos / pad always are; transformers' defaults (bos 1, eos 2) in a folder
+        # whose tokenizer differs name ordinary text (a quote) and would stop generation there
+        special = {i for i, token in tokenizer.tokenizer.get_added_tokens_decoder().items() if token.special}
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            source_ids = _id_list(getattr(source_generation, key, None))
+            kept = [i for i in source_ids if i in special]
+            if len(kept) < len(source_ids):
+                ignored[key] = [i for i in source_ids if i not in special]
+            if key == "eos_token_id":
+                ids[key] = list(dict.fromkeys(eos_ids + kept))
+            elif kept:
+                ids[key] = kept[0]
+    write_token_ids(folder, ids, source_generation)
+    out = {"eos_token_id": ids["eos_token_id"], "chat_template": template is not None}
+    if ignored:
+        out["ignored_source_token_ids"] = ignored
+    return out
+
+
+def _id_list(value) -> list[int]:
+    """A token id, a list of them, or None, as a list."""
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
+def write_token_ids(folder: Path, ids: dict, source_generation=None) -> None:
+    """Set bos / eos / pad ids in the folder's config.json and generation_config.json (both
+    start from transformers' defaults, bos 1 / eos 2, which name arbitrary tokens of another
+    vocabulary). generation_config.json starts from `source_generation` when given (keeping its
+    sampling defaults)."""
+    import copy
+
+    import transformers
+
     model_config = transformers.AutoConfig.from_pretrained(str(folder))
-    generation = transformers.GenerationConfig.from_model_config(model_config)
+    generation = (copy.deepcopy(source_generation) if source_generation is not None
+                  else transformers.GenerationConfig.from_model_config(model_config))
     for key, value in ids.items():
+        value = value[0] if isinstance(value, list) and len(value) == 1 else value
         setattr(model_config, key, value)
         setattr(generation, key, value)
     model_config.save_pretrained(str(folder))
     generation.save_pretrained(str(folder))
-    return {"eos_token_id": eos_ids, "chat_template": template is not None}
+
+
+def source_generation_config(folder: str | os.PathLike):
+    """The GenerationConfig of an HF model folder: its generation_config.json, else the one
+    transformers derives from its config.json."""
+    import transformers
+
+    if (Path(folder) / "generation_config.json").is_file():
+        return transformers.GenerationConfig.from_pretrained(str(folder))
+    return transformers.GenerationConfig.from_model_config(transformers.AutoConfig.from_pretrained(str(folder)))
 
 
 def peft_adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
