@@ -294,6 +294,19 @@ def merged_lora_run_weights(path: str | os.PathLike, model_cfg) -> dict[str, tor
     return {k: v for k, v in model.state_dict().items() if not is_adapter_param(k)}
 
 
+def check_checkpoint_model(model_cfg, path: str | os.PathLike, role: str) -> None:
+    """Refuse to load `path` (a checkpoint, run or hf: folder) into a model whose config differs
+    from the one it was written with in a shape or semantics field; the error names the file,
+    every differing field and the fix."""
+    from megatron_domain.config import model_config_differences
+
+    differences = model_config_differences(model_cfg, str(path))
+    if differences:
+        raise ValueError(f"{role} {path}: the checkpoint was written with another model config: "
+                         f"{'; '.join(differences)}. Use the checkpoint's model config (leave out model.preset to "
+                         "read it from there, or make these keys match)")
+
+
 def load_initial_weights(init_from: str, parts: list[torch.nn.Module], model_cfg) -> None:
     """`model.init_from`: a checkpoint or run directory of ours (a LoRA run's: its base with
     its adapters merged), or `hf:<folder>` (a Hugging Face model folder, read slice by slice
@@ -301,6 +314,7 @@ def load_initial_weights(init_from: str, parts: list[torch.nn.Module], model_cfg
     from megatron_domain.models.hf import HF_PREFIX, load_hf_weights
     from megatron_domain.models.llama import canonical_name, copy_full_tensor
 
+    check_checkpoint_model(model_cfg, init_from, "model.init_from")
     if init_from.startswith(HF_PREFIX):
         load_hf_weights(init_from[len(HF_PREFIX):], parts, model_cfg)
     elif holds_adapters_only(init_from):

@@ -594,11 +594,74 @@ def _list_index(node: list, part: str, key: str) -> int:
                        + (f" or one of the names {names}" if names else "")])
 
 
+# the fields that must equal a checkpoint's for its weights to mean the same model
+CHECKPOINT_MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                           "head_dim", "qkv_bias", "tie_embeddings", "rope_theta", "rope_scaling", "rms_norm_eps")
+
+
+def stored_model_config(init_from: str) -> tuple[dict, str] | None:
+    """The `model:` mapping a checkpoint, run directory or `hf:` folder was made with, and the
+    file it was read from (a checkpoint's model.yaml from an import, else its run's
+    config.json); None when there is nothing to read."""
+    if init_from.startswith("hf:"):
+        folder = Path(init_from[len("hf:"):])
+        if not (folder / "config.json").is_file():
+            return None
+        from megatron_domain.models.hf import model_config_dict, model_config_from_hf, read_hf_config
+
+        return model_config_dict(model_config_from_hf(read_hf_config(folder), str(folder / "config.json"))), \
+            str(folder / "config.json")
+    path = Path(init_from)
+    if not (path / "extra.json").is_file():
+        pointer = path / "checkpoints" / "latest"
+        if not pointer.is_file():
+            return None
+        path = path / "checkpoints" / pointer.read_text().strip()
+    if (path / "model.yaml").is_file():
+        return load_yaml(path / "model.yaml"), str(path / "model.yaml")
+    run_config = path.parent.parent / "config.json"
+    if not run_config.is_file():
+        return None
+    import json
+
+    model = json.loads(run_config.read_text()).get("model") or {}
+    return {k: v for k, v in model.items() if k not in ("preset", "init_from", "attention_backend")}, str(run_config)
+
+
+def model_config_differences(model: ModelConfig, init_from: str) -> list[str]:
+    """'model.<field>: <ours> here but <theirs> in <file>' for every CHECKPOINT_MODEL_FIELDS
+    entry where `model` differs from the config `init_from` was written with."""
+    stored = stored_model_config(init_from)
+    if stored is None:
+        return []
+    data, source = stored
+    problems: list[str] = []
+    theirs = _build(ModelConfig, dict(data), "model", problems)
+    differences = []
+    for key in CHECKPOINT_MODEL_FIELDS:
+        ours_value, their_value = getattr(model, key), getattr(theirs, key)
+        if key == "head_dim":
+            ours_value, their_value = model.resolved_head_dim, theirs.resolved_head_dim
+        if ours_value != their_value:
+            differences.append(f"model.{key}: {ours_value!r} here but {their_value!r} in {source}")
+    return differences
+
+
 def resolve_model_preset(model: dict, path: str, problems: list[str]) -> dict:
-    """Overlay the user's model keys on the preset named by `model.preset`."""
+    """Overlay the user's model keys on the preset named by `model.preset`; without a preset,
+    on the model config of `model.init_from` (a checkpoint, run or hf: folder)."""
     preset = model.get("preset")
     if not preset:
-        return model
+        init_from = str(model.get("init_from") or "")
+        if not init_from:
+            return model
+        stored = stored_model_config(init_from)
+        if stored is None:
+            problems.append(f"{path}.init_from: {init_from} holds no model config (no checkpoint with a model.yaml or "
+                            "a run config.json, no HF config.json); without model.preset the model config is read "
+                            "from there. Check the path, or set model.preset")
+            return model
+        return deep_merge(stored[0], model)
     candidate = Path(str(preset))
     preset_file = candidate if candidate.suffix in (".yaml", ".yml") else MODEL_PRESET_DIR / f"{preset}.yaml"
     if not preset_file.is_file():
@@ -679,6 +742,11 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
     if cfg.mode not in MODES:
         problems.append(f"{p('mode')}: unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     problems.extend(validate_model(m, _join(prefix, "model")))
+    differences = model_config_differences(m, m.init_from) if m.init_from else []
+    if differences:
+        problems.append(f"{p('model.init_from')}: {m.init_from} was trained with another model config: "
+                        f"{'; '.join(differences)}. Leave out model.preset (the model config is then read from "
+                        "there) or make these keys match")
     if d.seq_len <= 0:
         problems.append(f"{p('data.seq_len')}: must be > 0, got {d.seq_len}")
     elif m.max_seq_len > 0 and d.seq_len > m.max_seq_len:
@@ -924,8 +992,9 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> list[str]:
     """Checks of the model section alone."""
     p = lambda key: _join(prefix, key)  # noqa: E731
     problems: list[str] = []
+    unread_init_from = bool(m.init_from and not m.preset and stored_model_config(m.init_from) is None)
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
-        if getattr(m, key) <= 0:
+        if getattr(m, key) <= 0 and not unread_init_from:  # that init_from is reported instead
             problems.append(f"{p(key)}: must be > 0, got {getattr(m, key)}; "
                             "set it or choose a model.preset")
     if m.num_heads > 0 and m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads:

@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from tqdm import tqdm
 
 from megatron_domain.checkpoint import (
-    latest_checkpoint, load_checkpoint, load_initial_weights, prepare_run_dir, save_checkpoint, saved_step)
+    check_checkpoint_model, latest_checkpoint, load_checkpoint, load_initial_weights, prepare_run_dir, save_checkpoint, saved_step)
 from megatron_domain.config import Config, to_dict
 from megatron_domain.data.tokenizer import TextTokenizer, load_tokenizer
 from megatron_domain.eval.perplexity import evaluate_sets
@@ -270,6 +270,7 @@ def resume_from_latest(trainer: Trainer, run_dir: Path) -> int:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; run without --resume")
+    check_checkpoint_model(trainer.cfg.model, ckpt, "--resume:")
     extra = load_checkpoint(ckpt, trainer.model.parts, trainer.optimizers)
     for scheduler in trainer.schedulers:
         scheduler.load_state_dict(extra["scheduler"])

@@ -161,6 +161,23 @@ def test_checkpoint_pickles_that_run_code_are_refused(tiny_config, tmp_path):
     assert not marker.exists()
 
 
+def test_model_changed_since_the_checkpoint_is_named(corpora, tmp_path):
+    """--resume or mdt eval with a model config that differs from the run's: one message naming
+    the run's config.json, each differing field and the fix, not a state-dict traceback."""
+    from megatron_domain.eval.harness import run_eval
+
+    data = tiny_config_dict(corpora, tmp_path / "run", steps=4, exit_at_step=2)
+    train(config_from_dict(data))
+    data["model"].update(num_layers=3, hidden_size=96)
+    changed = config_from_dict(data)
+    pattern = (r"written with another model config: model.hidden_size: 96 here but 64 in .*run/config.json; "
+               r"model.num_layers: 3 here but 2 in .*run/config.json\. Use the checkpoint's model config")
+    with pytest.raises(ValueError, match=r"--resume: .*" + pattern):
+        train(changed, resume=True)
+    with pytest.raises(ValueError, match=r"checkpoint .*run.*" + pattern):
+        run_eval(changed, str(tmp_path / "run"))
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tiny_config):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(tiny_config("none"), resume=True)

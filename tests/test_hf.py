@@ -324,3 +324,32 @@ def test_rope_parameters_win_over_a_top_level_rope_theta(tmp_path):
     assert config["rope_parameters"]["rope_theta"] == 10000.0
     (src / "config.json").write_text(json.dumps({**config, "rope_theta": 500000.0}))
     assert hf_to_mdt(src, tmp_path / "ckpt")["max_logit_diff"] <= 1e-4
+
+
+def test_init_from_an_import_checks_or_takes_its_model_config(tmp_path, corpora):
+    """A preset that differs from the imported checkpoint's model.yaml in semantics (here the
+    llama3 RoPE scaling) is refused naming the field and file; without a preset the model
+    config is read from the checkpoint, and the run starts from the imported weights."""
+    from megatron_domain.config import ConfigError, config_from_dict
+    from megatron_domain.engine import train
+
+    from conftest import tiny_config_dict
+
+    hf_to_mdt(make_hf_model(tmp_path / "hf", "llama_gqa_rope_scaling"), tmp_path / "ckpt")
+    run = tiny_config_dict(corpora, tmp_path / "run", steps=1)
+    run["model"] = {"preset": "tiny-test", "num_layers": 4, "init_from": str(tmp_path / "ckpt")}
+    with pytest.raises(ConfigError, match=r"model.init_from: .*ckpt was trained with another model config: "
+                                          r"model.rope_scaling: .*type='none'.* here but .*type='llama3'.* in "
+                                          r".*ckpt/model.yaml"):
+        config_from_dict(run)
+    run["model"] = {"init_from": str(tmp_path / "ckpt")}
+    cfg = config_from_dict(run)
+    assert cfg.model.rope_scaling.type == "llama3" and cfg.model.num_layers == 4
+    first = train(cfg).losses[0]
+    run["model"]["init_from"] = f"hf:{tmp_path / 'hf'}"  # the same weights straight from the HF folder
+    run["train"]["run_dir"] = str(tmp_path / "run_hf")
+    assert train(config_from_dict(run)).losses[0] == pytest.approx(first, abs=1e-5)
+    run["model"]["init_from"] = str(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match=r"nothing holds no model config.*set model.preset") as err:
+        config_from_dict(run)
+    assert len(err.value.problems) == 1  # not six "must be > 0" errors besides

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_domain.checkpoint import load_initial_weights, load_model_weights
+from megatron_domain.checkpoint import check_checkpoint_model, load_initial_weights, load_model_weights
 from megatron_domain.config import Config
 from megatron_domain.data.tokenizer import load_tokenizer
 from megatron_domain.eval.perplexity import evaluate_sets, write_json_atomic
@@ -30,6 +30,7 @@ def load_eval_model(cfg: Config, checkpoint: str | None, device: torch.device) -
     if cfg.model.init_from and (cfg.lora.rank > 0 or not checkpoint):
         load_initial_weights(cfg.model.init_from, [model], cfg.model)
     if checkpoint:
+        check_checkpoint_model(cfg.model, checkpoint, "checkpoint")
         load_model_weights(checkpoint, [model], adapters_only=cfg.lora.rank > 0 and bool(cfg.model.init_from))
     return model.eval()
 
