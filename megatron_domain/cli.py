@@ -95,7 +95,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from megatron_domain.data.preprocess import preprocess
     from megatron_domain.data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer, args.eod_token)
+    tokenizer = load_tokenizer(args.tokenizer, args.eod_token, key="--tokenizer", eod_key="--eod-token")
     stats = preprocess(args.input, tokenizer, args.output_prefix, json_key=args.json_key,
                        progress=not args.no_progress)
     print(json.dumps({"output_prefix": args.output_prefix, **stats}))
@@ -256,9 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         if os.environ.get("MDT_TRACEBACK"):
             raise
+        if isinstance(exc, ConfigError) and not exc.source and isinstance(getattr(args, "config", None), str):
+            exc = ConfigError(exc.problems, args.config)  # e.g. a layout problem found once the world size is known
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -46,6 +46,7 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[str], source: str = ""):
         self.problems = list(problems)
+        self.source = source
         head = f"invalid configuration{f' in {source}' if source else ''} ({len(problems)} problem(s)):"
         super().__init__("\n".join([head] + [f"  - {p}" for p in problems]))
 
@@ -503,6 +504,18 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     return value
 
 
+# names other trainers use for our keys (HF TrainingArguments, TRL, Megatron), suggested when
+# they appear where ours is expected
+KEY_ALIASES = {"learning_rate": "lr", "chat_template": "chat.template", "max_steps": "steps", "train_iters": "steps",
+               "num_train_steps": "steps", "max_grad_norm": "clip_grad", "gradient_clipping": "clip_grad",
+               "warmup_iters": "warmup_steps", "output_dir": "run_dir", "save_dir": "run_dir",
+               "save_steps": "checkpoint_every", "logging_steps": "log_every", "seed_value": "seed",
+               "per_device_train_batch_size": "micro_batch_size", "micro_batch": "micro_batch_size",
+               "batch_size": "global_batch_size", "lora_r": "rank", "r": "rank", "lora_alpha": "alpha",
+               "lora_dropout": "dropout", "target_modules": "targets", "max_seq_length": "seq_len",
+               "max_length": "seq_len", "tensor_parallel": "tp", "pipeline_parallel": "pp"}
+
+
 def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
     """Construct dataclass `cls` from a mapping, recording unknown keys and type errors."""
     if data is None:
@@ -516,8 +529,11 @@ def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
     for key, value in data.items():
         dotted = f"{path}.{key}" if path else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
+            alias = KEY_ALIASES.get(str(key))
+            close = ([alias] if alias and alias.split(".")[0] in names
+                     else difflib.get_close_matches(str(key), names, n=1, cutoff=0.5))
+            hint = (f"did you mean '{f'{path}.{close[0]}' if path else close[0]}'?" if close
+                    else f"valid keys: {', '.join(names)}")
             problems.append(f"{dotted}: unknown key; {hint}")
             continue
         kwargs[key] = _convert(hints[key], value, dotted, problems)
@@ -682,6 +698,9 @@ def config_from_dict(data: dict, source: str = "", path: str = "") -> Config:
     if isinstance(data.get("model"), dict):
         data["model"] = resolve_model_preset(data["model"], _join(path, "model"), problems)
     cfg = _build(Config, data, path, problems)
+    if isinstance(data.get("data"), dict) and "chat" in data["data"] and cfg.mode not in CHAT_MODES:
+        problems.append(f"{_join(path, 'data.chat')}: set, but mode {cfg.mode!r} reads no conversations and would "
+                        f"ignore it; remove data.chat or use a chat mode ({', '.join(CHAT_MODES)})")
     problems.extend(validate(cfg, path))
     if problems:
         raise ConfigError(problems, source)

@@ -236,13 +236,37 @@ def optimizer_step(trainer: Trainer, step: int) -> StepStats:
     return StepStats(loss=loss, loss_tokens=loss_tokens, grad_norm=grad_norm, lr=lr, metrics=metrics)
 
 
-def build_trainer(cfg: Config, device: torch.device, run_dir: Path, tokenizer: TextTokenizer) -> Trainer:
-    """Mesh, model, stage, optimizers (one per model part) and the pipeline schedule."""
+# optional packages of the GPU paths: (config key, value, module, what to install, the alternative)
+OPTIONAL_BACKENDS = (
+    ("model.attention_backend", "flash_varlen", "flash_attn", "flash-attn (pip install flash-attn, CUDA only)",
+     "use model.attention_backend=sdpa"),
+    ("model.attention_backend", "te", "transformer_engine", "Transformer Engine (pip install "
+     "'megatron-domain[gpu]', CUDA only)", "use model.attention_backend=sdpa"),
+    ("fp8.backend", "te", "transformer_engine", "Transformer Engine (pip install 'megatron-domain[gpu]', CUDA only)",
+     "use fp8.backend=float8 (torchao)"),
+    ("fp8.backend", "float8", "torchao", "torchao (pip install torchao)", "use fp8.backend=none"),
+)
+
+
+def check_backends(cfg: Config, device: torch.device) -> None:
+    """Refuse, before anything is created, a backend this machine cannot run: an optional
+    package that is not installed, or a combination the device cannot do; names the key."""
+    import importlib.util
+
+    for key, value, module, package, alternative in OPTIONAL_BACKENDS:
+        section, _, name = key.partition(".")
+        if getattr(getattr(cfg, section), name) == value and importlib.util.find_spec(module) is None:
+            raise ValueError(f"{key}={value} needs {package}, which is not installed here; install it or {alternative}")
     if cfg.model.attention_backend == "flex" and device.type == "cpu":
         raise ValueError("model.attention_backend=flex cannot train on CPU: torch has no FlexAttention backward "
                          "there; train with sdpa on CPU (flex is fine for CPU evaluation and on GPUs)")
     if cfg.fp8.backend == "float8" and device.type == "cpu" and not cfg.fp8.emulate:
         raise ValueError("fp8.backend=float8 on CPU needs fp8.emulate: true (CPUs have no FP8 matmul)")
+
+
+def build_trainer(cfg: Config, device: torch.device, run_dir: Path, tokenizer: TextTokenizer) -> Trainer:
+    """Mesh, model, stage, optimizers (one per model part) and the pipeline schedule."""
+    check_backends(cfg, device)
     dims, mesh = setup_parallel(cfg, device)
     pm = prepare_model(cfg, dims, mesh, device)
     coords = dims.coordinates(rank())
@@ -282,6 +306,8 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None, overw
     """Run `cfg.train.steps` optimizer steps of the stage `cfg.mode` on this rank's share of
     the parallel layout; returns the job's losses (the same on every rank). A new run refuses a
     run directory with checkpoints unless `overwrite` (which moves the old one aside)."""
+    device = resolve_device(cfg.train.device)
+    check_backends(cfg, device)  # before anything is written
     run_dir = prepare_run_dir(cfg.train.run_dir, resume, overwrite)
     finished = latest_checkpoint(run_dir) if resume else None
     if finished is not None and saved_step(finished) >= cfg.train.steps:
@@ -289,7 +315,6 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None, overw
             print(f"--resume: {run_dir} already finished its {cfg.train.steps} steps ({finished}); nothing to do "
                   "(raise train.steps to train further)", flush=True)
         return TrainResult(run_dir=run_dir, final_checkpoint=finished)
-    device = resolve_device(cfg.train.device)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)

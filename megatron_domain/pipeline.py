@@ -16,7 +16,7 @@ from megatron_domain.checkpoint import prepare_run_dir
 from megatron_domain.config import GENERATION_METRICS, Config, PipelineConfig, stage_names
 from megatron_domain.data.demo_corpus import prepare_demo_data
 from megatron_domain.data.demo_sft import build_demo_sft
-from megatron_domain.engine import train
+from megatron_domain.engine import check_backends, train
 from megatron_domain.eval.harness import evaluate_model, load_eval_model
 from megatron_domain.eval.perplexity import write_json_atomic
 from megatron_domain.eval.report import write_report
@@ -32,6 +32,8 @@ def evaluate_stage_input(cfg: Config, device: torch.device) -> dict:
 def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = True, overwrite: bool = False) -> dict:
     """Run every stage; returns the report dict (also written to disk). A stage whose run
     directory already holds checkpoints is refused unless `overwrite` (moved aside)."""
+    for cfg in stages:  # every stage's backends, before any stage starts
+        check_backends(cfg, resolve_device(cfg.train.device))
     out = Path(pipe.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if pipe.demo_data.enabled:

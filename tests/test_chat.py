@@ -139,3 +139,20 @@ def test_best_fit_decreasing_and_overflow(corpora):
     assert truncated.loss_mask.sum() > dropped.loss_mask.sum()
     # the two short ones share a row when they fit together
     assert dropped.tokens.shape[0] == (1 if lengths[0] + lengths[1] <= seq_len else 2)
+
+
+def test_template_markers_missing_from_the_tokenizer_are_warned(corpora, chat_tokenizer):
+    """llama3 on a tokenizer without its markers: each is named with the number of tokens it
+    splits into; chatml on a tokenizer that has <|im_start|>/<|im_end|> is quiet."""
+    import warnings
+
+    from megatron_domain.data.chat import warn_if_markers_split
+
+    plain = load_tokenizer(corpora["tokenizer"])
+    with pytest.warns(UserWarning, match=r"data.chat.template=llama3: .*<\|eot_id\|> -> \d+ tokens.*not single tokens"):
+        split = warn_if_markers_split(load_template("llama3"), plain)
+    assert set(split) == {"<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"}
+    assert all(n > 1 for n in split.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_if_markers_split(load_template("chatml"), load_tokenizer(chat_tokenizer)) == {}

@@ -10,7 +10,7 @@ from megatron_domain.config import ConfigError, apply_overrides, config_from_dic
 def test_unknown_key_suggests_nearest():
     with pytest.raises(ConfigError) as err:
         config_from_dict({"model": {"preset": "tiny-test", "hiden_size": 64}, "data": {"seq_len": 64}})
-    assert "model.hiden_size: unknown key; did you mean 'hidden_size'?" in str(err.value)
+    assert "model.hiden_size: unknown key; did you mean 'model.hidden_size'?" in str(err.value)
 
 
 def test_all_problems_reported_at_once():
@@ -23,7 +23,7 @@ def test_all_problems_reported_at_once():
                      "data.seq_len: 1024 exceeds model.max_seq_len (256)",
                      "optim.lr: must be > 0, got -1.0",
                      "optim.min_lr: must be in [0, optim.lr=-1.0]",
-                     "optim.warmupsteps: unknown key; did you mean 'warmup_steps'?",
+                     "optim.warmupsteps: unknown key; did you mean 'optim.warmup_steps'?",
                      "train.global_batch_size: 8 is not a multiple of train.micro_batch_size (3)",
                      "train.dtype: unknown 'fp16'"]:
         assert expected in text
@@ -71,7 +71,7 @@ def test_pipeline_errors_name_the_stage(tmp_path):
         load_pipeline(path)
     text = str(err.value)
     assert "stages[one].optim.lr: must be > 0" in text
-    assert "stages[two].train.stepz: unknown key; did you mean 'steps'?" in text
+    assert "stages[two].train.stepz: unknown key; did you mean 'stages[two].train.steps'?" in text
     assert "checks[0].stage: no stage named 'three'" in text
 
 
@@ -84,3 +84,39 @@ def test_demo_pipeline_config_is_valid():
     assert stages[2].model.init_from.endswith("dacpt") and stages[2].lora.rank == 64
     weights = {c.name: c.weight for c in stages[1].data.corpora}
     assert weights == {"domain": 0.9, "general": 0.1}
+
+
+@pytest.mark.parametrize("key, suggestion", [
+    ("optim.learning_rate", "optim.lr"), ("data.chat_template", "data.chat.template"),
+    ("train.max_steps", "train.steps"), ("lora.lora_alpha", "lora.alpha"), ("train.output_dir", "train.run_dir"),
+])
+def test_keys_of_other_trainers_suggest_ours(key, suggestion):
+    data = apply_overrides({"model": {"preset": "tiny-test"}, "data": {"seq_len": 64}}, [f"{key}=1"])
+    with pytest.raises(ConfigError, match=rf"{key}: unknown key; did you mean '{suggestion}'\?"):
+        config_from_dict(data)
+
+
+def test_chat_block_in_a_mode_without_conversations_is_refused():
+    with pytest.raises(ConfigError, match=r"data.chat: set, but mode 'pretrain' reads no conversations"):
+        config_from_dict({"mode": "pretrain", "model": {"preset": "tiny-test"},
+                          "data": {"seq_len": 64, "chat": {"template": "chatml"}}})
+
+
+def test_cli_messages_name_the_option_and_the_file(tmp_path, corpora):
+    """`mdt data preprocess --tokenizer` names --tokenizer (not data.tokenizer); a layout problem
+    found only at run time (QLoRA under tp=2) names the config file."""
+    import subprocess
+    import sys
+
+    (tmp_path / "in.txt").write_text("some text\n")
+    run = subprocess.run([sys.executable, "-m", "megatron_domain.cli", "data", "preprocess", "--input",
+                          str(tmp_path / "in.txt"), "--tokenizer", str(tmp_path / "nope"), "--output-prefix",
+                          str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 2 and "--tokenizer must be a tokenizer.json" in run.stderr, run.stderr
+    config = tmp_path / "qlora.yaml"
+    config.write_text(f"mode: pretrain\nmodel: {{preset: tiny-test}}\ndata: {{tokenizer: {corpora['tokenizer']}, "
+                      "seq_len: 64}\nlora: {rank: 4, quantize_base: nf4}\nparallel: {tp: 2}\n")
+    run = subprocess.run([sys.executable, "-m", "megatron_domain.cli", "train", str(config), "--dry-run",
+                          "--world-size", "2"], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert f"invalid configuration in {config}" in run.stderr and "lora.quantize_base: nf4 (QLoRA)" in run.stderr

@@ -178,6 +178,24 @@ def test_model_changed_since_the_checkpoint_is_named(corpora, tmp_path):
         run_eval(changed, str(tmp_path / "run"))
 
 
+@pytest.mark.parametrize("key, value, package", [
+    ("model.attention_backend", "flash_varlen", "flash_attn"),
+    ("model.attention_backend", "te", "transformer_engine"),
+    ("fp8.backend", "te", "transformer_engine"),
+])
+def test_missing_optional_backend_is_named_before_anything_is_written(corpora, tmp_path, key, value, package):
+    import importlib.util
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    data = tiny_config_dict(corpora, tmp_path / "run")
+    section, _, name = key.partition(".")
+    data.setdefault(section, {})[name] = value
+    with pytest.raises(ValueError, match=rf"^{key}={value} needs .* not installed here; install it or use "):
+        train(config_from_dict(data))
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tiny_config):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(tiny_config("none"), resume=True)

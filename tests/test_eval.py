@@ -75,5 +75,5 @@ def test_cli_train_eval_and_errors(corpora, tmp_path):
     assert run.returncode == 0, run.stderr
     assert set(json.loads((tmp_path / "cli" / "eval.json").read_text())["ppl"]) == {"alpha", "beta"}
     run = subprocess.run(cli + ["train", str(cfg_file), "--set", "optim.lrr=1"], capture_output=True, text=True)
-    assert run.returncode == 2 and "optim.lrr: unknown key; did you mean 'lr'?" in run.stderr
+    assert run.returncode == 2 and "optim.lrr: unknown key; did you mean 'optim.lr'?" in run.stderr
     assert "Traceback" not in run.stderr

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -86,6 +88,28 @@ def load_template(name: str, tokenizer_path: str = "") -> ChatTemplate:
     token = lambda v: v.get("content", "") if isinstance(v, dict) else (v or "")  # noqa: E731
     return ChatTemplate("tokenizer", source, end_of_turn="", bos_token=token(config.get("bos_token")),
                         eos_token=token(config.get("eos_token")))
+
+
+def split_markers(template: ChatTemplate, tokenizer: TextTokenizer) -> dict[str, int]:
+    """{marker: number of tokens} for each `<|...|>` marker of the template (and its end-of-turn
+    and bos) that the tokenizer does not have as one token."""
+    markers = set(re.findall(r"<\|[A-Za-z0-9_]+\|>", template.source))
+    markers |= {m for m in (template.end_of_turn, template.bos_token) if m}
+    return {m: len(tokenizer.encode(m)) for m in sorted(markers) if tokenizer.tokenizer.token_to_id(m) is None}
+
+
+def warn_if_markers_split(template: ChatTemplate, tokenizer: TextTokenizer) -> dict[str, int]:
+    """Warn when the chat template's markers are not single tokens of the tokenizer (a Llama 3
+    template on a tokenizer without <|eot_id|>): the model must then learn them as text and a
+    served export cannot stop at the end of a turn. Returns `split_markers`."""
+    split = split_markers(template, tokenizer)
+    if split:
+        listed = ", ".join(f"{m} -> {n} tokens" for m, n in split.items())
+        warnings.warn(f"data.chat.template={template.name}: {listed}: not single tokens of {tokenizer.source}. Use "
+                      "the template of the model family the tokenizer belongs to, or add these markers to the "
+                      "tokenizer as special tokens (and resize the model's vocabulary) before training",
+                      stacklevel=2)
+    return split
 
 
 def parse_example(record: object, where: str) -> list[dict]:

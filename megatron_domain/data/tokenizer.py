@@ -49,13 +49,15 @@ class TextTokenizer:
         return [t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special]
 
 
-def load_tokenizer(path: str | os.PathLike, eod_token: str = "") -> TextTokenizer:
+def load_tokenizer(path: str | os.PathLike, eod_token: str = "", key: str = "data.tokenizer",
+                   eod_key: str = "data.eod_token") -> TextTokenizer:
     """Load `tokenizer.json` (or a folder holding one); find the EOD token (`eod_token` or the
-    first known end-of-text token). Errors name the path and the config key to set."""
+    first known end-of-text token). Errors name the path and the setting to change (`key`,
+    `eod_key`: the config keys, or a command's options)."""
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"tokenizer not found: {file} (data.tokenizer must be a tokenizer.json "
+        raise FileNotFoundError(f"tokenizer not found: {file} ({key} must be a tokenizer.json "
                                 "file or a Hugging Face model folder that contains one)")
     try:
         tok = Tokenizer.from_file(str(file))
@@ -67,7 +69,7 @@ def load_tokenizer(path: str | os.PathLike, eod_token: str = "") -> TextTokenize
         if token_id is not None:
             return TextTokenizer(tok, token_id, str(file))
     raise ValueError(f"{file}: no end-of-document token found (tried {', '.join(candidates)}); "
-                     "set data.eod_token to the token that ends a document")
+                     f"set {eod_key} to the token that ends a document")
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_file: str | os.PathLike,

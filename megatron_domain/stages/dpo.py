@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_domain.config import Config, DpoConfig
-from megatron_domain.data.chat import load_template
+from megatron_domain.data.chat import load_template, warn_if_markers_split
 from megatron_domain.data.preference import PreferencePair, pair_batch, pair_tokens, read_preferences
 from megatron_domain.kernels.dpo import dpo_loss_reference
 from megatron_domain.kernels.registry import get_kernel
@@ -125,6 +125,7 @@ class DpoStage:
         cfg, d = ctx.cfg, ctx.cfg.dpo
         self.cfg, self.ctx = cfg, ctx
         self.template = load_template(cfg.data.chat.template, cfg.data.tokenizer)
+        warn_if_markers_split(self.template, ctx.tokenizer)
         kernel = get_kernel("linear_logprobs", cfg.kernels.linear_logprobs, ctx.device)
         self.logprobs_kernel = functools.partial(kernel, chunk_rows=cfg.kernels.logprob_chunk_rows)
         self.loss_kernel = get_kernel("dpo_loss", cfg.kernels.dpo_loss, ctx.device)

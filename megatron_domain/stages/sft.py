@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megatron_domain.data.chat import encode_conversation, load_template, pack_conversations, read_conversations
+from megatron_domain.data.chat import (
+    encode_conversation, load_template, pack_conversations, read_conversations, warn_if_markers_split)
 from megatron_domain.stages import StageContext
 from megatron_domain.stages.causal_lm import (
     causal_lm_forward_step, causal_lm_pipeline_batch, causal_lm_pipeline_loss, micro_batch_starts,
@@ -35,6 +36,7 @@ class SftStage:
         chat = cfg.data.chat
         conversations = read_conversations(chat.path)
         template = load_template(chat.template, cfg.data.tokenizer)
+        warn_if_markers_split(template, ctx.tokenizer)
         examples = [encode_conversation(m, template, ctx.tokenizer) for m in conversations]
         self.packed = pack_conversations(examples, cfg.data.seq_len, ctx.tokenizer.eod_id, chat.overflow)
         if len(self.packed.tokens) == 0:
