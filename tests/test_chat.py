@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 from tokenizers import AddedToken, Tokenizer
 
@@ -116,10 +118,22 @@ def test_packed_sft_loss_equals_unpacked(corpora):
             total, count, _ = loss_fn(logits)
         return total.item(), int(count.item())
 
+    def naive_loss_sum(ids, trained):
+        """Each conversation alone, by hand: token t+1 is predicted from tokens 0..t, and
+        counts when it is an assistant token."""
+        with torch.no_grad():
+            logits = model(ids[None, :-1], torch.arange(len(ids) - 1)[None])[0]  # [S-1, V]
+        per_token = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")  # [S-1]
+        return float((per_token * trained[1:]).sum()), int(trained[1:].sum())
+
     total_len = sum(len(ids) - 1 for ids, _ in examples)
     packed = pack_conversations(examples, seq_len=total_len + 5, pad_id=tokenizer.eod_id)
     assert packed.tokens.shape[0] == 1  # all three share one row
-    alone = [loss_sum(pack_conversations([e], seq_len=len(e[0]) - 1, pad_id=tokenizer.eod_id)) for e in examples]
+    alone = [naive_loss_sum(torch.as_tensor(ids), torch.as_tensor(trained).float()) for ids, trained in examples]
+    assert all(count > 0 for _, count in alone)
+    for example, (reference, _) in zip(examples, alone):  # one conversation per packed row agrees too
+        single = loss_sum(pack_conversations([example], seq_len=len(example[0]) - 1, pad_id=tokenizer.eod_id))
+        assert abs(single[0] - reference) <= 1e-5 * max(1.0, abs(reference))
     together = loss_sum(packed)
     assert together[1] == sum(c for _, c in alone)
     assert abs(together[0] - sum(s for s, _ in alone)) <= 1e-5 * max(1.0, abs(together[0]))
@@ -156,3 +170,29 @@ def test_template_markers_missing_from_the_tokenizer_are_warned(corpora, chat_to
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert warn_if_markers_split(load_template("chatml"), load_tokenizer(chat_tokenizer)) == {}
+
+
+def test_best_fit_decreasing_places_like_the_textbook_rule():
+    """Needs 6, 10, 8, 9, 7, 5, 12, 3 in rows of 16, placed longest first, each into the fullest
+    row it fits (worked by hand): {12}, {10, 6}, {9, 7}, {8, 5, 3}. First fit would put the 3
+    with the 12; packing in input order would differ too."""
+    from megatron_domain.data.chat import pack_conversations
+
+    needs = [6, 10, 8, 9, 7, 5, 12, 3]
+    # example i: ids 100*i, 100*i+1, ... (need + 1 tokens, so `need` positions), all trained
+    examples = [(np.arange(100 * i, 100 * i + n + 1), np.ones(n + 1, bool)) for i, n in enumerate(needs)]
+    packed = pack_conversations(examples, seq_len=16, pad_id=0)
+    rows = []
+    for r in range(packed.tokens.shape[0]):
+        firsts = [int(packed.tokens[r, p]) for p in range(16)
+                  if packed.position_ids[r, p] == 0 and packed.loss_mask[r, p]]
+        rows.append([t // 100 for t in firsts])
+    assert rows == [[6], [1, 0], [3, 4], [2, 5, 7]]
+    for r, row in enumerate(rows):  # positions restart per example, labels are the next ids
+        start = 0
+        for i in row:
+            n = needs[i]
+            assert packed.position_ids[r, start:start + n].tolist() == list(range(n))
+            assert packed.labels[r, start:start + n].tolist() == list(range(100 * i + 1, 100 * i + n + 1))
+            start += n
+        assert not packed.loss_mask[r, start:].any()

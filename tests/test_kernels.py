@@ -87,15 +87,41 @@ def test_dpo_loss_cpp_equals_reference(loss_type, smoothing, pairs, dtype):
                                     "rewards/accuracy", "logps/chosen", "logps/rejected"}
 
 
-def test_dpo_loss_reference_matches_the_paper_formula():
-    """Sigmoid DPO on hand-made sums: L = -log sigma(beta ((pw - pl) - (rw - rl)))."""
-    policy = torch.tensor([-1.0, -2.0, -3.0, -0.5])
-    reference = torch.tensor([-1.5, -2.0, -2.0, -1.0])
-    segment_ids = torch.tensor([0, 0, 1, 1])  # chosen: -3 (ref -3.5); rejected: -3.5 (ref -3)
-    out = dpo_loss_reference(policy, reference, segment_ids, 1, beta=0.1)
-    h = (-3.0 - -3.5) - (-3.5 - -3.0)
-    assert out.loss.item() == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(0.1 * h)).item())
-    assert out.metrics()["rewards/accuracy"] == 1.0
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0), ("hinge", 0.0),
+                                         ("robust", 0.2)])
+@pytest.mark.parametrize("fn", [dpo_loss_reference, dpo_loss_fused], ids=["reference", "cpp"])
+def test_dpo_losses_and_rewards_match_the_papers_formulas(fn, loss_type, eps):
+    """Two pairs of hand-made token log-probs against the published formulas written out with
+    `math` (not the code under test): per-pair losses, rewards beta (log pi - log pi_ref),
+    margins and accuracy. Against the reference, pair 0's policy moved towards the rejected
+    answer (margin -1.25), pair 1's towards the chosen one (margin +0.5)."""
+    import math
+
+    beta = 0.5
+    policy = torch.tensor([-1.0, -2.0, -9.0, -3.0, -0.5, -4.0, -3.0, -1.0])
+    reference = torch.tensor([-1.5, -2.0, -7.0, -3.0, -1.0, -3.0, -1.0, -1.0])
+    segment_ids = torch.tensor([-1, 0, 0, 1, 1, 2, 3, 3])  # token 0 is prompt: never counted
+    out = fn(policy, reference, segment_ids, 2, beta=beta, loss_type=loss_type, label_smoothing=eps)
+    pc, pr, rc, rr = [-11.0, -4.0], [-3.5, -4.0], [-9.0, -3.0], [-4.0, -2.0]  # sums per segment, by hand
+    log_sigmoid = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    expected = []
+    for i in range(2):
+        h = (pc[i] - pr[i]) - (rc[i] - rr[i])
+        expected.append({
+            "sigmoid": -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h),
+            "ipo": (h - 1 / (2 * beta)) ** 2,
+            "hinge": max(0.0, 1 - beta * h),
+            "robust": (-(1 - eps) * log_sigmoid(beta * h) + eps * log_sigmoid(-beta * h)) / (1 - 2 * eps),
+        }[loss_type])
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-6)
+    assert out.loss.item() == pytest.approx(sum(expected) / 2, rel=1e-6)
+    chosen = [beta * (pc[i] - rc[i]) for i in range(2)]  # [-1.0, -0.5]
+    rejected = [beta * (pr[i] - rr[i]) for i in range(2)]  # [0.25, -1.0]
+    assert out.chosen_rewards.tolist() == pytest.approx(chosen) and out.rejected_rewards.tolist() == pytest.approx(rejected)
+    metrics = out.metrics()
+    assert metrics["rewards/margin"] == pytest.approx((chosen[0] - rejected[0] + chosen[1] - rejected[1]) / 2)
+    assert metrics["rewards/accuracy"] == 0.5
+    assert metrics["logps/chosen"] == pytest.approx(sum(pc) / 2) and metrics["logps/rejected"] == pytest.approx(sum(pr) / 2)
 
 
 def test_dpo_loss_rejects_bad_segments():

@@ -8,6 +8,8 @@ import torch
 from megatron_domain.config import config_from_dict
 from megatron_domain.kernels.pack import pack_metadata_reference
 from megatron_domain.losses import masked_cross_entropy_sum
+
+from conftest import naive_nll_sum
 from megatron_domain.models.llama import build_model, count_parameters, materialize
 
 EOD = 3
@@ -46,7 +48,7 @@ def test_packed_equals_unpacked(variant):
         alone = model(doc[None], torch.arange(n)[None])[0]  # [n, V], plain causal attention
         assert (packed[offset:offset + n] - alone).abs().max().item() <= 1e-5
         # within a document, predict tokens 1..n-1 (the prediction at EOD is masked when packed)
-        l, c = masked_cross_entropy_sum(alone[:-1], doc[1:], torch.ones(n - 1, dtype=torch.bool))
+        l, c = naive_nll_sum(alone[:-1], doc[1:]), n - 1  # independent of the loss under test
         loss, count, offset = loss + l, count + c, offset + n
     assert packed_count.item() == count
     assert abs(packed_loss.item() - float(loss)) <= 1e-5 * max(1.0, abs(float(loss)))
@@ -99,3 +101,18 @@ def test_meta_build_allocates_nothing_and_counts_parameters():
     assert abs(count_parameters(cfg)["total"] - 70.55e9) / 70.55e9 < 0.001
     cfg8 = config_from_dict({"model": {"preset": "llama3.1-8b"}}).model
     assert abs(count_parameters(cfg8)["total"] - 8.03e9) / 8.03e9 < 0.001
+
+
+def test_masked_cross_entropy_sum_closed_form():
+    """Uniform logits over V give log V per counted position; masked positions count for
+    nothing whatever their label (even an id outside the vocabulary)."""
+    import math
+
+    logits = torch.zeros(5, 7)
+    labels = torch.tensor([3, 9999, 0, -100, 6])
+    mask = torch.tensor([True, False, True, False, True])
+    loss, count = masked_cross_entropy_sum(logits, labels, mask)
+    assert count.item() == 3 and loss.item() == pytest.approx(3 * math.log(7), rel=1e-6)
+    logits[0, 3] = 2.0  # one confident correct prediction: -log(e^2 / (e^2 + 6))
+    loss, _ = masked_cross_entropy_sum(logits, labels, mask)
+    assert loss.item() == pytest.approx(-math.log(math.e ** 2 / (math.e ** 2 + 6)) + 2 * math.log(7), rel=1e-6)

@@ -3,8 +3,10 @@ from an adapter checkpoint; greedy generation batches exactly; the house-format 
 
 from __future__ import annotations
 
+import json
 
 import pytest
+import torch
 
 from megatron_domain.config import config_from_dict
 from megatron_domain.engine import train
@@ -61,3 +63,51 @@ def test_house_format_rubric():
     refusal = "I cannot answer that from the reference."
     assert score_answer(f" {refusal}", None, refusal) == {"format_ok": False, "citation_ok": False, "refused": True}
     assert score_answer(f"{refusal} [source: `x`]", "x", refusal)["refused"] is False
+
+
+def test_sft_stream_takes_every_row_once_per_epoch_across_ranks_and_steps(corpora, tmp_path):
+    """Global batch 4 of micro-batches of 1 on two data-parallel ranks: the rows of consecutive
+    steps, micro-batches and ranks are all different until the epoch is used up (every packed
+    row exactly once), and a cursor restored from state_dict continues the same stream."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from megatron_domain.data.tokenizer import load_tokenizer
+    from megatron_domain.stages import StageContext
+    from megatron_domain.stages.sft import SftStage
+
+    data = tiny_config_dict(corpora, tmp_path / "stream", micro_batch_size=1, global_batch_size=4)
+    data.update(mode="sft")
+    unique = tmp_path / "unique.jsonl"  # every conversation (so every packed row) differs
+    unique.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"the module {i}?"},
+                                                       {"role": "assistant", "content": f"it returns {i}."}]}) + "\n"
+                              for i in range(60)))
+    data["data"]["chat"] = {"path": str(unique), "template": "chatml"}
+    cfg = config_from_dict(data)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+
+    def stage(dp_rank: int) -> SftStage:
+        s = SftStage()
+        s.setup(StageContext(cfg=cfg, tokenizer=tokenizer, device=torch.device("cpu"), run_dir=Path(tmp_path),
+                             dp_rank=dp_rank, dp_size=2))
+        return s
+
+    ranks = [stage(0), stage(1)]
+    rows = ranks[0].packed.tokens
+    num_rows = len(rows)
+    assert num_rows >= 8
+    seen = []
+    for step in range(num_rows // 4):
+        for s in ranks:
+            micro = s.batches(step)
+            assert len(micro) == 2 and all(m["tokens"].shape[0] == 1 for m in micro)
+            for m in micro:  # which packed row is this? (rows are distinct: found by content)
+                matches = [i for i in range(num_rows) if np.array_equal(rows[i], m["tokens"][0].numpy())]
+                assert len(matches) == 1
+                seen.append(matches[0])
+    flat = seen
+    assert len(set(flat)) == len(flat) == 4 * (num_rows // 4)  # no row twice within the epoch
+    restored = stage(0)
+    restored.load_state_dict(ranks[0].state_dict())
+    assert torch.equal(restored.batches(0)[0]["tokens"], ranks[0].batches(0)[0]["tokens"])
