@@ -60,6 +60,11 @@ def test_only_adapters_train_and_checkpoints_hold_only_them(tiny_config, corpora
     model_keys = [k for k in stored.state_dict_metadata if k.startswith("model.")]
     assert model_keys and all(k.endswith(("lora_a", "lora_b")) for k in model_keys)  # adapters only
     assert len(model_keys) == 2 * 7 * 2
+    # the optimizer state too: AdamW moments and step of the adapters only, none of the base
+    optim_keys = [k for k in stored.state_dict_metadata if k.startswith("optim.state.")]
+    moments = {k.split(".", 2)[2].rsplit(".", 1)[0] for k in optim_keys}
+    assert moments == {k[len("model."):] for k in model_keys}
+    assert {k.rsplit(".", 1)[1] for k in optim_keys} == {"exp_avg", "exp_avg_sq", "step"}
     # the base is untouched: the LoRA model with B = 0 would equal it; with the trained adapter
     # merged and unmerged, the base weights equal the base checkpoint bitwise
     model = load_eval_model(cfg, str(tmp_path / "sft"), torch.device("cpu"))

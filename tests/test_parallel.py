@@ -18,6 +18,7 @@ from megatron_domain.parallel.pipeline import layer_split, schedule_problem, sta
 
 from parallel_cases import clipping_scales_every_placement, layout_result, parity_config_dict, run_job, run_jobs
 from parallel_harness import run_on_ranks
+from conftest import chat_lines
 
 TOL = 1e-5
 
@@ -49,6 +50,8 @@ LORA_LAYOUTS = {  # LoRA adapters sharded with their base layer (TP), by FSDP, a
     "dp_shard2_lora": {"dp_shard": 2},
     "pp2_lora": {"pp": 2},
 }
+SFT_LAYOUTS = {"tp2_sp": {"tp": 2}, "dp_shard2": {"dp_shard": 2}, "pp2": {"pp": 2}}
+CLIP = 0.02
 ALL_LAYOUTS = {**TWO_RANK_LAYOUTS, **FOUR_RANK_LAYOUTS, **EIGHT_RANK_LAYOUTS}
 
 
@@ -95,6 +98,27 @@ def results(corpora, tmp_path_factory) -> dict:
     jobs += [("tp2_dropout_straight", "train", dropout("tp2_dropout_straight"), None),
              ("tp2_dropout_first", "train", dropout("tp2_dropout_resumed", exit_at_step=2), None),
              ("tp2_dropout_resumed", "continue", dropout("tp2_dropout_resumed"), None)]
+    # SFT on chat rows (assistant-only loss mask) at the layouts of pretraining
+    chat = root / "chat.jsonl"
+    chat.write_text("\n".join(chat_lines(48)) + "\n")  # (rows of 96 tokens: the test tokenizer splits chatml)
+
+    def sft(name: str, parallel: dict | None = None) -> dict:
+        cfg = parity_config_dict(corpora, root / name, parallel)
+        cfg["mode"] = "sft"
+        cfg["data"].update(seq_len=96, chat={"path": str(chat), "template": "chatml"})
+        return cfg
+
+    out["reference_sft"] = layout_result(sft("reference_sft"))
+    jobs += [(f"sft_{name}", "layout", sft(f"sft_{name}", par), None) for name, par in SFT_LAYOUTS.items()]
+
+    # gradient clipping that is active (LoRA gradients are far below the default clip of 1.0)
+    def clipped(name: str, parallel: dict | None = None) -> dict:
+        cfg = parity_config_dict(corpora, root / name, parallel, lora=LORA)
+        cfg["optim"]["clip_grad"] = CLIP
+        return cfg
+
+    out["reference_lora_clip"] = run_job("train", clipped("reference_lora_clip"))
+    jobs += [(f"{name}_clip", "train", clipped(f"{name}_clip", par), None) for name, par in LORA_LAYOUTS.items()]
     jobs.append(("dp_shard2_bf16", "layout", parity_config_dict(corpora, root / "dp_shard2_bf16", {"dp_shard": 2},
                                                                 dtype="bf16"), None))
     run_on_ranks(2, run_jobs, jobs, str(root))
@@ -147,6 +171,35 @@ def test_lora_layout_matches_single_process(results, layout):
         torch.testing.assert_close(got["grads"][name], grad, rtol=0, atol=TOL, msg=f"gradient of {name}")
     assert max(abs(a - b) for a, b in zip(got["losses"], ref["losses"])) <= TOL
     assert ref["losses"][-1] < ref["losses"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(SFT_LAYOUTS))
+def test_sft_layout_matches_single_process(results, layout):
+    """The sft mode (packed conversations, assistant-only loss) under TP with sequence
+    parallelism, FSDP and PP: loss and gradients of step 0 and 3 steps' losses as one process."""
+    ref, got = results["reference_sft"], results[f"sft_{layout}"]
+    assert abs(got["loss"] - ref["loss"]) <= TOL
+    assert sorted(got["grads"]) == sorted(ref["grads"])
+    for name, grad in ref["grads"].items():
+        torch.testing.assert_close(got["grads"][name], grad, rtol=0, atol=TOL, msg=f"gradient of {name}")
+    assert max(abs(a - b) for a, b in zip(got["losses"], ref["losses"])) <= TOL
+    assert ref["losses"] != results["reference_tied=False"]["losses"]  # chat rows, not the pretraining blend
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LORA_LAYOUTS))
+def test_active_clipping_in_lora_layouts_matches_single_process(results, layout):
+    """clip_grad 0.02 is below every step's gradient norm: the clipped LoRA updates at TP, FSDP
+    and PP (norm over all ranks' adapter shards) equal one process's."""
+    ref = results["reference_lora_clip"]
+    norms = [r["grad_norm"] for r in read_metrics(results["root"] / "reference_lora_clip")]
+    assert len(norms) == 3 and min(norms) > CLIP  # clipping was active at every step
+    assert ref != results["reference_lora"]["losses"]
+    got = results[f"{layout}_clip"]
+    assert max(abs(a - b) for a, b in zip(got, ref)) <= TOL
+    got_norms = [r["grad_norm"] for r in read_metrics(results["root"] / f"{layout}_clip")]
+    assert got_norms == pytest.approx(norms, rel=1e-5)
 
 
 @pytest.mark.slow

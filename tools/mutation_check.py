@@ -1,0 +1,234 @@
+"""Mutation spot-check of the tests: plant plausible bugs in core functions, one at a time, in a
+scratch copy of the repository, run the tests that should catch each, and report which bugs
+the tests let through ("survivors").
+
+    python tools/mutation_check.py                 # every mutation (about 15 minutes on 2 cores)
+    python tools/mutation_check.py --list          # names only
+    python tools/mutation_check.py --only sft-cursor-stuck lora-scaling-alpha
+
+Each mutation is one exact text replacement in one file (it must match exactly once: a stale
+mutation is reported, not silently skipped) plus the tests it is checked against: the fast
+tests of the code it touches, and the small multi-process tests for parallel plans. The
+unmutated tests run first; if they fail, nothing is reported. Prints one JSON line per
+mutation and a summary line with the kill rate. Not part of CI: run it before closing work
+on the core paths, and give every survivor a test or a reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One planted bug: replace `old` by `new` in `path`; `tests` should then fail."""
+
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+PACKING_TESTS = ("tests/test_model.py", "tests/test_kernels.py::test_pack_metadata_cpp_equals_reference")
+CHAT_TESTS = ("tests/test_chat.py",)
+DPO_TESTS = ("tests/test_kernels.py::test_dpo_losses_and_rewards_match_the_papers_formulas",
+             "tests/test_dpo.py::test_loss_equals_trl_dpo_trainer")
+TP_TESTS = ("tests/test_kernels.py::test_fused_cross_entropy_under_tensor_parallel_and_fsdp",)
+
+MUTATIONS = (
+    # packing metadata and attention masks
+    Mutation("pack-loss-crosses-documents", "megatron_domain/kernels/pack.py",
+             "cu_seqlens=cu_seqlens, loss_mask=~is_eod)", "cu_seqlens=cu_seqlens, loss_mask=torch.ones_like(is_eod))",
+             PACKING_TESTS),
+    Mutation("pack-positions-do-not-restart", "megatron_domain/kernels/pack.py",
+             "position_ids = index - start_index  # [B, S]", "position_ids = index  # [B, S]", PACKING_TESTS),
+    Mutation("attention-crosses-documents", "megatron_domain/models/attention.py",
+             "allowed = document_ids[:, :, None] == document_ids[:, None, :]  # [B, S, S]",
+             "allowed = torch.ones_like(document_ids[:, :, None] == document_ids[:, None, :])  # [B, S, S]",
+             ("tests/test_model.py", "tests/test_attention.py")),
+    Mutation("shared-prompt-rejected-sees-chosen", "megatron_domain/models/attention.py",
+             "allowed = allowed | (prefix_ids[:, :, None] == document_ids[:, None, :])  # [B, S, S]",
+             "allowed = allowed | (prefix_ids[:, :, None] <= document_ids[:, None, :])  # [B, S, S]",
+             ("tests/test_dpo.py::test_shared_prompt_layout_equals_two_rows", "tests/test_attention.py")),
+    # SFT data: loss mask, positions, packing order, cursor
+    Mutation("sft-loss-mask-shifted", "megatron_domain/data/chat.py",
+             "out.loss_mask[r, pos:pos + n] = trained[1:]", "out.loss_mask[r, pos:pos + n] = trained[:-1]", CHAT_TESTS),
+    Mutation("sft-positions-continue", "megatron_domain/data/chat.py",
+             "out.position_ids[r, pos:pos + n] = np.arange(n)", "out.position_ids[r, pos:pos + n] = np.arange(pos, pos + n)",
+             CHAT_TESTS),
+    Mutation("sft-end-of-turn-not-trained", "megatron_domain/data/chat.py",
+             "                end += len(marker)\n", "                pass\n", CHAT_TESTS),
+    Mutation("bfd-first-fit", "megatron_domain/data/chat.py",
+             "best = min(candidates, key=lambda r: room[r])", "best = candidates[0]", CHAT_TESTS),
+    Mutation("bfd-not-decreasing", "megatron_domain/data/chat.py",
+             "items.sort(key=lambda item: len(item[0]), reverse=True)", "items.sort(key=lambda item: len(item[0]))",
+             CHAT_TESTS),
+    Mutation("sft-cursor-stuck", "megatron_domain/stages/sft.py",
+             "self.consumed_rows += self.global_batch", "self.consumed_rows += 0", ("tests/test_sft.py",)),
+    Mutation("pretrain-cursor-stuck", "megatron_domain/stages/pretrain.py",
+             "self.consumed_samples += self.global_batch", "self.consumed_samples += 0",
+             ("tests/test_engine.py", "tests/test_data.py")),
+    Mutation("dp-ranks-share-rows", "megatron_domain/stages/causal_lm.py",
+             "start = consumed + dp_rank * per_rank", "start = consumed", ("tests/test_sft.py", "tests/test_data.py")),
+    # losses
+    Mutation("ce-mask-ignored", "megatron_domain/losses.py",
+             "return (nll * mask).sum(), mask.sum()", "return nll.sum(), mask.sum()",
+             ("tests/test_model.py", "tests/test_chat.py")),
+    Mutation("dpo-rewards-without-beta", "megatron_domain/kernels/dpo.py",
+             "rewards = beta * (policy_sums.detach() - reference_sums.detach())  # [2P]",
+             "rewards = (policy_sums.detach() - reference_sums.detach())  # [2P]", DPO_TESTS),
+    Mutation("ipo-target", "megatron_domain/losses.py",
+             "return (h - 1 / (2 * beta)) ** 2", "return (h - 1 / beta) ** 2", DPO_TESTS),
+    Mutation("hinge-without-beta", "megatron_domain/losses.py",
+             "return torch.relu(1 - beta * h)", "return torch.relu(1 - h)", DPO_TESTS),
+    Mutation("label-smoothing-sign", "megatron_domain/losses.py",
+             "return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)",
+             "return -(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)",
+             DPO_TESTS),
+    Mutation("robust-denominator", "megatron_domain/losses.py",
+             "label_smoothing * F.logsigmoid(-beta * h)) / (1 - 2 * label_smoothing)",
+             "label_smoothing * F.logsigmoid(-beta * h)) / (1 - label_smoothing)", DPO_TESTS),
+    Mutation("dpo-first-token-not-scored", "megatron_domain/data/preference.py",
+             "index = np.concatenate([[predictor_of_first], start + np.arange(len(completion) - 1)])",
+             "index = np.concatenate([[start], start + np.arange(len(completion) - 1)])",
+             ("tests/test_dpo.py::test_pair_batch_scores_every_completion_token_at_its_predictor",
+              "tests/test_dpo.py::test_shared_prompt_layout_equals_two_rows")),
+    # LoRA
+    Mutation("lora-scaling-alpha", "megatron_domain/models/lora.py",
+             "self.scaling = alpha / rank", "self.scaling = alpha", ("tests/test_lora.py",)),
+    Mutation("lora-dropout-in-eval", "megatron_domain/models/lora.py",
+             "F.dropout(x, self.dropout, self.training)", "F.dropout(x, self.dropout, True)", ("tests/test_lora.py",)),
+    # resume
+    Mutation("rng-not-restored", "megatron_domain/checkpoint.py",
+             "set_rng_state(load_rng_state(rng_file))", "load_rng_state(rng_file)", ("tests/test_lora.py",)),
+    Mutation("mfu-draws-training-rng", "megatron_domain/metrics.py",
+             "a = torch.randn(size, size, device=device, dtype=dtype, generator=private)  # [size, size]",
+             "a = torch.randn(size, size, device=device, dtype=dtype)  # [size, size]", ("tests/test_lora.py",)),
+    Mutation("optimizer-state-not-restored", "megatron_domain/checkpoint.py",
+             "set_optimizer_state_dict(part, opt, {k: state[\"optim\"][k] for k in optim_sd}, options=_options())",
+             "pass", ("tests/test_engine.py",)),
+    Mutation("scheduler-not-restored", "megatron_domain/engine.py",
+             "        scheduler.load_state_dict(extra[\"scheduler\"])\n", "        pass\n", ("tests/test_engine.py",)),
+    Mutation("lr-warmup-off-by-one", "megatron_domain/optim.py",
+             "return cfg.lr * (step + 1) / cfg.warmup_steps", "return cfg.lr * step / cfg.warmup_steps",
+             ("tests/test_engine.py",)),
+    # tensor / data parallel plans and gradient handling (small multi-process tests)
+    Mutation("tp-down-proj-column-parallel", "megatron_domain/parallel/tensor.py",
+             "\"mlp.down_proj\": RowwiseWithAdapter(output_layouts=residual),", "\"mlp.down_proj\": ColwiseWithAdapter(),",
+             TP_TESTS),
+    Mutation("tp-head-replicated-output", "megatron_domain/parallel/tensor.py",
+             "plan[\"lm_head\"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)",
+             "plan[\"lm_head\"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=True)",
+             TP_TESTS),
+    Mutation("fsdp-gradients-not-rescaled", "megatron_domain/engine.py",
+             "scale = pm.dims.dp / total_tokens", "scale = 1 / total_tokens", TP_TESTS),
+    Mutation("clip-norm-of-local-shards", "megatron_domain/parallel/grads.py",
+             "            norm = norm.full_tensor()\n", "            norm = norm.to_local()\n",
+             ("tests/test_parallel.py::test_clipping_scales_partial_sharded_and_replicated_gradients",)),
+)
+
+
+def scratch_copy(dst: Path) -> None:
+    """The repository's tracked and untracked-but-not-ignored files, copied under `dst`."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file():
+            target = dst / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def run_tests(scratch: Path, tests: tuple[str, ...], timeout: int) -> tuple[int, str]:
+    """pytest on `tests` with the scratch copy's package first on the path; (exit code, tail)."""
+    env = {**os.environ, "PYTHONPATH": str(scratch), "PYTHONDONTWRITEBYTECODE": "1"}
+    try:
+        run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                             cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, f"timed out after {timeout} s"
+    return run.returncode, (run.stdout + run.stderr)[-400:]
+
+
+def check_imports_scratch(scratch: Path) -> None:
+    """The tests must import the mutated package, not an installed copy."""
+    env = {**os.environ, "PYTHONPATH": str(scratch)}
+    found = subprocess.run([sys.executable, "-c", "import megatron_domain; print(megatron_domain.__file__)"],
+                           cwd=scratch, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    if not Path(found).resolve().is_relative_to(scratch.resolve()):
+        raise SystemExit(f"mutation_check: megatron_domain imports from {found}, not the scratch copy {scratch}")
+
+
+def apply(scratch: Path, mutation: Mutation) -> str | None:
+    """Plant the mutation; returns the original text, or None when `old` is not found exactly once."""
+    path = scratch / mutation.path
+    text = path.read_text()
+    if text.count(mutation.old) != 1:
+        return None
+    path.write_text(text.replace(mutation.old, mutation.new))
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", default=[], help="run these mutations (names from --list)")
+    parser.add_argument("--list", action="store_true", help="print the mutation names and exit")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per pytest run (default 900)")
+    args = parser.parse_args()
+    if args.list:
+        for mutation in MUTATIONS:
+            print(f"{mutation.name}: {mutation.path}")
+        return 0
+    unknown = sorted(set(args.only) - {m.name for m in MUTATIONS})
+    if unknown:
+        parser.error(f"unknown mutation(s) {', '.join(unknown)}; see --list")
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    with tempfile.TemporaryDirectory(prefix="mdt-mutation-") as tmp:
+        scratch = Path(tmp)
+        scratch_copy(scratch)
+        check_imports_scratch(scratch)
+        baseline = tuple(sorted({t for m in chosen for t in m.tests}))
+        code, tail = run_tests(scratch, baseline, args.timeout)
+        if code != 0:
+            print(f"mutation_check: the unmutated tests fail (exit {code}); fix them first:\n{tail}", file=sys.stderr)
+            return 2
+        results = []
+        for mutation in chosen:
+            start = time.perf_counter()
+            original = apply(scratch, mutation)
+            if original is None:
+                result = {"mutation": mutation.name, "status": "stale", "file": mutation.path,
+                          "why": "the text to replace is not in the file exactly once; update the mutation"}
+            else:
+                code, tail = run_tests(scratch, mutation.tests, args.timeout)
+                (scratch / mutation.path).write_text(original)
+                result = {"mutation": mutation.name, "status": "survived" if code == 0 else "killed",
+                          "file": mutation.path, "tests": list(mutation.tests),
+                          "seconds": round(time.perf_counter() - start, 1)}
+                if code == 0:
+                    result["why"] = "the tests pass with the bug planted: add a test that fails"
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    killed = sum(r["status"] == "killed" for r in results)
+    summary = {"mutations": len(results), "killed": killed, "kill_rate": round(killed / max(len(results), 1), 3),
+               "survivors": [r["mutation"] for r in results if r["status"] == "survived"],
+               "stale": [r["mutation"] for r in results if r["status"] == "stale"]}
+    print(json.dumps(summary))
+    return 0 if killed == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
