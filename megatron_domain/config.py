@@ -21,7 +21,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_PRESET_DIR = REPO_ROOT / "configs" / "models"
 
-MODES = ("pretrain", "sft", "dpo")
+MODES = ("pretrain", "sft", "dpo", "rs_sft")
 CHAT_MODES = ("sft", "dpo", "rs_sft")  # modes that train on chat data: their exports and servers speak chat
 DTYPES = ("fp32", "bf16")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
@@ -38,6 +38,7 @@ JUDGE_KINDS = ("rubric", "pairwise", "panel")
 GENERATION_METRICS = ("format_adherence", "citation_accuracy", "refusal_in_scope", "refusal_out_of_scope")
 PAIRWISE_BACKENDS = ("model", "openai")
 PANEL_VOTES = ("majority", "mean")
+KEEP_PER = ("seed", "global")
 VLLM_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -344,6 +345,7 @@ class RubricRuleConfig:
     function: str = ""
     weight: float = 1.0
     when: str = ""
+    constraint: bool = False  # rs_sft: a constraint stated in turn 1; its pass rate per turn is "retention"
 
 
 @dataclass
@@ -397,6 +399,44 @@ class DpoConfig:
 
 
 @dataclass
+class CollapseGuardConfig:
+    """Diversity of the dialogues rs_sft keeps, against thresholds: distinct bigrams of the
+    assistant turns (share of bigrams that are unique), the share of the most common opening
+    sentence, and the mean pairwise similarity of one seed's kept dialogues. A threshold that
+    is crossed warns; with `fail` the stage stops before training on the kept set."""
+
+    min_distinct_2: float = 0.0
+    max_top_opening_share: float = 1.0
+    max_self_similarity: float = 1.0
+    fail: bool = False
+
+
+@dataclass
+class RsSftConfig:
+    """The `rs_sft` mode (stages/rs_sft.py): from each seed of `seeds` (JSONL) sample
+    `dialogues_per_seed` dialogues of the seed's turns (else `turns`) with the current policy
+    (rollout.*), the user's follow-up turns coming from the seed or, cycled, from `follow_ups`;
+    score every whole dialogue with `judge` (a rubric scores each assistant turn), keep the top
+    `keep_fraction` per seed (`keep_per: seed`) or of all (`global`) scoring at least
+    `min_score` (0-100), drop near-duplicates of one seed (word-set similarity >=
+    `dedup_similarity`), check the kept set's diversity (`collapse`), and train an SFT pass on
+    the survivors (every assistant turn). train.steps: 0 = `epochs` over the kept rows."""
+
+    seeds: str = ""
+    dialogues_per_seed: int = 8
+    turns: int = 6
+    follow_ups: list[str] = field(default_factory=list)
+    seeds_per_chunk: int = 16
+    keep_fraction: float = 0.25
+    keep_per: str = "seed"
+    min_score: float = 0.0
+    dedup_similarity: float = 0.9
+    epochs: float = 1.0
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    collapse: CollapseGuardConfig = field(default_factory=CollapseGuardConfig)
+
+
+@dataclass
 class Config:
     """One run of the engine in one mode."""
 
@@ -412,6 +452,7 @@ class Config:
     fp8: Fp8Config = field(default_factory=Fp8Config)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    rs_sft: RsSftConfig = field(default_factory=RsSftConfig)
 
 
 @dataclass
@@ -795,8 +836,9 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
         problems.append(f"{p('optim.beta1')}/{p('optim.beta2')}: must be in [0, 1), got {o.beta1}, {o.beta2}")
     if o.clip_grad < 0:
         problems.append(f"{p('optim.clip_grad')}: must be >= 0 (0 disables clipping), got {o.clip_grad}")
-    if t.steps <= 0:
-        problems.append(f"{p('train.steps')}: must be > 0, got {t.steps}")
+    if t.steps < 0 or (t.steps == 0 and cfg.mode != "rs_sft"):
+        problems.append(f"{p('train.steps')}: must be > 0, got {t.steps}"
+                        + (" (0 is rs_sft's 'rs_sft.epochs over the kept dialogues')" if t.steps == 0 else ""))
     if t.micro_batch_size <= 0:
         problems.append(f"{p('train.micro_batch_size')}: must be > 0, got {t.micro_batch_size}")
     elif t.global_batch_size % t.micro_batch_size:
@@ -809,7 +851,7 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
                         f"choose one of {', '.join(ACTIVATION_CHECKPOINTING)}")
     if t.device not in ("auto", "cpu", "cuda"):
         problems.append(f"{p('train.device')}: unknown {t.device!r}; choose auto, cpu or cuda")
-    if t.exit_at_step < 0 or t.exit_at_step > t.steps:
+    if t.exit_at_step < 0 or (t.steps and t.exit_at_step > t.steps):
         problems.append(f"{p('train.exit_at_step')}: must be in [0, train.steps={t.steps}], got {t.exit_at_step}")
     if t.checkpoint_every < 0 or t.log_every <= 0:
         problems.append(f"{p('train.checkpoint_every')}/{p('train.log_every')}: need checkpoint_every >= 0 "
@@ -824,7 +866,9 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
     problems.extend(validate_rollout(cfg.rollout, _join(prefix, "rollout")))
     if cfg.mode == "dpo":
         problems.extend(validate_dpo(cfg, prefix))
-    if cfg.mode in ("sft", "dpo"):
+    if cfg.mode == "rs_sft":
+        problems.extend(validate_rs_sft(cfg, prefix))
+    if cfg.mode in CHAT_MODES:
         chat = cfg.data.chat
         if cfg.mode == "sft" and not chat.path:
             problems.append(f"{p('data.chat.path')}: the sft mode needs a JSONL file of conversations")
@@ -878,6 +922,37 @@ def validate_dpo(cfg: Config, prefix: str = "") -> list[str]:
     elif not cfg.data.chat.path:
         problems.append(f"{p('data.chat.path')}: offline DPO needs a JSONL file of preference pairs "
                         "(or set dpo.online: true)")
+    return problems
+
+
+def validate_rs_sft(cfg: Config, prefix: str = "") -> list[str]:
+    """Checks of the rs_sft section against the rest of the run."""
+    p = lambda key: _join(prefix, f"rs_sft.{key}")  # noqa: E731
+    r, problems = cfg.rs_sft, []
+    if not r.seeds:
+        problems.append(f"{p('seeds')}: the rs_sft mode needs a JSONL file of seed dialogues")
+    if r.dialogues_per_seed < 1 or r.turns < 1 or r.seeds_per_chunk < 1:
+        problems.append(f"{p('dialogues_per_seed')}/{p('turns')}/{p('seeds_per_chunk')}: must be >= 1, got "
+                        f"{r.dialogues_per_seed}, {r.turns}, {r.seeds_per_chunk}")
+    if not 0 < r.keep_fraction <= 1:
+        problems.append(f"{p('keep_fraction')}: must be in (0, 1] (the recipe keeps 0.2-0.3), got {r.keep_fraction}")
+    if r.keep_per not in KEEP_PER:
+        problems.append(f"{p('keep_per')}: unknown {r.keep_per!r}; choose one of {', '.join(KEEP_PER)}")
+    if not 0 <= r.min_score <= 100:
+        problems.append(f"{p('min_score')}: a dialogue score is in [0, 100], got {r.min_score}")
+    if not 0 < r.dedup_similarity <= 1:
+        problems.append(f"{p('dedup_similarity')}: must be in (0, 1] (1 drops exact duplicates only), "
+                        f"got {r.dedup_similarity}")
+    if r.epochs <= 0:
+        problems.append(f"{p('epochs')}: must be > 0, got {r.epochs}")
+    c = r.collapse
+    if not (0 <= c.min_distinct_2 <= 1 and 0 <= c.max_top_opening_share <= 1 and 0 <= c.max_self_similarity <= 1):
+        problems.append(f"{p('collapse')}: thresholds are shares in [0, 1], got min_distinct_2={c.min_distinct_2}, "
+                        f"max_top_opening_share={c.max_top_opening_share}, max_self_similarity={c.max_self_similarity}")
+    if cfg.parallel.pp > 1:
+        problems.append(f"{_join(prefix, 'parallel.pp')}: rs_sft generates with the policy, which needs the whole "
+                        "model on each rank; use parallel.pp=1 (tp and dp_shard work)")
+    problems.extend(validate_judge(r.judge, p("judge")))
     return problems
 
 

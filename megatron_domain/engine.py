@@ -275,6 +275,10 @@ def build_trainer(cfg: Config, device: torch.device, run_dir: Path, tokenizer: T
                              dp_rank=coords["dp"], dp_size=dims.dp, model=pm,
                              build_reference=lambda: frozen_copy(cfg, dims, mesh, device), rank=rank(),
                              tp_size=dims.tp))
+    if cfg.train.steps == 0:  # rs_sft: epochs over the data the stage prepared at setup
+        cfg.train.steps = stage.planned_steps
+        if rank() == 0:
+            print(f"train.steps: 0 -> {cfg.train.steps} ({cfg.mode}: the steps its data needs)", flush=True)
     optimizers = [build_optimizer(part, cfg.optim) for part in pm.parts]
     schedulers = [build_scheduler(opt, cfg.optim, cfg.train.steps) for opt in optimizers]
     schedule = None
@@ -309,7 +313,7 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None, overw
     device = resolve_device(cfg.train.device)
     check_backends(cfg, device)  # before anything is written
     run_dir = prepare_run_dir(cfg.train.run_dir, resume, overwrite)
-    finished = latest_checkpoint(run_dir) if resume else None
+    finished = latest_checkpoint(run_dir) if resume and cfg.train.steps else None
     if finished is not None and saved_step(finished) >= cfg.train.steps:
         if rank() == 0:
             print(f"--resume: {run_dir} already finished its {cfg.train.steps} steps ({finished}); nothing to do "

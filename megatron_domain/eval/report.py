@@ -32,10 +32,11 @@ def plot_loss_curves(stages: list[dict], out_file: str | os.PathLike) -> None:
     ax.set_title("Training loss per stage")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, out_file)
+    save_figure(fig, out_file)
 
 
-def _save(fig, out_file: str | os.PathLike) -> None:
+def save_figure(fig, out_file: str | os.PathLike) -> None:
+    """Save a matplotlib figure as PNG under a temporary name, then rename it; closes it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -86,7 +87,7 @@ def plot_eval_deltas(stages: list[dict], out_file: str | os.PathLike) -> None:
         ax.set_ylim(0, 1)
         ax.set_title("Generation metrics (greedy, held-out questions)")
         ax.legend(fontsize=8)
-    _save(fig, out_file)
+    save_figure(fig, out_file)
 
 
 def _pct(before: float, after: float) -> str:

@@ -77,23 +77,31 @@ class RubricJudge:
         found = self._pattern(rule, index, prompt, fields).search(answer.strip()) is not None
         return float(found == rule.must_match), ""
 
+    def verdicts(self, prompt: PromptRecord, answer: str) -> list[tuple[RubricRuleConfig, float | None, str]]:
+        """(rule, value in [0, 1] or None when it could not score, reason) for every rule that
+        applies to `prompt`, in order; stops after the first None."""
+        fields = prompt.fields or {}
+        out = []
+        for i, rule in enumerate(self.rules):
+            if applies(rule, fields):
+                value, reason = self._check(i, rule, prompt, fields, answer)
+                out.append((rule, value, reason))
+                if value is None:
+                    break
+        return out
+
     def score(self, prompt: PromptRecord, completions: list[str]) -> JudgeResult:
         """Weighted share of passed rules per completion, with each rule's verdict as rationale."""
-        fields = prompt.fields or {}
-        active = [(i, r) for i, r in enumerate(self.rules) if applies(r, fields)]
-        total_weight = sum(r.weight for _, r in active)
         scores, rationales = [], []
         for answer in completions:
-            earned, notes = 0.0, []
-            for i, rule in active:
-                value, reason = self._check(i, rule, prompt, fields, answer)
-                if value is None:
-                    scores.append(None)
-                    notes.append(f"{rule.name or i}: no score")
-                    break
-                earned += rule.weight * value
-                notes.append(f"{rule.name or i}: {value:g}{f' ({reason})' if reason else ''}")
+            verdicts = self.verdicts(prompt, answer)
+            notes = [f"{rule.name or self.rules.index(rule)}: " + ("no score" if value is None else f"{value:g}")
+                     + (f" ({reason})" if reason else "") for rule, value, reason in verdicts]
+            total_weight = sum(rule.weight for rule, _, _ in verdicts)
+            if any(value is None for _, value, _ in verdicts):
+                scores.append(None)
             else:
+                earned = sum(rule.weight * value for rule, value, _ in verdicts)
                 scores.append(earned / total_weight if total_weight else 0.0)
             rationales.append("; ".join(notes) or "no rule applies")
         return JudgeResult(scores, rationales)

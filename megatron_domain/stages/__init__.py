@@ -30,7 +30,8 @@ from megatron_domain.data.tokenizer import TextTokenizer
 
 STAGES = {"pretrain": "megatron_domain.stages.pretrain:PretrainStage",
           "sft": "megatron_domain.stages.sft:SftStage",
-          "dpo": "megatron_domain.stages.dpo:DpoStage"}
+          "dpo": "megatron_domain.stages.dpo:DpoStage",
+          "rs_sft": "megatron_domain.stages.rs_sft:RsSftStage"}
 
 
 @dataclass

@@ -31,16 +31,20 @@ class SftStage:
 
     def setup(self, ctx: StageContext) -> None:
         """Read, template, tokenize and pack the conversations; report what did not fit."""
+        self.use_conversations(ctx, read_conversations(ctx.cfg.data.chat.path), f"data.chat.path {ctx.cfg.data.chat.path}")
+
+    def use_conversations(self, ctx: StageContext, conversations: list[list[dict]], source: str) -> None:
+        """Template, tokenize and pack `conversations` (named `source` in messages) as the
+        rows this stage trains on (the rs_sft mode hands its kept dialogues here)."""
         self.forward_step = select_forward_step(ctx.cfg.kernels, ctx.device)
         cfg = ctx.cfg
         chat = cfg.data.chat
-        conversations = read_conversations(chat.path)
         template = load_template(chat.template, cfg.data.tokenizer)
         warn_if_markers_split(template, ctx.tokenizer)
         examples = [encode_conversation(m, template, ctx.tokenizer) for m in conversations]
         self.packed = pack_conversations(examples, cfg.data.seq_len, ctx.tokenizer.eod_id, chat.overflow)
         if len(self.packed.tokens) == 0:
-            raise ValueError(f"data.chat.path: no trainable conversation left in {chat.path} "
+            raise ValueError(f"{source}: no trainable conversation left "
                              f"({self.packed.dropped} longer than data.seq_len={cfg.data.seq_len} were dropped)")
         self.stats = {"conversations": len(conversations), "rows": len(self.packed.tokens),
                       "truncated": self.packed.truncated, "dropped": self.packed.dropped,

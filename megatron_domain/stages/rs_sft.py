@@ -1,0 +1,214 @@
+"""`mode: rs_sft`: rejection-sampled multi-turn SFT (in the family of STaR, ReST and
+Constitutional AI's rejection-sampling stage). At setup, before the first step:
+
+1. generate `rs_sft.dialogues_per_seed` dialogues of every seed (rollout/dialogues.py: batched
+   across seeds and dialogues, turn by turn, from the policy as the stage starts);
+2. score each whole dialogue with `rs_sft.judge` (judges/dialogue.py, 0-100);
+3. keep the best share per seed or globally, drop low scores and near-duplicates, and measure
+   the kept set's diversity against the generated set (stages/selection.py; the collapse guard
+   warns or fails);
+4. train on the survivors through the sft path (loss on every assistant turn, packed).
+
+Everything generated is in `<run_dir>/dialogues.jsonl` (one line per dialogue: seed id, turns,
+token ids, score, per-turn scores and constraint retention, the judge's reasons), written a
+chunk of `rs_sft.seeds_per_chunk` seeds at a time after it is judged: a killed run continues
+with the seeds it had not finished. `<run_dir>/rs_sft.json` has the selection and diversity
+numbers, `kept.jsonl` the kept dialogues and `rs_sft_scores.png` the score histogram.
+Under a parallel layout every rank generates (the forwards are collective) and rank 0 judges
+and writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_domain.data.chat import load_template
+from megatron_domain.data.seeds import Seed, read_seeds
+from megatron_domain.eval.perplexity import write_json_atomic
+from megatron_domain.judges import build_judge
+from megatron_domain.judges.dialogue import DialogueScore, score_dialogues
+from megatron_domain.rollout.dialogues import Dialogue, generate_dialogues
+from megatron_domain.rollout.policy import PolicyRollout, on_rank0, sampling_from_config
+from megatron_domain.stages import StageContext
+from megatron_domain.stages.online import write_jsonl_atomic
+from megatron_domain.stages.selection import collapse_problems, diversity, select
+from megatron_domain.stages.sft import SftStage
+
+DIALOGUES_FILE = "dialogues.jsonl"
+
+
+class CollapsedKeptSet(RuntimeError):
+    """The kept dialogues are too uniform to train on (rs_sft.collapse with fail: true)."""
+
+
+def read_finished(path: Path, per_seed: int) -> dict[str, list[dict]]:
+    """{seed id: its dialogue lines} for the seeds whose `per_seed` dialogues are all in the
+    file; a partly written last line (a run killed while appending) is ignored."""
+    by_seed: dict[str, dict[int, dict]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            by_seed.setdefault(record["seed_id"], {})[record["dialogue"]] = record
+    return {seed: [lines[i] for i in range(per_seed)] for seed, lines in by_seed.items()
+            if all(i in lines for i in range(per_seed))}
+
+
+def dialogue_line(dialogue: Dialogue, score: DialogueScore) -> dict:
+    """One line of dialogues.jsonl."""
+    return {"seed_id": dialogue.seed_id, "dialogue": dialogue.index, "messages": dialogue.messages,
+            "opening": dialogue.opening, "turn_fields": dialogue.turn_fields,
+            "answer_token_ids": dialogue.answer_token_ids, "finish": dialogue.finish, **dataclasses.asdict(score)}
+
+
+def line_dialogue(line: dict) -> Dialogue:
+    """The Dialogue of a dialogues.jsonl line."""
+    return Dialogue(line["seed_id"], line["dialogue"], line["messages"], line["opening"], line["turn_fields"],
+                    line["answer_token_ids"], line["finish"])
+
+
+def append_lines(path: Path, lines: list[dict]) -> None:
+    """Append whole lines in one write and flush them to disk."""
+    with open(path, "a") as handle:
+        handle.write("".join(json.dumps(line) + "\n" for line in lines))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+class RsSftStage(SftStage):
+    """Generate, judge and select dialogues at setup; then the sft stage trains on the kept ones."""
+
+    def setup(self, ctx: StageContext) -> None:
+        """Dialogues (generated or read back), selection, collapse guard, then the sft rows."""
+        cfg, r = ctx.cfg, ctx.cfg.rs_sft
+        self.ctx = ctx
+        self.template = load_template(cfg.data.chat.template, cfg.data.tokenizer)
+        seeds = read_seeds(r.seeds, r.turns)
+        path = Path(ctx.run_dir) / DIALOGUES_FILE
+        finished = read_finished(path, r.dialogues_per_seed)
+        todo = [seed for seed in seeds if seed.id not in finished]
+        if todo:
+            if ctx.rank == 0:  # keep only whole seeds, then append new ones chunk by chunk
+                write_jsonl_atomic(path, [line for seed in seeds if seed.id in finished for line in finished[seed.id]])
+            self._generate_and_judge(todo, path, len(seeds))
+            finished = read_finished(path, r.dialogues_per_seed)
+        lines = [finished[seed.id] for seed in seeds]
+        selection = select([[line["score"] for line in group] for group in lines],
+                           [[line_dialogue(line).answers for line in group] for group in lines],
+                           r.keep_fraction, r.keep_per, r.min_score, r.dedup_similarity)
+        kept = [lines[s][d] for s, d in selection.kept]
+        if not kept:
+            raise ValueError(f"rs_sft: no dialogue kept of {sum(map(len, lines))} ({selection.below_min_score} under "
+                             f"rs_sft.min_score={r.min_score}); lower min_score or check the judge's rationales in "
+                             f"{path}")
+        self.summary = self._summarize(lines, kept, selection)
+        if ctx.rank == 0:
+            write_jsonl_atomic(Path(ctx.run_dir) / "kept.jsonl", kept)
+            write_json_atomic(Path(ctx.run_dir) / "rs_sft.json", self.summary)
+            plot_scores(self.summary["scores"], self.summary["kept_scores"], Path(ctx.run_dir) / "rs_sft_scores.png")
+        problems = collapse_problems(self.summary["diversity_kept"], r.collapse)
+        if problems:
+            message = "rs_sft: the kept dialogues look collapsed: " + "; ".join(problems)
+            if r.collapse.fail:
+                raise CollapsedKeptSet(message + " (rs_sft.collapse.fail: true; nothing was trained)")
+            warnings.warn(message, stacklevel=2)
+        self.use_conversations(ctx, [line["messages"] for line in kept], f"rs_sft: the {len(kept)} kept dialogues")
+        rows = len(self.packed.tokens)
+        self.planned_steps = max(1, math.ceil(r.epochs * rows / cfg.train.global_batch_size))
+        if cfg.train.progress and ctx.rank == 0:
+            s = self.summary
+            tqdm.write(f"[rs_sft] kept {s['kept']} of {s['generated']} dialogues ({s['not_top']} not in the top "
+                       f"{r.keep_fraction:.0%}, {s['below_min_score']} under min_score, {s['deduplicated']} "
+                       f"near-duplicates); mean score {s['mean_score']:.1f} -> kept {s['mean_kept_score']:.1f}; "
+                       f"distinct-2 {s['diversity_generated']['distinct_2']:.3f} -> "
+                       f"{s['diversity_kept']['distinct_2']:.3f}; {rows} rows")
+
+    def _generate_and_judge(self, seeds: list[Seed], path: Path, total_seeds: int) -> None:
+        """Generate and judge `seeds` chunk by chunk, appending each chunk's lines (rank 0)."""
+        ctx, cfg, r = self.ctx, self.ctx.cfg, self.ctx.cfg.rs_sft
+        model = ctx.model.parts[0]
+        rollout = PolicyRollout(cfg, model, ctx.tokenizer, ctx.run_dir, ctx.device)
+        params = sampling_from_config(cfg, ctx.tokenizer, chat=True)
+        max_prompt = cfg.data.seq_len - params.max_new_tokens
+        if max_prompt <= 0:
+            raise ValueError(f"rollout.max_new_tokens={params.max_new_tokens} leaves no room for a prompt in "
+                             f"data.seq_len={cfg.data.seq_len}; raise data.seq_len or lower rollout.max_new_tokens")
+        show = cfg.train.progress and ctx.rank == 0
+        bar = tqdm(total=len(seeds) * r.dialogues_per_seed, unit="dialogue", desc="[rs_sft] dialogues",
+                   disable=not show, dynamic_ncols=True)
+        if len(seeds) < total_seeds and show:
+            tqdm.write(f"[rs_sft] {total_seeds - len(seeds)} seed(s) already in {path}; generating the other "
+                       f"{len(seeds)}")
+        was_training = model.training
+        model.train(False)
+        try:
+            for start in range(0, len(seeds), r.seeds_per_chunk):
+                chunk = seeds[start:start + r.seeds_per_chunk]
+                dialogues = generate_dialogues(
+                    lambda prompts, p, s, progress: rollout.generate(prompts, p, s), chunk, r.dialogues_per_seed,
+                    r.follow_ups, self.template, ctx.tokenizer, params, max_prompt, cfg.rollout.seed,
+                    on_turn=lambda turn, answers: bar.set_postfix(turn=turn, answers=answers))
+                scores = on_rank0(lambda: score_dialogues(self._judge(), chunk, dialogues))
+                if ctx.rank == 0:
+                    append_lines(path, [dialogue_line(d, s) for group, group_scores in zip(dialogues, scores)
+                                        for d, s in zip(group, group_scores)])
+                if dist.is_initialized() and dist.get_world_size() > 1:
+                    dist.barrier()
+                bar.update(len(chunk) * r.dialogues_per_seed)
+        finally:
+            model.train(was_training)
+            bar.close()
+
+    def _judge(self):
+        """The judge, built on first use (rank 0 only: it may load a model)."""
+        if getattr(self, "judge", None) is None:
+            self.judge = build_judge(self.ctx.cfg.rs_sft.judge, self.ctx.device, "rs_sft.judge")
+        return self.judge
+
+    def _summarize(self, lines: list[list[dict]], kept: list[dict], selection) -> dict:
+        """Counts, score distribution and diversity of the generated and the kept sets."""
+        scores = [line["score"] for group in lines for line in group]
+        kept_scores = [line["score"] for line in kept]
+        kept_by_seed: dict[str, list[list[str]]] = {}
+        for line in kept:
+            kept_by_seed.setdefault(line["seed_id"], []).append(line_dialogue(line).answers)
+        retention = [[v for v in line["retention"] if v is not None] for group in lines for line in group]
+        return {"generated": len(scores), "kept": len(kept), "kept_share": len(kept) / len(scores),
+                "not_top": selection.not_top, "below_min_score": selection.below_min_score,
+                "deduplicated": selection.deduplicated,
+                "mean_score": sum(scores) / len(scores), "mean_kept_score": sum(kept_scores) / len(kept_scores),
+                "mean_retention": (sum(sum(r) / len(r) for r in retention if r) / max(1, sum(1 for r in retention if r))),
+                "finish": {f: sum(line["finish"] == f for group in lines for line in group)
+                           for f in ("turns", "no_follow_up", "context")},
+                "diversity_generated": diversity([[line_dialogue(x).answers for x in group] for group in lines]),
+                "diversity_kept": diversity(list(kept_by_seed.values())),
+                "scores": scores, "kept_scores": kept_scores}
+
+
+def plot_scores(scores: list[float], kept: list[float], out_file: Path) -> None:
+    """Histogram of the dialogue scores, generated vs kept (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megatron_domain.eval.report import save_figure
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = [i * 5 for i in range(21)]
+    ax.hist(scores, bins=bins, color="#9ab", label=f"generated ({len(scores)})")
+    ax.hist(kept, bins=bins, color="#d62", label=f"kept ({len(kept)})")
+    ax.set_xlabel("dialogue score (0-100)")
+    ax.set_ylabel("dialogues")
+    ax.legend()
+    save_figure(fig, out_file)
