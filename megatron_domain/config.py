@@ -36,6 +36,7 @@ DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")  # losses.DPO_LOSS_TYPES (con
 DPO_REFERENCES = ("auto", "adapters", "copy", "precomputed")
 JUDGE_KINDS = ("rubric", "pairwise", "panel")
 GENERATION_METRICS = ("format_adherence", "citation_accuracy", "refusal_in_scope", "refusal_out_of_scope")
+DIALOGUE_METRICS = ("dialogue_score", "late_retention")  # eval.dialogues, as shares (score / 100)
 PAIRWISE_BACKENDS = ("model", "openai")
 PANEL_VOTES = ("majority", "mean")
 KEEP_PER = ("seed", "global")
@@ -213,6 +214,46 @@ class EvalSetConfig:
 
 
 @dataclass
+class RubricRuleConfig:
+    """One rule of a rubric judge; an answer's score is the weighted sum of the rules it passes.
+
+    `pattern`: a regular expression searched in the answer (`must_match: false` inverts it);
+    `{field}` placeholders are filled from the prompt record (regex-escaped), e.g.
+    "\\[source: `{source}`\\]" checks the citation against the prompt's known source. Or
+    `function: module:function` called as f(prompt_record, answer) -> score (float in [0, 1])
+    or (score, reason). A rule with `when` applies only to prompts whose record has that
+    truthy field (`when: "!field"`: only where it is missing or false)."""
+
+    name: str = ""
+    pattern: str = ""
+    must_match: bool = True
+    function: str = ""
+    weight: float = 1.0
+    when: str = ""
+    constraint: bool = False  # rs_sft: a constraint stated in turn 1; its pass rate per turn is "retention"
+
+
+@dataclass
+class JudgeConfig:
+    """The judge of an online stage (judges/): `rubric` (rules), `pairwise` (a stronger model
+    compares two answers, asked twice with the positions swapped; `backend: model` scores the
+    verdict tokens' log-probs with a checkpoint of ours or an HF folder in `model`,
+    `backend: openai` asks the endpoint `url` for `model`), or `panel` (the `members` vote by
+    `vote`: majority or mean)."""
+
+    kind: str = "rubric"
+    rules: list[RubricRuleConfig] = field(default_factory=list)
+    backend: str = "model"
+    model: str = ""
+    url: str = ""
+    timeout_s: float = 60.0
+    retries: int = 3
+    max_concurrency: int = 8
+    members: list[dict] = field(default_factory=list)
+    vote: str = "mean"
+
+
+@dataclass
 class GenerationEvalConfig:
     """Greedy-decoding eval on held-out questions ({"prompt", "source"} JSONL; source null = out
     of scope): house-format adherence, citation accuracy and, with `refusal` (the house refusal
@@ -229,6 +270,23 @@ class GenerationEvalConfig:
 
 
 @dataclass
+class DialogueEvalConfig:
+    """Multi-turn eval on held-out seeds (the rs_sft seed format): each seed's dialogue is
+    generated greedily (follow-ups from the seed, else `follow_ups` cycled) and scored by
+    `judge` (a rubric scores every assistant turn). Reports the mean dialogue score, constraint
+    retention per turn and on turns >= `late_turn`, and each rule's pass rate on those late
+    turns. Empty seeds = off."""
+
+    seeds: str = ""
+    template: str = "chatml"
+    turns: int = 6
+    follow_ups: list[str] = field(default_factory=list)
+    max_new_tokens: int = 64
+    late_turn: int = 6
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+
+@dataclass
 class EvalConfig:
     """Held-out perplexity sets; `interval` > 0 also evaluates every that many training steps
     (logged as `eval_ppl/<name>`); `max_rows` caps rows of `seq_len` tokens per set (0 = all)."""
@@ -239,6 +297,7 @@ class EvalConfig:
     batch_size: int = 8
     seq_len: int = 0
     generation: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+    dialogues: DialogueEvalConfig = field(default_factory=DialogueEvalConfig)
 
 
 @dataclass
@@ -329,46 +388,6 @@ class RolloutConfig:
 
 
 @dataclass
-class RubricRuleConfig:
-    """One rule of a rubric judge; an answer's score is the weighted sum of the rules it passes.
-
-    `pattern`: a regular expression searched in the answer (`must_match: false` inverts it);
-    `{field}` placeholders are filled from the prompt record (regex-escaped), e.g.
-    "\\[source: `{source}`\\]" checks the citation against the prompt's known source. Or
-    `function: module:function` called as f(prompt_record, answer) -> score (float in [0, 1])
-    or (score, reason). A rule with `when` applies only to prompts whose record has that
-    truthy field (`when: "!field"`: only where it is missing or false)."""
-
-    name: str = ""
-    pattern: str = ""
-    must_match: bool = True
-    function: str = ""
-    weight: float = 1.0
-    when: str = ""
-    constraint: bool = False  # rs_sft: a constraint stated in turn 1; its pass rate per turn is "retention"
-
-
-@dataclass
-class JudgeConfig:
-    """The judge of an online stage (judges/): `rubric` (rules), `pairwise` (a stronger model
-    compares two answers, asked twice with the positions swapped; `backend: model` scores the
-    verdict tokens' log-probs with a checkpoint of ours or an HF folder in `model`,
-    `backend: openai` asks the endpoint `url` for `model`), or `panel` (the `members` vote by
-    `vote`: majority or mean)."""
-
-    kind: str = "rubric"
-    rules: list[RubricRuleConfig] = field(default_factory=list)
-    backend: str = "model"
-    model: str = ""
-    url: str = ""
-    timeout_s: float = 60.0
-    retries: int = 3
-    max_concurrency: int = 8
-    members: list[dict] = field(default_factory=list)
-    vote: str = "mean"
-
-
-@dataclass
 class DpoConfig:
     """The `dpo` mode (stages/dpo.py). Offline: pairs from data.chat.path. Online
     (`online: true`): `rounds` rounds, each samples `samples_per_prompt` completions of
@@ -415,7 +434,9 @@ class CollapseGuardConfig:
 class RsSftConfig:
     """The `rs_sft` mode (stages/rs_sft.py): from each seed of `seeds` (JSONL) sample
     `dialogues_per_seed` dialogues of the seed's turns (else `turns`) with the current policy
-    (rollout.*), the user's follow-up turns coming from the seed or, cycled, from `follow_ups`;
+    (rollout.*), the user's follow-up turns coming from the seed, else from a model playing the
+    user (`user_model`: `policy`, a checkpoint or HF folder; or the chat endpoint `user_url`
+    serving `user_model`; prompted with `user_instruction`), else cycled from `follow_ups`;
     score every whole dialogue with `judge` (a rubric scores each assistant turn), keep the top
     `keep_fraction` per seed (`keep_per: seed`) or of all (`global`) scoring at least
     `min_score` (0-100), drop near-duplicates of one seed (word-set similarity >=
@@ -426,6 +447,10 @@ class RsSftConfig:
     dialogues_per_seed: int = 8
     turns: int = 6
     follow_ups: list[str] = field(default_factory=list)
+    user_model: str = ""
+    user_url: str = ""
+    user_instruction: str = ("You are the user in this conversation. Ask the assistant one short follow-up question "
+                             "about the same subject. Reply with the question only.")
     seeds_per_chunk: int = 16
     keep_fraction: float = 0.25
     keep_per: str = "seed"
@@ -467,6 +492,9 @@ class DemoDataConfig:
     seed: int = 0
     sft_heldout_fraction: float = 0.5
     sft_refusal_topics: int = 6  # out-of-scope topics whose refusal sentence the SFT data shows
+    rs_seeds: int = 32  # multi-turn seeds for an rs_sft stage (rs_seeds.jsonl)
+    rs_heldout_seeds: int = 12  # held-out seeds for the multi-turn eval (rs_heldout_seeds.jsonl)
+    dialogue_turns: int = 6
 
 
 @dataclass
@@ -807,6 +835,8 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
         problems.append(f"{p('model.init_from')}: {m.init_from} was trained with another model config: "
                         f"{'; '.join(differences)}. Leave out model.preset (the model config is then read from "
                         "there) or make these keys match")
+    if e.dialogues.seeds:
+        problems.extend(validate_dialogue_eval(e.dialogues, _join(prefix, "eval.dialogues")))
     if d.seq_len <= 0:
         problems.append(f"{p('data.seq_len')}: must be > 0, got {d.seq_len}")
     elif m.max_seq_len > 0 and d.seq_len > m.max_seq_len:
@@ -934,6 +964,9 @@ def validate_rs_sft(cfg: Config, prefix: str = "") -> list[str]:
     if r.dialogues_per_seed < 1 or r.turns < 1 or r.seeds_per_chunk < 1:
         problems.append(f"{p('dialogues_per_seed')}/{p('turns')}/{p('seeds_per_chunk')}: must be >= 1, got "
                         f"{r.dialogues_per_seed}, {r.turns}, {r.seeds_per_chunk}")
+    if r.user_url and not (r.user_url.startswith(("http://", "https://")) and r.user_model):
+        problems.append(f"{p('user_url')}: needs http(s)://host:port and rs_sft.user_model (the served model name); "
+                        f"got {r.user_url!r}, {r.user_model!r}")
     if not 0 < r.keep_fraction <= 1:
         problems.append(f"{p('keep_fraction')}: must be in (0, 1] (the recipe keeps 0.2-0.3), got {r.keep_fraction}")
     if r.keep_per not in KEEP_PER:
@@ -954,6 +987,20 @@ def validate_rs_sft(cfg: Config, prefix: str = "") -> list[str]:
                         "model on each rank; use parallel.pp=1 (tp and dp_shard work)")
     problems.extend(validate_judge(r.judge, p("judge")))
     return problems
+
+
+def validate_dialogue_eval(dialogues: DialogueEvalConfig, prefix: str) -> list[str]:
+    """Checks of eval.dialogues (when its seeds are set)."""
+    problems = []
+    if min(dialogues.turns, dialogues.late_turn, dialogues.max_new_tokens) < 1:
+        problems.append(f"{prefix}.turns/late_turn/max_new_tokens: must be >= 1, got {dialogues.turns}, "
+                        f"{dialogues.late_turn}, {dialogues.max_new_tokens}")
+    if dialogues.template not in ("llama3", "chatml", "tokenizer"):
+        problems.append(f"{prefix}.template: unknown {dialogues.template!r}; choose llama3, chatml or tokenizer")
+    if dialogues.judge.kind != "rubric":
+        problems.append(f"{prefix}.judge.kind: the dialogue eval scores turn by turn with a rubric; got "
+                        f"{dialogues.judge.kind!r}")
+    return problems + validate_judge(dialogues.judge, f"{prefix}.judge")
 
 
 def validate_judge(j: JudgeConfig, prefix: str) -> list[str]:
@@ -1206,9 +1253,13 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple
     for i, check in enumerate(pipe.checks):
         if check.stage not in seen:
             problems.append(f"checks[{i}].stage: no stage named {check.stage!r}; stages: {', '.join(sorted(seen))}")
-        elif check.metric not in ("ppl",) + GENERATION_METRICS:
+        elif check.metric not in ("ppl",) + GENERATION_METRICS + DIALOGUE_METRICS:
             problems.append(f"checks[{i}].metric: unknown {check.metric!r}; choose ppl or one of "
-                            f"{', '.join(GENERATION_METRICS)}")
+                            f"{', '.join(GENERATION_METRICS + DIALOGUE_METRICS)}")
+        elif check.metric in DIALOGUE_METRICS:
+            if complete and not stage_configs[stage_names(pipe).index(check.stage)].eval.dialogues.seeds:
+                problems.append(f"checks[{i}].metric: {check.metric} needs eval.dialogues.seeds in stage "
+                                f"{check.stage!r}")
         elif check.metric != "ppl":
             if complete and not stage_configs[stage_names(pipe).index(check.stage)].eval.generation.path:
                 problems.append(f"checks[{i}].metric: {check.metric} needs eval.generation.path in stage "

@@ -6,6 +6,8 @@ write `<out_dir>/report.json`, `report.md` and `loss_curves.png`.
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_domain.checkpoint import prepare_run_dir
-from megatron_domain.config import GENERATION_METRICS, Config, PipelineConfig, stage_names
+from megatron_domain.config import DIALOGUE_METRICS, GENERATION_METRICS, Config, PipelineConfig, stage_names
 from megatron_domain.data.demo_corpus import prepare_demo_data
 from megatron_domain.data.demo_sft import build_demo_sft
 from megatron_domain.engine import check_backends, train
@@ -40,8 +42,9 @@ def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = Tr
         if progress:
             tqdm.write(f"preparing the demo corpora in {out / 'data'} ...")
         prepare_demo_data(out / "data", pipe.demo_data, progress=progress)
-        build_demo_sft(out / "data", pipe.demo_data.sft_heldout_fraction, pipe.demo_data.seed,
-                       pipe.demo_data.sft_refusal_topics)
+        d = pipe.demo_data
+        build_demo_sft(out / "data", d.sft_heldout_fraction, d.seed, d.sft_refusal_topics, d.rs_seeds,
+                       d.rs_heldout_seeds, d.dialogue_turns)
     report: dict = {"out_dir": str(out), "stages": []}
     for name, cfg in zip(stage_names(pipe), stages):
         device = resolve_device(cfg.train.device)
@@ -60,6 +63,10 @@ def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = Tr
         write_json_atomic(Path(cfg.train.run_dir) / "eval.json", after)
         entry = {"name": name, "mode": cfg.mode, "eval_before": before, "eval_after": after,
                  "run_dir": str(cfg.train.run_dir), "train_time_s": train_time, "final_loss": result.losses[-1]}
+        if cfg.mode == "rs_sft":  # what was generated, kept and how diverse it is
+            summary = json.loads((Path(cfg.train.run_dir) / "rs_sft.json").read_text())
+            entry["rs_sft"] = {k: v for k, v in summary.items() if k not in ("scores", "kept_scores")}
+            shutil.copyfile(Path(cfg.train.run_dir) / "rs_sft_scores.png", out / f"{name}_scores.png")
         report["stages"].append(entry)
         if progress:
             summary = ", ".join(f"{k}: {before['ppl'][k]:.1f} -> {after['ppl'][k]:.1f}" for k in after["ppl"])
@@ -70,6 +77,10 @@ def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = Tr
                                     for k in GENERATION_METRICS if k in ga and k in gb)
                 kl = f", KL to the stage's start {ga['kl_to_reference']:.3f}" if "kl_to_reference" in ga else ""
                 tqdm.write(f"[{name}] {changes}{kl}")
+            if "dialogues" in after:
+                db, da = before["dialogues"], after["dialogues"]
+                tqdm.write(f"[{name}] dialogues: score {db['dialogue_score']:.1%} -> {da['dialogue_score']:.1%}, "
+                           f"retention on late turns {db['late_retention']:.1%} -> {da['late_retention']:.1%}")
         write_report(report, out, plots=False)  # a partial report survives a failing later stage
     report["checks"] = evaluate_checks(pipe, report)
     write_report(report, out)
@@ -92,8 +103,9 @@ def evaluate_checks(pipe: PipelineConfig, report: dict) -> list[dict]:
                             "passed": change <= check.max_change,
                             "description": f"{check.stage}: {check.set} perplexity {bound}"})
             continue
-        before = stage["eval_before"]["generation"][check.metric]
-        after = stage["eval_after"]["generation"][check.metric]
+        section = "dialogues" if check.metric in DIALOGUE_METRICS else "generation"
+        before = stage["eval_before"][section][check.metric]
+        after = stage["eval_after"][section][check.metric]
         gain = after - before
         bounds = [f">= {check.min_after:.0%} after"] if check.min_after > 0 else []
         bounds.append(f"change {check.min_gain * 100:+.0f} points or more")

@@ -2,7 +2,8 @@
 and meets the DACPT criteria (domain perplexity -30% or better, general at most +5%) and the
 SFT format target (>= 90% of held-out answers in the house format). The reduced SFT stage
 fine-tunes all weights: LoRA on the 64-wide model does not learn the format in 400 steps. The
-online DPO stage runs two short rounds (its targets are the full demo's, see the README)."""
+online DPO stage runs two short rounds and the rs_sft stage samples 4 x 4 three-turn dialogues
+(their targets are the full demo's, see the README)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,14 @@ REDUCED = [  # ~2 minutes on 2 cores: a quarter of the general corpus, a 64-wide
     "stages.dpo.dpo.samples_per_prompt=4",
     "stages.dpo.train.steps=4",
     "stages.dpo.eval.generation.kl_samples=1",
+    "demo_data.rs_seeds=4",
+    "demo_data.rs_heldout_seeds=3",
+    "demo_data.dialogue_turns=3",
+    "stages.rs_sft.lora.rank=8",
+    "stages.rs_sft.data.seq_len=256",
+    "stages.rs_sft.rs_sft.dialogues_per_seed=4",
+    "stages.rs_sft.rs_sft.epochs=1",
+    "stages.rs_sft.eval.dialogues.late_turn=2",
     # measured with these settings: format 0% -> 97.2%, citation 0% -> 11.1%
     "checks=[{stage: dacpt, set: domain, max_change: -0.30}, {stage: dacpt, set: general, max_change: 0.05},"
     " {stage: sft, metric: format_adherence, min_after: 0.90, min_gain: 0.30},"
@@ -49,7 +58,7 @@ def test_reduced_demo_pipeline_meets_its_criteria(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads((out / "report.json").read_text())
-    assert [s["name"] for s in report["stages"]] == ["base_pretrain", "dacpt", "sft", "dpo"]
+    assert [s["name"] for s in report["stages"]] == ["base_pretrain", "dacpt", "sft", "dpo", "rs_sft"]
     for stage in report["stages"]:
         assert set(stage) >= {"name", "mode", "eval_before", "eval_after", "run_dir"}
         assert set(stage["eval_after"]["ppl"]) == {"domain", "general"}
@@ -73,8 +82,17 @@ def test_reduced_demo_pipeline_meets_its_criteria(tmp_path):
         assert dpo["eval_before"]["generation"][metric] == sft["eval_after"]["generation"][metric]
     rounds = [json.loads(line) for line in (out / "dpo" / "rounds" / "summary.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1] and all(r["prompts"] == 16 for r in rounds)
+    rs = report["stages"][4]
+    assert rs["rs_sft"]["generated"] == 16 and 1 <= rs["rs_sft"]["kept"] <= 4  # the best quarter of each seed
+    for when in ("eval_before", "eval_after"):
+        dialogues = rs[when]["dialogues"]
+        assert dialogues["dialogues"] == 3 and len(dialogues["retention_by_turn"]) >= 1
+        assert 0.0 <= dialogues["dialogue_score"] <= 1.0 and set(dialogues["late_rules"]) == {"format", "citation"}
+    # rs_sft starts from the DPO model: the same single-turn greedy answers
+    assert rs["eval_before"]["generation"]["citation_accuracy"] == dpo["eval_after"]["generation"]["citation_accuracy"]
+    assert len((out / "rs_sft" / "dialogues.jsonl").read_text().splitlines()) == 16
     assert all(c["passed"] for c in report["checks"]) and len(report["checks"]) == 4
     assert (out / "report.md").read_text().startswith("# Pipeline report")
-    for plot in ("loss_curves.png", "eval_deltas.png"):
+    for plot in ("loss_curves.png", "eval_deltas.png", "rs_sft_retention.png", "rs_sft_scores.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "PASS: dacpt: domain perplexity" in run.stdout

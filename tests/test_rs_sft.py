@@ -213,3 +213,122 @@ def test_bad_seeds_and_settings_name_the_line_or_key(chat_run, tmp_path):
     with pytest.raises(JudgeError, match=r"rule 'abstains' gave no score for turn 1 of dialogue 0 of seed 's0' "
                                          r"\(.*ok.jsonl:1\)"):
         score_dialogues(none_judge, seeds[:1], [[dialogue]])
+
+
+def test_dialogue_eval_reports_scores_retention_and_late_rules(chat_model, tmp_path):
+    """Greedy dialogues of the held-out seeds, scored per turn: the dialogue score is the mean
+    of the rubric's dialogue scores; with one constraint rule (citation) the late retention is
+    that rule's late pass rate; retention per turn averages the dialogues reaching the turn."""
+    from megatron_domain.config import DialogueEvalConfig, JudgeConfig
+    from megatron_domain.eval.dialogues import evaluate_dialogues
+
+    model, tokenizer, _ = chat_model
+    judge = JudgeConfig(kind="rubric", rules=[RubricRuleConfig(**FORMAT), RubricRuleConfig(**CITATION)])
+    cfg = DialogueEvalConfig(seeds=str(write_seeds(tmp_path / "heldout.jsonl", 4)), turns=3, max_new_tokens=16,
+                             late_turn=2, follow_ups=["what is module?"], judge=judge)
+    result = evaluate_dialogues(model, tokenizer, cfg, torch.device("cpu"), max_seq_len=128)
+    assert result["dialogues"] == 4 and result["mean_turns"] == 3.0 and len(result["retention_by_turn"]) == 3
+    assert result["late_turns"] == 4 * 2
+    assert result["late_retention"] == pytest.approx(result["late_rules"]["citation"])
+    assert result["retention_by_turn"][0] > 0  # the chat model cites some asked-about words on turn 1
+    late = result["retention_by_turn"][1:]
+    assert result["late_retention"] == pytest.approx(sum(late) / len(late))  # every dialogue reaches turn 3
+    assert 0.0 <= result["dialogue_score"] <= 1.0
+    assert result["samples"][0]["messages"][0]["role"] == "user"
+
+
+def test_role_swapped_view_of_a_dialogue():
+    from megatron_domain.rollout.user_simulator import role_swapped
+
+    messages = [{"role": "system", "content": "house rule"}, {"role": "user", "content": "q1"},
+                {"role": "assistant", "content": "a1"}]
+    assert role_swapped(messages, "play the user") == [
+        {"role": "system", "content": "play the user"}, {"role": "assistant", "content": "q1"},
+        {"role": "user", "content": "a1"}]
+
+
+def test_model_played_user_writes_the_missing_follow_ups(chat_model, tmp_path):
+    """Seeds without follow-ups and no scripted list: a local model (here the chat model
+    itself) writes every user turn after the first, for all dialogues of a turn in one call."""
+    from megatron_domain.rollout.user_simulator import ModelUser
+
+    model, tokenizer, template = chat_model
+    path = tmp_path / "bare.jsonl"
+    path.write_text("".join(json.dumps({"id": f"b{i}", "user": f"what is {w}?"}) + "\n"
+                            for i, w in enumerate(ALPHA_WORDS[:3])))
+    seeds = read_seeds(path, 3)
+    stop_ids, _ = stop_conditions(template, tokenizer)
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=stop_ids)
+    sampler = NativeSampler.for_tokenizer(model, tokenizer, torch.device("cpu"))
+    calls = []
+    generate = lambda prompts, p, s, progress: sampler.generate(prompts, p, s)  # noqa: E731
+    user = ModelUser(generate, tokenizer, template, params, "You ask short questions.")
+
+    def counted(messages, seeds_):
+        calls.append(len(messages))
+        return user(messages, seeds_)
+
+    dialogues = generate_dialogues(generate, seeds, 2, [], template, tokenizer, params, 100, 0, simulate=counted)
+    assert calls == [6, 6]  # turns 2 and 3, all 3 seeds x 2 dialogues at once
+    for group in dialogues:
+        for dialogue in group:
+            assert [m["role"] for m in dialogue.messages] == ["user", "assistant"] * 3 and dialogue.finish == "turns"
+    without = generate_dialogues(generate, seeds, 2, [], template, tokenizer, params, 100, 0)
+    assert all(d.finish == "no_follow_up" and len(d.answers) == 1 for group in without for d in group)
+
+
+def test_endpoint_user_asks_a_chat_server(tmp_path):
+    """An OpenAI-compatible chat endpoint plays the user: it receives the instruction and the
+    role-swapped dialogue, and its reply becomes the next user turn; a bad reply names the URL."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from megatron_domain.rollout.sampling import Completion
+    from megatron_domain.rollout.user_simulator import EndpointUser
+
+    received = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            received.append(body)
+            last = body["messages"][-1]["content"]
+            content = f"and after '{last}'?" if body["model"] == "sim" else None
+            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}
+                              if content else {"error": "no"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        seeds = [parse_seed({"id": "e", "user": "hello", "turns": 2}, "x:1", 2, 0)]
+        params = SamplingParams(max_new_tokens=8, temperature=0.0)
+        answer = lambda prompts, p, s, progress: [Completion(i, 0, [1], f"answer {i}", [0.0], "stop")  # noqa: E731
+                                                   for i in range(len(prompts))]
+        template = load_template("chatml")
+        tokenizer = load_tokenizer(write_tokenizer(tmp_path))
+        user = EndpointUser(url, "sim", "Play the user.", params)
+        dialogue = generate_dialogues(answer, seeds, 1, [], template, tokenizer, params, 1000, 0, simulate=user)[0][0]
+        assert dialogue.messages[2] == {"role": "user", "content": "and after 'answer 0'?"}
+        assert received[0]["messages"][0] == {"role": "system", "content": "Play the user."}
+        assert received[0]["messages"][-1] == {"role": "user", "content": "answer 0"}
+        with pytest.raises(ValueError, match=rf"rs_sft.user_url {url}: the reply is not an OpenAI chat completion"):
+            EndpointUser(url, "other", "Play the user.", params)([[{"role": "user", "content": "x"}]], [0])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def write_tokenizer(tmp_path: Path) -> Path:
+    """A small BPE with the chatml markers, for tests that only need to tokenize."""
+    from megatron_domain.data.tokenizer import CHATML_SPECIALS, train_bpe_tokenizer
+
+    train_bpe_tokenizer(["hello answer and after what is"] * 20, 300, tmp_path / "tok.json", CHATML_SPECIALS)
+    return tmp_path / "tok.json"

@@ -42,6 +42,7 @@ DPO_QUESTIONS = QUESTIONS + ("Describe `{name}`.", "Give me the reference entry 
                              "Define `{name}`.", "What do we know about `{name}`?")
 MAX_WORDS = 14
 REFUSAL = "I cannot answer that from the reference."
+DIALOGUE_RULE = "Answer in one sentence and cite the reference topic."  # also the SFT data's multi-turn system prompt
 OUT_OF_SCOPE_TOPICS = (
     "photosynthesis", "volcanoes", "knitting", "opera", "glaciers", "sourdough", "tax-returns", "basketball",
     "tomatoes", "violins", "earthquakes", "origami", "coffee-roasting", "marathons", "penguins", "saffron",
@@ -83,10 +84,12 @@ def out_of_scope_split(heldout_fraction: float, seed: int) -> tuple[list[str], l
     return [t for t in OUT_OF_SCOPE_TOPICS if t not in heldout], heldout
 
 
-def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: int, refusal_topics: int = 6) -> dict:
-    """Write sft_train.jsonl (conversations), dpo_prompts.jsonl ({"prompt"[, "source"]}) and
-    sft_heldout.jsonl ({"prompt", "source"}; source null = out of scope) to `out_dir`; returns
-    their counts. `refusal_topics`: out-of-scope topics whose refusal the SFT data shows (one
+def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: int, refusal_topics: int = 6,
+                   rs_seeds: int = 32, rs_heldout_seeds: int = 12, turns: int = 6) -> dict:
+    """Write sft_train.jsonl (conversations), dpo_prompts.jsonl ({"prompt"[, "source"]}),
+    sft_heldout.jsonl ({"prompt", "source"}; source null = out of scope), rs_seeds.jsonl and
+    rs_heldout_seeds.jsonl (multi-turn seeds, see `dialogue_seeds`) to `out_dir`; returns their
+    counts. `refusal_topics`: out-of-scope topics whose refusal the SFT data shows (one
     question each)."""
     from pydoc_data.topics import topics
 
@@ -103,7 +106,7 @@ def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: in
                 {"role": "assistant", "content": house_answer(sentence, topic)}]})
         other_topic, other_sentence = pairs[(i * 7 + 3) % len(pairs)]
         conversations.append({"messages": [  # multi-turn: two topics in one conversation
-            {"role": "system", "content": "Answer in one sentence and cite the reference topic."},
+            {"role": "system", "content": DIALOGUE_RULE},
             {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)].format(name=topic_name(topic))},
             {"role": "assistant", "content": house_answer(sentence, topic)},
             {"role": "user", "content": QUESTIONS[(i + 1) % len(QUESTIONS)].format(name=topic_name(other_topic))},
@@ -124,8 +127,28 @@ def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: in
     heldout += [{"prompt": template.format(name=t), "source": None} for t in oos_heldout
                 for template in HELDOUT_QUESTIONS]
     _write_jsonl(out / "sft_heldout.jsonl", heldout)
+    seeds, heldout_seeds = dialogue_seeds([t for t, _ in pairs], rs_seeds, rs_heldout_seeds, turns)
+    _write_jsonl(out / "rs_seeds.jsonl", seeds)
+    _write_jsonl(out / "rs_heldout_seeds.jsonl", heldout_seeds)
     return {"sft_train": len(conversations), "sft_heldout": len(heldout), "topics": len(pairs),
-            "dpo_prompts": len(dpo_prompts), "out_of_scope_heldout": len(oos_heldout)}
+            "dpo_prompts": len(dpo_prompts), "out_of_scope_heldout": len(oos_heldout), "rs_seeds": len(seeds),
+            "rs_heldout_seeds": len(heldout_seeds)}
+
+
+def dialogue_seeds(topics: list[str], count: int, heldout_count: int, turns: int) -> tuple[list[dict], list[dict]]:
+    """rs_sft seeds (training) and held-out seeds for the multi-turn eval: the house rule is
+    stated in turn 1 (system prompt and constraints), the opening asks about one topic and each
+    follow-up about another, with the topic to cite as that turn's `source`. Held-out seeds use
+    other topic sequences and the held-out phrasings."""
+    def seed(i: int, phrasings: tuple[str, ...], offset: int) -> dict:
+        chosen = [topics[(offset + i * 11 + k * 7) % len(topics)] for k in range(turns)]
+        return {"id": f"{'h' if offset else 's'}{i}", "system": DIALOGUE_RULE,
+                "user": phrasings[i % len(phrasings)].format(name=chosen[0]), "source": chosen[0],
+                "constraints": ["answer in one sentence", "cite the reference topic of every answer"], "turns": turns,
+                "follow_ups": [{"content": phrasings[(i + k) % len(phrasings)].format(name=t), "source": t}
+                               for k, t in enumerate(chosen[1:], 1)]}
+    return ([seed(i, QUESTIONS, 0) for i in range(count)],
+            [seed(i, HELDOUT_QUESTIONS, len(topics) // 2 + 1) for i in range(heldout_count)])
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

@@ -39,7 +39,7 @@ def evaluate_model(cfg: Config, model: torch.nn.Module, device: torch.device,
                    reference: torch.nn.Module | None = None) -> dict:
     """Perplexity on every `eval.sets` entry with the config's tokenizer and sequence length;
     the generation eval when `eval.generation.path` is set (`reference`: the model the KL is
-    measured against)."""
+    measured against); the multi-turn eval when `eval.dialogues.seeds` is set."""
     if not cfg.eval.sets:
         raise ValueError("eval.sets: no held-out sets configured; add entries {name, path}")
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
@@ -50,6 +50,10 @@ def evaluate_model(cfg: Config, model: torch.nn.Module, device: torch.device,
     if gen.path:
         result["generation"] = evaluate_generation(model, tokenizer, gen.path, gen.template, gen.max_new_tokens,
                                                    device, gen.max_examples, gen.refusal, reference, gen.kl_samples)
+    if cfg.eval.dialogues.seeds:
+        from megatron_domain.eval.dialogues import evaluate_dialogues
+
+        result["dialogues"] = evaluate_dialogues(model, tokenizer, cfg.eval.dialogues, device, cfg.data.seq_len)
     return result
 
 

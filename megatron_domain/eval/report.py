@@ -90,6 +90,25 @@ def plot_eval_deltas(stages: list[dict], out_file: str | os.PathLike) -> None:
     save_figure(fig, out_file)
 
 
+def plot_retention(stage: dict, out_file: str | os.PathLike) -> None:
+    """Constraint retention against the turn index, before vs after the stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for when, style in (("eval_before", "--"), ("eval_after", "-")):
+        values = stage[when].get("dialogues", {}).get("retention_by_turn", [])
+        ax.plot(range(1, len(values) + 1), values, style, marker="o", label=when.replace("eval_", ""))
+    ax.set_xlabel("assistant turn")
+    ax.set_ylabel("constraint retention")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{stage['name']}: constraints kept per turn (held-out seeds)")
+    ax.legend()
+    save_figure(fig, out_file)
+
+
 def _pct(before: float, after: float) -> str:
     return f"{(after - before) / before:+.1%}"
 
@@ -114,6 +133,26 @@ def render_markdown(report: dict) -> str:
                              f"{ga['kl_to_reference']:.3f} |")
             for sample in ga.get("samples", [])[:2]:
                 lines += ["", f"> Q: {sample['prompt']}", f"> A: {sample['answer']}"]
+        if "dialogues" in stage["eval_after"]:
+            db, da = stage["eval_before"].get("dialogues", {}), stage["eval_after"]["dialogues"]
+            lines += ["", f"| multi-turn metric (greedy, {da['dialogues']} held-out seeds) | before | after |",
+                      "|---|---:|---:|"]
+            for metric in ("dialogue_score", "late_retention"):
+                lines.append(f"| {metric} | {db.get(metric, float('nan')):.1%} | {da[metric]:.1%} |")
+            for rule, value in da.get("late_rules", {}).items():
+                lines.append(f"| {rule} on late turns | {db.get('late_rules', {}).get(rule, float('nan')):.1%} | "
+                             f"{value:.1%} |")
+            lines += ["", f"![constraint retention by turn]({stage['name']}_retention.png)"]
+        if "rs_sft" in stage:
+            rs = stage["rs_sft"]
+            lines += ["", f"Kept {rs['kept']} of {rs['generated']} sampled dialogues ({rs['kept_share']:.0%}; "
+                          f"{rs['deduplicated']} near-duplicates dropped), mean score {rs['mean_score']:.1f} -> kept "
+                          f"{rs['mean_kept_score']:.1f}; distinct-2 {rs['diversity_generated']['distinct_2']:.3f} "
+                          f"generated vs {rs['diversity_kept']['distinct_2']:.3f} kept, top opening share "
+                          f"{rs['diversity_kept']['top_opening_share']:.0%}, self-similarity "
+                          f"{rs['diversity_kept']['self_similarity']:.2f}.",
+                      "", f"![dialogue scores, generated vs kept]({stage['name']}_scores.png)"]
+            lines += ["", *[f"**Collapse warning**: {w}" for w in rs.get("collapse_warnings", [])]]
         if "train_time_s" in stage:
             lines += ["", f"Training time: {stage['train_time_s']:.0f} s, final loss {stage.get('final_loss', float('nan')):.3f}"]
         lines.append("")
@@ -135,6 +174,9 @@ def write_report(report: dict, out_dir: str | os.PathLike, plots: bool = True) -
     if plots:
         plot_loss_curves(report["stages"], out / "loss_curves.png")
         plot_eval_deltas(report["stages"], out / "eval_deltas.png")
+        for stage in report["stages"]:
+            if "dialogues" in stage["eval_after"]:
+                plot_retention(stage, out / f"{stage['name']}_retention.png")
     tmp = out / "report.md.tmp"
     tmp.write_text(render_markdown(report))
     os.replace(tmp, out / "report.md")

@@ -29,6 +29,7 @@ class DialogueScore:
     turn_scores: list[float] = field(default_factory=list)
     retention: list[float | None] = field(default_factory=list)
     rationale: str = ""
+    rule_values: list[dict] = field(default_factory=list)  # per turn: {rule name: value} (rubric)
 
 
 def transcript(dialogue: Dialogue) -> str:
@@ -40,7 +41,7 @@ def transcript(dialogue: Dialogue) -> str:
 def rubric_dialogue_score(judge: RubricJudge, dialogue: Dialogue, where: str = "") -> DialogueScore:
     """Turn-by-turn rubric score of one dialogue (see the module docstring); `where` names
     its seed's line in errors."""
-    turn_scores, retention, notes = [], [], []
+    turn_scores, retention, notes, rule_values = [], [], [], []
     for turn, (answer, fields) in enumerate(zip(dialogue.answers, dialogue.turn_fields), 1):
         prompt = PromptRecord(f"{dialogue.seed_id}#{dialogue.index} turn {turn}", messages=dialogue.history(turn),
                               fields=fields)
@@ -57,12 +58,13 @@ def rubric_dialogue_score(judge: RubricJudge, dialogue: Dialogue, where: str = "
                              f"turn {turn} of dialogue {dialogue.index} of seed {dialogue.seed_id!r} ({where})")
         weight = sum(rule.weight for rule, _, _ in verdicts)
         turn_scores.append(sum(rule.weight * value for rule, value, _ in verdicts) / weight if weight else 0.0)
+        rule_values.append({rule.name or rule.pattern or rule.function: value for rule, value, _ in verdicts})
         constraint = [value for rule, value, _ in verdicts if rule.constraint]
         retention.append(sum(constraint) / len(constraint) if constraint else None)
         failed = [rule.name or rule.pattern for rule, value, _ in verdicts if value < 1]
         notes.append(f"t{turn}: " + ("ok" if not failed else "missed " + ", ".join(failed)))
     score = 100.0 * sum(turn_scores) / len(turn_scores) if turn_scores else 0.0
-    return DialogueScore(score, turn_scores, retention, "; ".join(notes))
+    return DialogueScore(score, turn_scores, retention, "; ".join(notes), rule_values)
 
 
 def score_dialogues(judge: Judge, seeds: list[Seed], dialogues: list[list[Dialogue]]) -> list[list[DialogueScore]]:

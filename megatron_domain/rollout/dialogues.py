@@ -1,7 +1,8 @@
 """Multi-turn dialogues sampled from the policy, batched across seeds and dialogues: at every
 turn the next assistant answer of every unfinished dialogue is generated in ONE call of the
 rollout engine (so it runs full batches, not one dialogue at a time), then each dialogue gets
-its next user turn from the seed's follow-ups (or the scripted list) and continues.
+its next user turn from the seed's follow-ups (else a model-played user, else the scripted
+list) and continues.
 
 A dialogue ends after its seed's `turns` assistant turns, when no follow-up is left
 (`finish: no_follow_up`), or when its next prompt plus an answer would no longer fit the
@@ -20,6 +21,7 @@ from megatron_domain.data.seeds import Seed, follow_up, hash_index, turn_fields
 from megatron_domain.data.tokenizer import TextTokenizer
 from megatron_domain.rollout.prompts import chat_prompt_ids
 from megatron_domain.rollout.sampling import Completion, SamplingParams
+from megatron_domain.rollout.user_simulator import UserSimulator
 
 # generate(prompt token ids, params, one seed per prompt, progress callback) -> completions in order
 GenerateFn = Callable[[list[list[int]], SamplingParams, list[int], Callable[[int], None] | None], list[Completion]]
@@ -66,25 +68,38 @@ def sampling_seed(base: int, seed: Seed, dialogue: int, turn: int) -> int:
 def generate_dialogues(generate: GenerateFn, seeds: list[Seed], per_seed: int, scripted: list[str],
                        template: ChatTemplate, tokenizer: TextTokenizer, params: SamplingParams,
                        max_prompt_tokens: int, base_seed: int,
-                       on_turn: Callable[[int, int], None] | None = None) -> list[list[Dialogue]]:
-    """`per_seed` dialogues of each seed (grouped by seed, in order). `on_turn(turn, answers)`
-    is called after each batched turn (progress)."""
+                       on_turn: Callable[[int, int], None] | None = None,
+                       simulate: UserSimulator | None = None) -> list[list[Dialogue]]:
+    """`per_seed` dialogues of each seed (grouped by seed, in order). A user turn comes from
+    the seed's follow-ups, else from `simulate` (a model-played user, all dialogues of a turn
+    at once), else from the scripted list. `on_turn(turn, answers)` is called after each
+    batched turn (progress)."""
     params = dataclasses.replace(params, n=1)
     dialogues = [[Dialogue(seed.id, i, [dict(m) for m in seed.opening], opening=len(seed.opening))
                   for i in range(per_seed)] for seed in seeds]
     for turn in range(1, max(seed.turns for seed in seeds) + 1):
         batch: list[tuple[Seed, Dialogue]] = []
+        simulated: list[tuple[Seed, Dialogue]] = []
         for seed, group in zip(seeds, dialogues):
             for dialogue in group:
                 if dialogue.finish or turn > seed.turns:
                     dialogue.finish = dialogue.finish or "turns"
                     continue
                 if turn > 1:
-                    user = follow_up(seed, turn, scripted)
+                    user = follow_up(seed, turn, [] if simulate is not None else scripted)
+                    if user is None and simulate is not None:
+                        simulated.append((seed, dialogue))
+                        continue
                     if user is None:
                         dialogue.finish = "no_follow_up"
                         continue
                     dialogue.messages.append({"role": "user", "content": user.content})
+                batch.append((seed, dialogue))
+        if simulated:
+            texts = simulate([d.messages for _, d in simulated],
+                             [sampling_seed(base_seed + 1, seed, d.index, turn) for seed, d in simulated])
+            for (seed, dialogue), text in zip(simulated, texts):
+                dialogue.messages.append({"role": "user", "content": text})
                 batch.append((seed, dialogue))
         prompts, live = [], []
         for seed, dialogue in batch:

@@ -36,7 +36,10 @@ from megatron_domain.eval.perplexity import write_json_atomic
 from megatron_domain.judges import build_judge
 from megatron_domain.judges.dialogue import DialogueScore, score_dialogues
 from megatron_domain.rollout.dialogues import Dialogue, generate_dialogues
+from megatron_domain.rollout.native import NativeSampler
 from megatron_domain.rollout.policy import PolicyRollout, on_rank0, sampling_from_config
+from megatron_domain.rollout.prompts import stop_conditions
+from megatron_domain.rollout.user_simulator import EndpointUser, ModelUser, UserSimulator
 from megatron_domain.stages import StageContext
 from megatron_domain.stages.online import write_jsonl_atomic
 from megatron_domain.stages.selection import collapse_problems, diversity, select
@@ -112,11 +115,12 @@ class RsSftStage(SftStage):
                              f"rs_sft.min_score={r.min_score}); lower min_score or check the judge's rationales in "
                              f"{path}")
         self.summary = self._summarize(lines, kept, selection)
+        problems = collapse_problems(self.summary["diversity_kept"], r.collapse)
+        self.summary["collapse_warnings"] = problems
         if ctx.rank == 0:
             write_jsonl_atomic(Path(ctx.run_dir) / "kept.jsonl", kept)
             write_json_atomic(Path(ctx.run_dir) / "rs_sft.json", self.summary)
             plot_scores(self.summary["scores"], self.summary["kept_scores"], Path(ctx.run_dir) / "rs_sft_scores.png")
-        problems = collapse_problems(self.summary["diversity_kept"], r.collapse)
         if problems:
             message = "rs_sft: the kept dialogues look collapsed: " + "; ".join(problems)
             if r.collapse.fail:
@@ -157,7 +161,8 @@ class RsSftStage(SftStage):
                 dialogues = generate_dialogues(
                     lambda prompts, p, s, progress: rollout.generate(prompts, p, s), chunk, r.dialogues_per_seed,
                     r.follow_ups, self.template, ctx.tokenizer, params, max_prompt, cfg.rollout.seed,
-                    on_turn=lambda turn, answers: bar.set_postfix(turn=turn, answers=answers))
+                    on_turn=lambda turn, answers: bar.set_postfix(turn=turn, answers=answers),
+                    simulate=self._user_simulator(rollout, params))
                 scores = on_rank0(lambda: score_dialogues(self._judge(), chunk, dialogues))
                 if ctx.rank == 0:
                     append_lines(path, [dialogue_line(d, s) for group, group_scores in zip(dialogues, scores)
@@ -168,6 +173,35 @@ class RsSftStage(SftStage):
         finally:
             model.train(was_training)
             bar.close()
+
+    def _user_simulator(self, rollout: PolicyRollout, params) -> UserSimulator | None:
+        """The model-played user rs_sft.user_model / user_url name (None: scripted follow-ups).
+        The policy plays it on every rank (its forwards are collective); another model or an
+        endpoint on rank 0, whose answers reach every rank."""
+        r = self.ctx.cfg.rs_sft
+        if not (r.user_model or r.user_url):
+            return None
+        if r.user_model == "policy" and not r.user_url:
+            return ModelUser(lambda prompts, p, s, progress: rollout.generate(prompts, p, s), self.ctx.tokenizer,
+                             self.template, params, r.user_instruction)
+        return lambda messages, seeds: on_rank0(lambda: self._external_user(params)(messages, seeds))
+
+    def _external_user(self, params) -> UserSimulator:
+        """The endpoint or separate model playing the user, built on first use (rank 0)."""
+        r = self.ctx.cfg.rs_sft
+        if getattr(self, "user", None) is None:
+            if r.user_url:
+                self.user = EndpointUser(r.user_url, r.user_model, r.user_instruction, params)
+            else:
+                from megatron_domain.judges.pairwise import load_judge_model
+
+                model, tokenizer, template = load_judge_model(r.user_model, self.ctx.device)
+                stop_ids, stop_strings = stop_conditions(template, tokenizer)
+                sampler = NativeSampler.for_tokenizer(model, tokenizer, self.ctx.device)
+                self.user = ModelUser(lambda prompts, p, s, progress: sampler.generate(prompts, p, s), tokenizer,
+                                      template, dataclasses.replace(params, stop_token_ids=stop_ids, stop=stop_strings),
+                                      r.user_instruction)
+        return self.user
 
     def _judge(self):
         """The judge, built on first use (rank 0 only: it may load a model)."""
