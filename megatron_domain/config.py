@@ -441,7 +441,9 @@ class RsSftConfig:
     `keep_fraction` per seed (`keep_per: seed`) or of all (`global`) scoring at least
     `min_score` (0-100), drop near-duplicates of one seed (word-set similarity >=
     `dedup_similarity`), check the kept set's diversity (`collapse`), and train an SFT pass on
-    the survivors (every assistant turn). train.steps: 0 = `epochs` over the kept rows."""
+    the survivors: every generated assistant turn (`train_on: all`), or only the turns the rubric
+    passed in full (`passing`: failed turns stay as context). train.steps: 0 = `epochs` over
+    the kept rows."""
 
     seeds: str = ""
     dialogues_per_seed: int = 8
@@ -457,6 +459,7 @@ class RsSftConfig:
     min_score: float = 0.0
     dedup_similarity: float = 0.9
     epochs: float = 1.0
+    train_on: str = "all"
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     collapse: CollapseGuardConfig = field(default_factory=CollapseGuardConfig)
 
@@ -978,6 +981,10 @@ def validate_rs_sft(cfg: Config, prefix: str = "") -> list[str]:
                         f"got {r.dedup_similarity}")
     if r.epochs <= 0:
         problems.append(f"{p('epochs')}: must be > 0, got {r.epochs}")
+    if r.train_on not in ("all", "passing"):
+        problems.append(f"{p('train_on')}: unknown {r.train_on!r}; choose all or passing")
+    elif r.train_on == "passing" and r.judge.kind != "rubric":
+        problems.append(f"{p('train_on')}: passing needs per-turn scores, which only a rubric judge gives")
     c = r.collapse
     if not (0 <= c.min_distinct_2 <= 1 and 0 <= c.max_top_opening_share <= 1 and 0 <= c.max_self_similarity <= 1):
         problems.append(f"{p('collapse')}: thresholds are shares in [0, 1], got min_distinct_2={c.min_distinct_2}, "

@@ -189,6 +189,21 @@ def test_rs_sft_run_resumes_a_killed_generation_and_trains_every_assistant_turn(
     expected = ["".join(m["content"] + "<|im_end|>" for m in k["messages"] if m["role"] == "assistant") for k in kept]
     assert sorted(trained) == sorted(expected)
 
+    # the collapse guard on the same kept set: an impossible distinct-2 floor warns, or fails
+    from megatron_domain.stages.rs_sft import CollapsedKeptSet
+
+    for fail in (False, True):
+        guarded = config_from_dict(rs_config(chat_run, tmp_path, "full", collapse={"min_distinct_2": 0.999,
+                                                                                   "fail": fail}))
+        context = StageContext(cfg=guarded, tokenizer=tokenizer, device=torch.device("cpu"), run_dir=tmp_path / "full")
+        if fail:
+            with pytest.raises(CollapsedKeptSet, match=r"distinct-2 of the kept answers is .* < "
+                                                       r"rs_sft.collapse.min_distinct_2 \(0.999\).*nothing was trained"):
+                RsSftStage().setup(context)
+        else:
+            with pytest.warns(UserWarning, match="the kept dialogues look collapsed"):
+                RsSftStage().setup(context)
+
 
 def test_bad_seeds_and_settings_name_the_line_or_key(chat_run, tmp_path):
     with pytest.raises(ChatDataError, match=r"seeds.jsonl:2: a seed needs its opening user message"):
@@ -332,3 +347,24 @@ def write_tokenizer(tmp_path: Path) -> Path:
 
     train_bpe_tokenizer(["hello answer and after what is"] * 20, 300, tmp_path / "tok.json", CHATML_SPECIALS)
     return tmp_path / "tok.json"
+
+
+def test_train_on_passing_trains_only_the_turns_the_rubric_passed(chat_model):
+    """`train_on: passing`: a failed turn stays as context and gets no loss; `all` trains every
+    generated turn; assistant turns of the seed's opening are never trained."""
+    from megatron_domain.data.chat import encode_conversation
+    from megatron_domain.stages.rs_sft import trained_turns
+
+    _, tokenizer, template = chat_model
+    messages = [{"role": "user", "content": "what is list?"}, {"role": "assistant", "content": "given by the seed."},
+                {"role": "user", "content": "what is module?"}, {"role": "assistant", "content": "good one."},
+                {"role": "user", "content": "what is error?"}, {"role": "assistant", "content": "bad one."},
+                {"role": "user", "content": "what is the?"}, {"role": "assistant", "content": "good two."}]
+    line = {"messages": messages, "opening": 3, "answer_token_ids": [[1], [1], [1]], "turn_scores": [1.0, 0.5, 1.0]}
+    assert trained_turns(line, "all") == [False, True, True, True]
+    assert trained_turns(line, "passing") == [False, True, False, True]
+    ids, trained = encode_conversation(messages, template, tokenizer, trained_turns(line, "passing"))
+    text = tokenizer.tokenizer.decode(ids[trained].tolist(), skip_special_tokens=False)
+    assert text == "good one.<|im_end|>good two.<|im_end|>"
+    with pytest.raises(ValueError, match="train_turns has 2 entries for 4 assistant messages"):
+        encode_conversation(messages, template, tokenizer, [True, False])

@@ -190,12 +190,17 @@ def trained_spans(text: str, messages: list[dict], end_of_turn: str,
     return spans
 
 
-def encode_conversation(messages: list[dict], template: ChatTemplate,
-                        tokenizer: TextTokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids [T], trained [T] bool) where trained[i] says whether token i is a target."""
+def encode_conversation(messages: list[dict], template: ChatTemplate, tokenizer: TextTokenizer,
+                        train_turns: list[bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids [T], trained [T] bool) where trained[i] says whether token i is a target.
+    `train_turns`: which assistant messages (in order) are trained (default: all)."""
     text = template.render(messages)
     encoding = tokenizer.tokenizer.encode(text, add_special_tokens=False)
     spans = trained_spans(text, messages, template.end_of_turn, tokenizer.special_tokens())
+    if train_turns is not None:
+        if len(train_turns) != len(spans):
+            raise ValueError(f"train_turns has {len(train_turns)} entries for {len(spans)} assistant messages")
+        spans = [span for span, keep in zip(spans, train_turns) if keep]
     ids = np.asarray(encoding.ids, dtype=np.int64)
     starts = np.asarray([start for start, _ in encoding.offsets], dtype=np.int64)
     trained = np.zeros(len(ids), dtype=bool)

@@ -80,6 +80,15 @@ def line_dialogue(line: dict) -> Dialogue:
                     line["answer_token_ids"], line["finish"])
 
 
+def trained_turns(line: dict, train_on: str) -> list[bool]:
+    """Which assistant messages of a kept dialogue are trained: the generated ones (`all`) or
+    the generated ones the rubric passed in full (`passing`); assistant turns of the seed's
+    opening are context."""
+    opening = sum(m["role"] == "assistant" for m in line["messages"][:line["opening"]])
+    generated = [True] * len(line["answer_token_ids"]) if train_on == "all" else [s >= 1.0 for s in line["turn_scores"]]
+    return [False] * opening + generated
+
+
 def append_lines(path: Path, lines: list[dict]) -> None:
     """Append whole lines in one write and flush them to disk."""
     with open(path, "a") as handle:
@@ -126,7 +135,8 @@ class RsSftStage(SftStage):
             if r.collapse.fail:
                 raise CollapsedKeptSet(message + " (rs_sft.collapse.fail: true; nothing was trained)")
             warnings.warn(message, stacklevel=2)
-        self.use_conversations(ctx, [line["messages"] for line in kept], f"rs_sft: the {len(kept)} kept dialogues")
+        self.use_conversations(ctx, [line["messages"] for line in kept], f"rs_sft: the {len(kept)} kept dialogues",
+                               [trained_turns(line, r.train_on) for line in kept])
         rows = len(self.packed.tokens)
         self.planned_steps = max(1, math.ceil(r.epochs * rows / cfg.train.global_batch_size))
         if cfg.train.progress and ctx.rank == 0:

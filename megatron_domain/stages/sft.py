@@ -33,15 +33,18 @@ class SftStage:
         """Read, template, tokenize and pack the conversations; report what did not fit."""
         self.use_conversations(ctx, read_conversations(ctx.cfg.data.chat.path), f"data.chat.path {ctx.cfg.data.chat.path}")
 
-    def use_conversations(self, ctx: StageContext, conversations: list[list[dict]], source: str) -> None:
+    def use_conversations(self, ctx: StageContext, conversations: list[list[dict]], source: str,
+                          train_turns: list[list[bool]] | None = None) -> None:
         """Template, tokenize and pack `conversations` (named `source` in messages) as the
-        rows this stage trains on (the rs_sft mode hands its kept dialogues here)."""
+        rows this stage trains on (the rs_sft mode hands its kept dialogues here, with
+        `train_turns`: per conversation, which assistant messages are trained)."""
         self.forward_step = select_forward_step(ctx.cfg.kernels, ctx.device)
         cfg = ctx.cfg
         chat = cfg.data.chat
         template = load_template(chat.template, cfg.data.tokenizer)
         warn_if_markers_split(template, ctx.tokenizer)
-        examples = [encode_conversation(m, template, ctx.tokenizer) for m in conversations]
+        turns = train_turns or [None] * len(conversations)
+        examples = [encode_conversation(m, template, ctx.tokenizer, t) for m, t in zip(conversations, turns)]
         self.packed = pack_conversations(examples, cfg.data.seq_len, ctx.tokenizer.eod_id, chat.overflow)
         if len(self.packed.tokens) == 0:
             raise ValueError(f"{source}: no trainable conversation left "
