@@ -77,13 +77,17 @@ def test_pipeline_errors_name_the_stage(tmp_path):
 
 def test_demo_pipeline_config_is_valid():
     pipe, stages = load_pipeline("configs/pipelines/demo.yaml")
-    assert [s.mode for s in stages] == ["pretrain", "pretrain", "sft", "dpo"]
+    assert [s.mode for s in stages] == ["pretrain", "pretrain", "sft", "dpo", "rs_sft"]
     assert stages[3].model.init_from.endswith("sft") and stages[3].dpo.online
     assert stages[3].train.steps == stages[3].dpo.rounds * stages[3].dpo.steps_per_round
     assert stages[1].model.init_from.endswith("base_pretrain")
     assert stages[2].model.init_from.endswith("dacpt") and stages[2].lora.rank == 64
     weights = {c.name: c.weight for c in stages[1].data.corpora}
     assert weights == {"domain": 0.9, "general": 0.1}
+    rs = stages[4]
+    assert rs.model.init_from.endswith("dpo") and rs.train.steps == 0 and rs.rs_sft.keep_fraction == 0.25
+    assert [r.constraint for r in rs.rs_sft.judge.rules] == [False, True]
+    assert rs.eval.dialogues.judge == rs.rs_sft.judge and rs.eval.dialogues.late_turn == 6
 
 
 @pytest.mark.parametrize("key, suggestion", [
