@@ -368,3 +368,32 @@ def test_train_on_passing_trains_only_the_turns_the_rubric_passed(chat_model):
     assert text == "good one.<|im_end|>good two.<|im_end|>"
     with pytest.raises(ValueError, match="train_turns has 2 entries for 4 assistant messages"):
         encode_conversation(messages, template, tokenizer, [True, False])
+
+
+@pytest.mark.slow
+def test_rs_sft_under_tp2_and_dp_shard2_matches_one_process(chat_run, tmp_path):
+    """Every rank samples the dialogues in lockstep (the forwards are collective), rank 0 judges
+    and writes: tp=2 and dp_shard=2 write the same dialogues.jsonl and reach the same losses."""
+    from parallel_cases import run_jobs
+    from parallel_harness import run_on_ranks
+
+    sft = chat_run_config(tmp_path, "sft4", chat_run["tokenizer"], chat_run["chat_path"], steps=30)
+    sft["model"] = {"preset": "tiny-test"}  # 4 heads, 2 KV heads: splits over tp=2
+    train(config_from_dict(sft))
+
+    def cfg(name: str, parallel: dict) -> dict:
+        out = rs_config(chat_run, tmp_path, name, dialogues_per_seed=2, seeds_per_chunk=2)
+        out["model"] = {"preset": "tiny-test", "init_from": str(tmp_path / "sft4")}
+        out["parallel"] = parallel
+        out["train"].update(micro_batch_size=1, global_batch_size=2)  # one row per dp rank
+        return out
+
+    reference = train(config_from_dict(cfg("one", {}))).losses
+    run_on_ranks(2, run_jobs, [("dp2", "train", cfg("dp2", {"dp_shard": 2}), None),
+                               ("tp2", "train", cfg("tp2", {"tp": 2}), None)], str(tmp_path))
+    lines = lambda name: sorted((tmp_path / name / "dialogues.jsonl").read_text().splitlines())  # noqa: E731
+    assert len(lines("one")) == 6
+    for name in ("dp2", "tp2"):
+        losses = torch.load(tmp_path / f"{name}.pt", weights_only=False)
+        assert len(losses) == len(reference) and max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-5, name
+        assert lines(name) == lines("one"), name

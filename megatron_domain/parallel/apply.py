@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from megatron_domain.config import Config, Fp8Config
@@ -145,3 +145,14 @@ def build_parallel_model(model: Transformer, cfg: Config, dims: ParallelDims, me
         parts.append(materialize(part, device, init_seed))
     return ParallelModel(parts=parts, dims=dims, mesh=mesh, stage_indices=[s for s, _ in chunks],
                          num_stages=dims.pp * (cfg.parallel.pp_virtual_stages if dims.pp > 1 else 1))
+
+
+def reshard_fsdp(model: nn.Module) -> None:
+    """Put every FSDP2 module of `model` back on its sharded parameters. Forwards outside a
+    training step (generation at a stage's setup) leave the root unsharded (it does not reshard
+    after forward), and an optimizer built then would hold the unsharded tensors, which are not
+    the model's registered parameters once training reshards (measured: rs_sft at dp_shard=2
+    failed at its first checkpoint with a KeyError in get_optimizer_state_dict)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

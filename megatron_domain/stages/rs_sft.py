@@ -35,6 +35,7 @@ from megatron_domain.data.seeds import Seed, read_seeds
 from megatron_domain.eval.perplexity import write_json_atomic
 from megatron_domain.judges import build_judge
 from megatron_domain.judges.dialogue import DialogueScore, score_dialogues
+from megatron_domain.parallel.apply import reshard_fsdp
 from megatron_domain.rollout.dialogues import Dialogue, generate_dialogues
 from megatron_domain.rollout.native import NativeSampler
 from megatron_domain.rollout.policy import PolicyRollout, on_rank0, sampling_from_config
@@ -182,6 +183,7 @@ class RsSftStage(SftStage):
                 bar.update(len(chunk) * r.dialogues_per_seed)
         finally:
             model.train(was_training)
+            reshard_fsdp(model)  # the optimizers are built after setup, from the sharded parameters
             bar.close()
 
     def _user_simulator(self, rollout: PolicyRollout, params) -> UserSimulator | None:
