@@ -121,6 +121,17 @@ def chat_run(tmp_path_factory) -> dict:
             "sft": str(root / "sft"), "lora": str(root / "lora"), "sft_config": full, "lora_config": lora}
 
 
+def train_tp_splittable_chat_model(chat_run: dict, root: Path) -> str:
+    """The chat test data on the tiny-test shape (4 heads, 2 KV heads: splits over tp=2), SFT
+    for 30 steps; returns its run directory (for tests of online stages at tp=2)."""
+    from megatron_domain.engine import train
+
+    sft = chat_run_config(root, "sft4", chat_run["tokenizer"], chat_run["chat_path"], steps=30)
+    sft["model"] = {"preset": "tiny-test"}
+    train(config_from_dict(sft))
+    return str(root / "sft4")
+
+
 def naive_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """sum_i -log softmax(logits_i)[label_i], one position at a time with math.log / exp (an
     independent reference for the losses under test)."""

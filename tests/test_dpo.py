@@ -485,15 +485,13 @@ def test_online_rounds_under_tp2_and_dp_shard2_match_one_process(chat_run, tmp_p
     dp_shard=2 write the same round files and reach the same losses as one process."""
     from parallel_cases import run_jobs
     from parallel_harness import run_on_ranks
-    from conftest import chat_run_config
+    from conftest import train_tp_splittable_chat_model
 
-    sft = chat_run_config(tmp_path, "sft4", chat_run["tokenizer"], chat_run["chat_path"], steps=30)
-    sft["model"] = {"preset": "tiny-test"}  # 4 heads, 2 KV heads: splits over tp=2
-    train(config_from_dict(sft))
+    base = train_tp_splittable_chat_model(chat_run, tmp_path)
 
     def cfg(name: str, parallel: dict) -> dict:
         out = online_config(chat_run, tmp_path, name, rounds=2, steps_per_round=2)
-        out["model"] = {"preset": "tiny-test", "init_from": str(tmp_path / "sft4")}
+        out["model"] = {"preset": "tiny-test", "init_from": base}
         out["train"]["steps"] = 4
         out["parallel"] = parallel
         out["rollout"]["max_new_tokens"] = 16

@@ -26,7 +26,7 @@ from megatron_domain.rollout.sampling import SamplingParams
 from megatron_domain.config import CollapseGuardConfig
 from megatron_domain.stages.selection import collapse_problems, diversity, select
 
-from conftest import ALPHA_WORDS, chat_run_config
+from conftest import ALPHA_WORDS, chat_run_config, train_tp_splittable_chat_model
 
 FORMAT = {"name": "format", "pattern": "\\[source: `[^`]+`\\]$"}
 CITATION = {"name": "citation", "pattern": "\\[source: `{source}`\\]", "when": "source", "constraint": True}
@@ -377,13 +377,11 @@ def test_rs_sft_under_tp2_and_dp_shard2_matches_one_process(chat_run, tmp_path):
     from parallel_cases import run_jobs
     from parallel_harness import run_on_ranks
 
-    sft = chat_run_config(tmp_path, "sft4", chat_run["tokenizer"], chat_run["chat_path"], steps=30)
-    sft["model"] = {"preset": "tiny-test"}  # 4 heads, 2 KV heads: splits over tp=2
-    train(config_from_dict(sft))
+    base = train_tp_splittable_chat_model(chat_run, tmp_path)
 
     def cfg(name: str, parallel: dict) -> dict:
         out = rs_config(chat_run, tmp_path, name, dialogues_per_seed=2, seeds_per_chunk=2)
-        out["model"] = {"preset": "tiny-test", "init_from": str(tmp_path / "sft4")}
+        out["model"] = {"preset": "tiny-test", "init_from": base}
         out["parallel"] = parallel
         out["train"].update(micro_batch_size=1, global_batch_size=2)  # one row per dp rank
         return out

@@ -55,10 +55,6 @@ class Dialogue:
                     return self.messages[:position]
         raise IndexError(f"dialogue {self.seed_id}#{self.index} has no assistant turn {turn}")
 
-    def to_json(self) -> dict:
-        """The dialogue as one JSON line of dialogues.jsonl."""
-        return dataclasses.asdict(self)
-
 
 def sampling_seed(base: int, seed: Seed, dialogue: int, turn: int) -> int:
     """The sampling seed of one answer: fixed by (base, seed id, dialogue, turn)."""

@@ -229,11 +229,12 @@ class RsSftStage(SftStage):
         for line in kept:
             kept_by_seed.setdefault(line["seed_id"], []).append(line_dialogue(line).answers)
         retention = [[v for v in line["retention"] if v is not None] for group in lines for line in group]
+        per_dialogue = [sum(values) / len(values) for values in retention if values]
         return {"generated": len(scores), "kept": len(kept), "kept_share": len(kept) / len(scores),
                 "not_top": selection.not_top, "below_min_score": selection.below_min_score,
                 "deduplicated": selection.deduplicated,
                 "mean_score": sum(scores) / len(scores), "mean_kept_score": sum(kept_scores) / len(kept_scores),
-                "mean_retention": (sum(sum(r) / len(r) for r in retention if r) / max(1, sum(1 for r in retention if r))),
+                "mean_retention": sum(per_dialogue) / len(per_dialogue) if per_dialogue else 0.0,
                 "finish": {f: sum(line["finish"] == f for group in lines for line in group)
                            for f in ("turns", "no_follow_up", "context")},
                 "diversity_generated": diversity([[line_dialogue(x).answers for x in group] for group in lines]),
