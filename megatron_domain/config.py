@@ -931,10 +931,10 @@ def validate_dpo(cfg: Config, prefix: str = "") -> list[str]:
     if d.shared_prompt and cfg.model.attention_backend not in ("sdpa", "flex"):
         problems.append(f"{p('dpo.shared_prompt')}: model.attention_backend={cfg.model.attention_backend} cannot "
                         "share a prompt between two completions; set dpo.shared_prompt: false or use sdpa/flex")
-    if cfg.parallel.pp > 1:
-        problems.append(f"{p('parallel.pp')}: the dpo mode does not run under pipeline parallelism yet; use "
-                        "parallel.pp=1 (tp and dp_shard work)")
     if d.online:
+        if cfg.parallel.pp > 1:
+            problems.append(f"{p('parallel.pp')}: online DPO samples with the policy, which needs the whole model "
+                            "on each rank; use parallel.pp=1 (tp and dp_shard work; offline DPO runs under pp)")
         if d.reference == "precomputed":
             problems.append(f"{p('dpo.reference')}: precomputed is for offline pairs (online pairs are new every "
                             "round); use adapters (LoRA) or copy")

@@ -37,7 +37,7 @@ from megatron_domain.parallel.apply import ParallelModel, build_parallel_model
 from megatron_domain.parallel.dims import ParallelDims, resolve_parallel_dims
 from megatron_domain.parallel.distributed import ensure_process_group, rank, resolve_device, world_size
 from megatron_domain.parallel.grads import clip_grads
-from megatron_domain.parallel.pipeline import build_schedule
+from megatron_domain.parallel.pipeline import ForwardOnlyPipeline, build_schedule
 from megatron_domain.parallel.tensor import loss_parallel_context
 from megatron_domain.stages import Stage, StageContext, create_stage
 
@@ -130,11 +130,6 @@ def move_batch(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def concat_micro_batches(micro: list[dict]) -> dict:
-    """One batch [n x b, ...] from n micro-batches (a pipeline schedule splits it back)."""
-    return {k: torch.cat([m[k] for m in micro]) for k in micro[0] if torch.is_tensor(micro[0][k])}
-
-
 @dataclass
 class StepStats:
     """What one optimizer step measured (loss and tokens over the whole job)."""
@@ -177,7 +172,7 @@ def forward_backward(trainer: Trainer, step: int) -> tuple[torch.Tensor, torch.T
     metric_sums: dict[str, torch.Tensor] = {}
     with loss_parallel_context(pm.dims.tp), autocast_context(cfg, device):
         if trainer.schedule is not None:
-            pb = trainer.stage.pipeline_batch(concat_micro_batches(micro))
+            pb = trainer.stage.pipeline_batch([move_batch(batch, device) for batch in micro])
             kwargs = move_batch(pb.kwargs, device)
             inputs = (pb.inputs.to(device),) if pm.has_first_stage else ()
             losses: list[torch.Tensor] = []
@@ -185,6 +180,8 @@ def forward_backward(trainer: Trainer, step: int) -> tuple[torch.Tensor, torch.T
             if pm.has_last_stage:
                 loss_sum += torch.stack([loss.detach() for loss in losses]).sum()
                 tokens += pb.loss_tokens.to(device)
+            if pb.metrics is not None:  # every rank: the job-wide sum needs the same keys everywhere
+                metric_sums = {k: torch.as_tensor(v, device=device).detach().float() for k, v in pb.metrics().items()}
             return loss_sum, tokens, metric_sums
         model = pm.parts[0]
         for i, batch in enumerate(micro):
@@ -271,10 +268,13 @@ def build_trainer(cfg: Config, device: torch.device, run_dir: Path, tokenizer: T
     pm = prepare_model(cfg, dims, mesh, device)
     coords = dims.coordinates(rank())
     stage = create_stage(cfg.mode)
+    num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dims.dp)
+    pipeline_forward = (ForwardOnlyPipeline(mesh["pp"], device, cfg.parallel.pp_schedule, num_micro)
+                        if dims.pp > 1 else None)
     stage.setup(StageContext(cfg=cfg, tokenizer=tokenizer, device=device, run_dir=run_dir,
                              dp_rank=coords["dp"], dp_size=dims.dp, model=pm,
                              build_reference=lambda: frozen_copy(cfg, dims, mesh, device), rank=rank(),
-                             tp_size=dims.tp))
+                             tp_size=dims.tp, pipeline_forward=pipeline_forward))
     if cfg.train.steps == 0:  # rs_sft: epochs over the data the stage prepared at setup
         cfg.train.steps = stage.planned_steps
         if rank() == 0:
@@ -286,7 +286,6 @@ def build_trainer(cfg: Config, device: torch.device, run_dir: Path, tokenizer: T
         if not hasattr(stage, "pipeline_batch"):
             raise ValueError(f"parallel.pp={dims.pp}: mode {cfg.mode!r} does not support pipeline parallelism; "
                              "use parallel.pp=1")
-        num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dims.dp)
         schedule = build_schedule(list(zip(pm.stage_indices, pm.parts)), pm.num_stages, mesh["pp"], device,
                                   cfg.parallel.pp_schedule, num_micro, stage.pipeline_loss)
     return Trainer(cfg=cfg, stage=stage, model=pm, optimizers=optimizers, schedulers=schedulers, device=device,
@@ -335,8 +334,6 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None, overw
 
     params = count_parameters(cfg.model)
     flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = peak_flops(device, cfg.train.peak_tflops)
-    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     show = (cfg.train.progress if progress is None else progress) and is_main
     bar = tqdm(total=cfg.train.steps, initial=start_step, desc=f"{cfg.mode} {run_dir.name}", disable=not show,
                unit="step", dynamic_ncols=True)
@@ -351,6 +348,24 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None, overw
                    f"({trainable / total:.3%})")
     result = TrainResult(run_dir=run_dir)
     trainer.model.train()
+    try:
+        run_steps(trainer, start_step, result, log, bar, tokenizer)
+    finally:
+        bar.close()
+        if hasattr(trainer.stage, "close"):
+            trainer.stage.close()
+    return result
+
+
+def run_steps(trainer: Trainer, start_step: int, result: TrainResult, log: MetricsLog, bar: tqdm,
+              tokenizer: TextTokenizer) -> None:
+    """The training loop from `start_step`: optimizer steps, metrics, periodic eval and
+    checkpoints (appended to `result`)."""
+    cfg, device, dims = trainer.cfg, trainer.device, trainer.model.dims
+    run_dir = result.run_dir
+    flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = peak_flops(device, cfg.train.peak_tflops)
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     for step in range(start_step, cfg.train.steps):
         t0 = time.perf_counter()
         stats = optimizer_step(trainer, step)
@@ -387,5 +402,3 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None, overw
                  "mode": cfg.mode, "parallel": dims.describe()})
         if exiting:
             break
-    bar.close()
-    return result

@@ -300,24 +300,29 @@ def test_dpo_config_errors_name_the_field(chat_tokenizer, tmp_path):
 
     bad = dpo_config(tmp_path, chat_tokenizer, "x.jsonl", "bad", dpo={"reference": "adapters", "loss_type": "kto",
                                                                        "label_smoothing": 0.7, "online": True,
-                                                                       "samples_per_prompt": 1})
+                                                                       "samples_per_prompt": 1},
+                     parallel={"pp": 2})
     with pytest.raises(ConfigError) as err:
         config_from_dict(bad)
     text = str(err.value)
     for expected in ("dpo.reference: adapters needs LoRA", "dpo.loss_type: unknown 'kto'", "dpo.label_smoothing",
-                     "dpo.prompts", "dpo.samples_per_prompt", "dpo.judge.rules"):
+                     "dpo.prompts", "dpo.samples_per_prompt", "dpo.judge.rules",
+                     "parallel.pp: online DPO samples with the policy"):
         assert expected in text
 
 
 # ----------------------------------------------------------------------------- parallel layouts
 
-DPO_LAYOUTS = {"tp2": {"tp": 2}, "tp2_sp": {"tp": 2, "sequence_parallel": True}, "dp_shard2": {"dp_shard": 2}}
+DPO_LAYOUTS = {"tp2": {"tp": 2}, "tp2_sp": {"tp": 2, "sequence_parallel": True}, "dp_shard2": {"dp_shard": 2},
+               "pp2": {"pp": 2}}
 
 
 @pytest.mark.slow
 def test_dpo_under_parallel_layouts_matches_one_process(chat_tokenizer, tmp_path):
-    """tp=2 (with and without sequence parallelism), dp_shard=2, and LoRA at tp=2: the loss
-    and every gradient of step 0 within 1e-5 of one process, then the same 3-step losses."""
+    """tp=2 (with and without sequence parallelism), dp_shard=2, pp=2 (the reference through
+    forward-only pipeline passes: a frozen copy, the base under LoRA, or precomputed once), and
+    LoRA at tp=2: the loss and every gradient of step 0 within 1e-5 of one process, then the
+    same 3-step losses; under pp the reward metrics too."""
     from parallel_cases import layout_result, run_jobs
     from parallel_harness import run_on_ranks
 
@@ -333,8 +338,11 @@ def test_dpo_under_parallel_layouts_matches_one_process(chat_tokenizer, tmp_path
     reference = {"full": layout_result(cfg("ref", {})), "lora": layout_result(cfg("ref_lora", {}, **lora))}
     jobs = [(name, "layout", cfg(name, par), None) for name, par in DPO_LAYOUTS.items()]
     jobs.append(("tp2_lora", "layout", cfg("tp2_lora", {"tp": 2}, **lora), None))
+    jobs.append(("pp2_lora", "layout", cfg("pp2_lora", {"pp": 2}, **lora), None))
+    jobs.append(("pp2_precomputed", "layout", cfg("pp2_precomputed", {"pp": 2}, dpo={"reference": "precomputed"}),
+                 None))
     run_on_ranks(2, run_jobs, jobs, str(tmp_path))
-    for name in [*DPO_LAYOUTS, "tp2_lora"]:
+    for name in [*DPO_LAYOUTS, "tp2_lora", "pp2_lora", "pp2_precomputed"]:
         ref = reference["lora" if name.endswith("lora") else "full"]
         got = torch.load(tmp_path / f"{name}.pt", weights_only=False)
         assert abs(got["loss"] - ref["loss"]) <= 1e-5, name
@@ -343,6 +351,11 @@ def test_dpo_under_parallel_layouts_matches_one_process(chat_tokenizer, tmp_path
             torch.testing.assert_close(got["grads"][param], grad, rtol=0, atol=1e-5, msg=f"{name}: {param}")
         assert max(abs(a - b) for a, b in zip(got["losses"], ref["losses"])) <= 1e-5, name
     assert any(g.abs().max() > 0 for g in reference["full"]["grads"].values())
+    assert (tmp_path / "pp2_precomputed" / "reference_logps.pt").is_file()
+    for name, ref_name in (("pp2", "ref"), ("pp2_lora", "ref_lora")):
+        for got, want in zip(read_metrics(tmp_path / name), read_metrics(tmp_path / ref_name), strict=True):
+            for key in ("rewards/chosen", "rewards/margin", "rewards/accuracy", "logps/rejected", "kl/chosen"):
+                assert got[key] == pytest.approx(want[key], abs=1e-5), (name, key)
 
 
 # ----------------------------------------------------------------------------- online rounds
@@ -367,6 +380,12 @@ def online_config(chat_run: dict, tmp_path: Path, name: str, **dpo) -> dict:
 
 def round_lines(run_dir: Path, index: int) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "rounds" / f"{index}.jsonl").read_text().splitlines()]
+
+
+def pop_logprobs(lines: list[dict]) -> list[float]:
+    """Remove the sampled log-probs from round lines (floats that differ in the last digits
+    between parallel layouts); returns them flattened."""
+    return [lp for line in lines for c in line["completions"] for lp in c.pop("logprobs")]
 
 
 def test_online_rounds_pair_best_and_worst_drop_ties_and_resume_exactly(chat_run, tmp_path):
@@ -506,6 +525,9 @@ def test_online_rounds_under_tp2_and_dp_shard2_match_one_process(chat_run, tmp_p
         losses = torch.load(tmp_path / f"{name}.pt", weights_only=False)
         assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-5, name
         for index in range(2):
-            assert round_lines(tmp_path / name, index) == round_lines(tmp_path / "one", index), (name, index)
+            got, want = round_lines(tmp_path / name, index), round_lines(tmp_path / "one", index)
+            got_logprobs, want_logprobs = pop_logprobs(got), pop_logprobs(want)
+            assert got == want, (name, index)  # the same tokens, texts, scores and pairs
+            np.testing.assert_allclose(got_logprobs, want_logprobs, rtol=0, atol=1e-4, err_msg=f"{name} {index}")
     assert sum(json.loads(line)["pairs"] for line in
                (tmp_path / "one" / "rounds" / "summary.jsonl").read_text().splitlines()) > 0

@@ -8,6 +8,7 @@ the module (each takes ~30 s to start on 2 cores)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import torch
 from megatron_domain.config import config_from_dict
 from megatron_domain.data.chat import load_template
 from megatron_domain.data.tokenizer import load_tokenizer
+from megatron_domain.engine import train
 from megatron_domain.eval.harness import load_eval_model
 from megatron_domain.parallel.distributed import ensure_process_group
 from megatron_domain.rollout.client import OpenAIClient, ServerError
@@ -303,3 +305,32 @@ def test_sync_to_a_server_that_does_not_answer_times_out_clearly(chat_run, serve
     with pytest.raises(ServerError, match="did not answer within 1 s"):  # also at start-up
         PolicyRollout(rollout_config(chat_run["sft_config"], urls=[silent_server], request_timeout_s=1.0), model, tok,
                       tmp_path, torch.device("cpu"))
+
+
+def test_online_dpo_on_vllm_samples_each_round_from_the_trained_weights(chat_run, tmp_path):
+    """Online DPO with the in-process vLLM engine (its own engine, closed by the stage): before
+    round 1 the weights trained in round 0 are pushed and probed (the round summary says so), and
+    round 1's sampled log-probs are the trainer's under the step-2 checkpoint, the weights they
+    were sampled from, and not under the starting model: vLLM served the current policy."""
+    from test_dpo import online_config, round_lines
+
+    cfg = online_config(chat_run, tmp_path, "online_vllm", rounds=2, steps_per_round=2)
+    cfg["train"].update(steps=4, checkpoint_every=2)
+    cfg["rollout"].update(backend="vllm", vllm=ENGINE["vllm"], max_new_tokens=16)
+    train(config_from_dict(cfg))
+    run_dir = tmp_path / "online_vllm"
+    summary = [json.loads(line) for line in (run_dir / "rounds" / "summary.jsonl").read_text().splitlines()]
+    assert "rollout/refit_s" not in summary[0]  # round 0 samples from the engine's starting weights
+    assert summary[1]["rollout/refit_s"] > 0 and summary[1]["rollout/probe_max_abs_diff"] <= 2e-3
+    assert sum(s["pairs"] for s in summary) > 0
+    sampled = [(line["prompt_ids"], c) for line in round_lines(run_dir, 1) for c in line["completions"]]
+    prompts, tokens = [p for p, _ in sampled], [c["token_ids"] for _, c in sampled]
+    expected = torch.tensor([lp for _, c in sampled for lp in c["logprobs"]])
+    trained, _ = load(cfg, str(run_dir / "checkpoints" / "step_0000002"))
+    starting, _ = load(chat_run["sft_config"], chat_run["sft"])
+    under_trained = torch.tensor([lp for row in completion_logprobs(trained, prompts, tokens, torch.device("cpu"))
+                                  for lp in row])
+    under_starting = torch.tensor([lp for row in completion_logprobs(starting, prompts, tokens, torch.device("cpu"))
+                                   for lp in row])
+    torch.testing.assert_close(expected, under_trained, atol=1e-4, rtol=0)
+    assert (expected - under_starting).abs().max() > 1e-3

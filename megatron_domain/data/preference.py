@@ -282,3 +282,42 @@ def pair_batch(pairs: list[PreferencePair], shared_prompt: bool, seq_len: int, p
 def pair_tokens(pair: PreferencePair) -> int:
     """Prompt + chosen + rejected tokens: what a pair costs, as the benchmark counts it."""
     return len(pair.prompt) + len(pair.chosen) + len(pair.rejected)
+
+
+def pipeline_row_length(micro_batch_size: int, seq_len: int, multiple: int = 1) -> int:
+    """Positions of one micro-batch row under pipeline parallelism, where every row of a run has
+    the same shape (a schedule fixes its shapes at its first step): a fitted pair takes at most
+    2 (seq_len - 1) positions (two documents of prompt + completion - 1; a shared-prompt unit is
+    shorter) and scores at most as many tokens, rounded up to a multiple of `multiple`."""
+    length = micro_batch_size * 2 * (seq_len - 1)
+    return length + (-length % multiple)
+
+
+def fixed_length_batch(batch: dict, length: int, pad_id: int) -> dict:
+    """A pair batch (`pair_batch(...).as_dict()`) with its row padded to `length` positions (a
+    padding document, never scored) and its scored-token arrays as [1, length] rows: unused
+    slots score position 0 with segment -1 (and reference log-prob 0 when present)."""
+    row_len, scored = batch["tokens"].shape[1], batch["score_index"].shape[0]
+    if row_len > length or scored > length:
+        raise ValueError(f"a pair micro-batch of {row_len} positions and {scored} scored tokens exceeds the pipeline "
+                         f"row of {length}")
+    pad = length - row_len
+    pad_doc = int(batch["document_ids"].max()) + 1
+
+    def row(values: torch.Tensor | None, fill: torch.Tensor) -> torch.Tensor | None:
+        return None if values is None else torch.cat([values, fill.to(values)[None]], dim=1)  # [1, length]
+
+    def scored_row(values: torch.Tensor, fill: float) -> torch.Tensor:
+        return torch.cat([values, values.new_full((length - scored,), fill)])[None]  # [1, length]
+
+    out = dict(batch)
+    out["tokens"] = row(batch["tokens"], torch.full((pad,), pad_id))
+    out["position_ids"] = row(batch["position_ids"], torch.arange(pad))
+    out["document_ids"] = row(batch["document_ids"], torch.full((pad,), pad_doc))
+    out["prefix_ids"] = row(batch["prefix_ids"], torch.full((pad,), pad_doc))
+    out["score_index"] = scored_row(batch["score_index"], 0)
+    out["score_targets"] = scored_row(batch["score_targets"], 0)
+    out["score_segments"] = scored_row(batch["score_segments"], -1)
+    if "reference_logps" in batch:
+        out["reference_logps"] = scored_row(batch["reference_logps"], 0.0)
+    return out

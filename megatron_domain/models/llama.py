@@ -193,7 +193,9 @@ class Transformer(nn.Module):
     def target_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, logprobs_kernel: Callable,
                         score_index: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [B, S, H] (a DTensor under TP), targets [B, S] -> log p(target) [B, S] fp32;
-        with `score_index` [M]: the hidden states at those flat positions, targets [M] -> [M].
+        with `score_index` [M]: the hidden states at those flat positions, targets [M] -> [M]
+        (or, as a pipeline schedule passes them, score_index/targets [B, K] indexing each
+        row's own positions -> [B, K]).
         Under TP the output weight is vocabulary-sharded: each rank takes its local rows and the
         kernel reduces over the TP group."""
         weight, group = self.output_weight(), None
@@ -207,6 +209,9 @@ class Transformer(nn.Module):
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         rows = hidden.flatten(0, 1)  # [B*S, H]
         if score_index is not None:
+            if score_index.dim() == 2:  # per-row positions -> flat positions of the [B*S] rows
+                offsets = torch.arange(score_index.shape[0], device=score_index.device)[:, None] * hidden.shape[1]
+                score_index = (score_index + offsets).flatten()  # [B*K]
             rows = rows.index_select(0, score_index)  # [M, H]
         with torch.autocast(device_type, enabled=False):
             logp, _ = logprobs_kernel(rows.to(dtype), weight.to(dtype), targets.flatten(), group=group)

@@ -95,9 +95,9 @@ def schedule_problem(schedule: str, backend: str, torch_version: str) -> str | N
 
 def build_schedule(chunks: list[tuple[int, nn.Module]], num_stages: int, pp_mesh: DeviceMesh,
                    device: torch.device, schedule: str, num_microbatches: int,
-                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None):
     """The pipeline schedule over this rank's stages. `loss_fn(output, target)` returns a
-    micro-batch's loss *sum*; gradients are not rescaled (`scale_grads=False`) because the engine
+    micro-batch's loss *sum* (None: a forward-only schedule, run with `.eval()`); gradients are not rescaled (`scale_grads=False`) because the engine
     divides by the number of loss tokens of the whole step."""
     group = pp_mesh.get_group()
     problem = schedule_problem(schedule, dist.get_backend(group), torch.__version__)
@@ -108,3 +108,28 @@ def build_schedule(chunks: list[tuple[int, nn.Module]], num_stages: int, pp_mesh
     if len(stages) == 1 and schedule in ("gpipe", "1f1b"):
         return cls(stages[0], n_microbatches=num_microbatches, loss_fn=loss_fn, scale_grads=False)
     return cls(stages, n_microbatches=num_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+class ForwardOnlyPipeline:
+    """Forward-only passes of pipelined models (no loss, no backward; e.g. the log-probs of a
+    DPO reference): one schedule per model, built at its first use and kept, since a schedule
+    fixes its micro-batch shapes at its first step."""
+
+    def __init__(self, pp_mesh: DeviceMesh, device: torch.device, schedule: str, num_microbatches: int):
+        self.pp_mesh, self.device = pp_mesh, device
+        self.schedule, self.num_microbatches = schedule, num_microbatches
+        self._schedules: dict[int, object] = {}
+
+    def __call__(self, model, inputs: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+        """The last stage's output for the whole batch (inputs [n x b, ...] split into the
+        configured micro-batches) on the rank that holds the last stage; None on the others.
+        `model` is a parallel.apply.ParallelModel; every pipeline rank must call this together."""
+        key = id(model)
+        if key not in self._schedules:
+            self._schedules[key] = build_schedule(list(zip(model.stage_indices, model.parts)), model.num_stages,
+                                                  self.pp_mesh, self.device, self.schedule, self.num_microbatches,
+                                                  loss_fn=None)
+        args = (inputs,) if model.has_first_stage else ()
+        with torch.no_grad():
+            out = self._schedules[key].eval(*args, **kwargs)
+        return out if model.has_last_stage else None

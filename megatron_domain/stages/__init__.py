@@ -9,9 +9,11 @@
   loss_count (key `tokens`: the tokens processed, summed only; it sets tokens/s when the stage
   has `reports_tokens = True`);
 - `state_dict()` / `load_state_dict()`: the data cursor, saved in every checkpoint;
-- for pipeline parallelism (optional): `pipeline_batch(batch) -> PipelineBatch` (model inputs
-  and one loss target tensor that the schedule splits into micro-batches) and
-  `pipeline_loss(output, target) -> loss_sum`, computed on the last stage.
+- `close()` (optional): release what the stage started (an in-process vLLM engine); the engine
+  calls it when training ends or fails;
+- for pipeline parallelism (optional): `pipeline_batch(micro) -> PipelineBatch` (the step's
+  micro-batches as model inputs and one loss target tensor that the schedule splits back into
+  micro-batches) and `pipeline_loss(output, target) -> loss_sum`, computed on the last stage.
 
 Stages never import each other or the engine. A new stage is one file plus an entry here.
 """
@@ -40,7 +42,9 @@ class StageContext:
     parallel.apply.ParallelModel, holding its initial weights during setup: a resumed run loads
     its checkpoint after); `build_reference()` builds a frozen model with the run's initial
     weights in the same parallel layout (a DPO reference); `rank`/`tp_size`: this process's
-    global rank and the tensor-parallel degree."""
+    global rank and the tensor-parallel degree; `pipeline_forward(model, inputs, kwargs)`
+    (pp > 1 only): a forward-only pass of a pipelined model over a step's micro-batches,
+    returning the last stage's output on the rank that holds it (parallel.pipeline)."""
 
     cfg: Config
     tokenizer: TextTokenizer
@@ -52,17 +56,21 @@ class StageContext:
     build_reference: Callable[[], Any] | None = None
     rank: int = 0
     tp_size: int = 1
+    pipeline_forward: Callable[[Any, torch.Tensor, dict], torch.Tensor | None] | None = None
 
 
 @dataclass
 class PipelineBatch:
     """A step's batch in the form pipeline schedules take: `inputs` for the first stage,
-    `kwargs` for every stage, `target` for the loss on the last stage (all split along dim 0)."""
+    `kwargs` for every stage, `target` for the loss on the last stage (all split along dim 0).
+    `metrics()` (optional) gives the stage's metric sums of the step after the schedule ran:
+    the sums on the last stage, the same keys (zeros) on the other ranks."""
 
     inputs: torch.Tensor
     kwargs: dict
     target: torch.Tensor
     loss_tokens: torch.Tensor
+    metrics: Callable[[], dict] | None = None
 
 
 LossFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor, dict]]

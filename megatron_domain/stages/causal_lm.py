@@ -55,9 +55,11 @@ def select_forward_step(kernels: KernelsConfig, device: torch.device):
     return fused_causal_lm_step(functools.partial(kernel, chunk_rows=kernels.logprob_chunk_rows))
 
 
-def causal_lm_pipeline_batch(batch: dict) -> PipelineBatch:
-    """Tokens for stage 0, positions and document ids for every stage, and the labels with
-    masked positions set to IGNORE_INDEX as the loss target."""
+def causal_lm_pipeline_batch(micro: list[dict]) -> PipelineBatch:
+    """The step's micro-batches as one batch [n x b, S] (the schedule splits it back): tokens
+    for stage 0, positions and document ids for every stage, and the labels with masked
+    positions set to IGNORE_INDEX as the loss target."""
+    batch = {k: torch.cat([m[k] for m in micro]) for k in micro[0] if torch.is_tensor(micro[0][k])}  # [n x b, S]
     target = torch.where(batch["loss_mask"], batch["labels"], torch.full_like(batch["labels"], IGNORE_INDEX))
     return PipelineBatch(inputs=batch["tokens"],
                          kwargs={"position_ids": batch["position_ids"], "document_ids": batch["document_ids"]},

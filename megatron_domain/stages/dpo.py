@@ -14,6 +14,10 @@ with `dpo.shared_prompt` each pair is [prompt | chosen | rejected] so the prompt
 Log-probs come from the fused `linear_logprobs` kernel at the scored positions only, so no
 [tokens, vocab] logits tensor is kept; the loss is the `dpo_loss` kernel op.
 
+Under pipeline parallelism (offline only) each micro-batch row is padded to a fixed length
+(data/preference.pipeline_row_length), the loss target carries each scored slot's segment and
+pi_ref's log-prob, and pi_ref's log-probs come from a forward-only pass of the pipeline.
+
 Departures from the paper: batches count pairs (`train.global_batch_size` pairs per step, the
 loss is the mean over them); IPO runs on per-token averaged log-ratios (as its authors and TRL);
 pairs are reshuffled every epoch with a seeded permutation and the cursor counts pairs.
@@ -29,16 +33,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_domain.config import Config, DpoConfig
 from megatron_domain.data.chat import load_template, warn_if_markers_split
-from megatron_domain.data.preference import PreferencePair, pair_batch, pair_tokens, read_preferences
+from megatron_domain.data.preference import (
+    PreferencePair, fixed_length_batch, pair_batch, pair_tokens, pipeline_row_length, read_preferences)
 from megatron_domain.kernels.dpo import dpo_loss_reference
 from megatron_domain.kernels.registry import get_kernel
 from megatron_domain.losses import LENGTH_AVERAGED_LOSSES, segment_sums
 from megatron_domain.models.lora import adapters_disabled
-from megatron_domain.stages import StageContext
+from megatron_domain.stages import PipelineBatch, StageContext
 from megatron_domain.stages.causal_lm import micro_batch_starts
 
 
@@ -54,6 +60,18 @@ def score_pairs(model: torch.nn.Module, batch: dict, logprobs_kernel) -> torch.T
     return model(batch["tokens"], batch["position_ids"], batch["document_ids"], targets=batch["score_targets"],
                  logprobs_kernel=logprobs_kernel, prefix_ids=batch["prefix_ids"],
                  score_index=batch["score_index"])  # [M]
+
+
+# the metric sums of `pair_loss` besides `tokens`
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
+                "logps/rejected", "kl/chosen", "nll/chosen")
+
+
+def split_by_pair(logps: torch.Tensor, segments: torch.Tensor, num_pairs: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Scored log-probs [M] (segment 2p: pair p's chosen, 2p + 1: its rejected, -1: unused)
+    -> per pair (chosen, rejected) arrays."""
+    logps, segments = logps.float().cpu(), segments.cpu()
+    return [(logps[segments == 2 * p].numpy(), logps[segments == 2 * p + 1].numpy()) for p in range(num_pairs)]
 
 
 def length_weights(segments: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -117,6 +135,7 @@ class DpoStage:
         self.reference_model = None
         self.online = None
         self._orders: dict[tuple, np.ndarray] = {}
+        self._pipeline_metrics: list[dict] = []
 
     # ----------------------------------------------------------------- setup
 
@@ -193,25 +212,49 @@ class DpoStage:
                 return [(c.numpy(), r.numpy()) for c, r in zip(stored["chosen"], stored["rejected"])]
             if self.show:
                 tqdm.write(f"[dpo] {path} was computed for other pairs or another initial model; recomputing")
-        model = ctx.model.parts[0]
         out: list[tuple[np.ndarray, np.ndarray]] = []
         bar = tqdm(total=len(self.pairs), desc="[dpo] reference log-probs", unit="pair", disable=not self.show)
         with torch.no_grad(), self._autocast():
-            for start in range(0, len(self.pairs), self.micro_batch):
-                chunk = self.pairs[start:start + self.micro_batch]
-                batch = {k: v.to(ctx.device) if torch.is_tensor(v) else v for k, v in self._batch(chunk).items()}
-                logps = score_pairs(model, batch, self.logprobs_kernel).float().cpu()  # [M]
-                segments = batch["score_segments"].cpu()
-                for p in range(len(chunk)):
-                    out.append((logps[segments == 2 * p].numpy(), logps[segments == 2 * p + 1].numpy()))
-                bar.update(len(chunk))
+            if ctx.pipeline_forward is not None:
+                out = self._pipelined_reference_logps(bar)
+            else:
+                for start in range(0, len(self.pairs), self.micro_batch):
+                    chunk = self.pairs[start:start + self.micro_batch]
+                    batch = {k: v.to(ctx.device) if torch.is_tensor(v) else v for k, v in self._batch(chunk).items()}
+                    logps = score_pairs(ctx.model.parts[0], batch, self.logprobs_kernel)  # [M]
+                    out.extend(split_by_pair(logps, batch["score_segments"], len(chunk)))
+                    bar.update(len(chunk))
         bar.close()
         if ctx.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             torch.save({"fingerprint": fingerprint, "chosen": [torch.from_numpy(c) for c, _ in out],
                         "rejected": [torch.from_numpy(r) for _, r in out]}, tmp)
             os.replace(tmp, path)
         return out
+
+    def _pipelined_reference_logps(self, bar: tqdm) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`_precomputed_reference` under pipeline parallelism: the pairs in steps of the
+        schedule's micro-batches (the last step filled up by repeating its last micro-batch)
+        through forward-only passes; the rank holding the last stage shares the log-probs with
+        its pipeline group."""
+        micro = [self._batch(self.pairs[start:start + self.micro_batch])
+                 for start in range(0, len(self.pairs), self.micro_batch)]
+        per_pass = self.global_batch // (self.micro_batch * self.dp_size)
+        out: list[tuple[np.ndarray, np.ndarray]] = []
+        for start in range(0, len(micro), per_pass):
+            group = micro[start:start + per_pass]
+            group += group[-1:] * (per_pass - len(group))
+            rows = self._pipeline_rows(group)
+            logps = self._pipeline_logps(self.ctx.model, rows, adapters_off=False)  # [n, L] or None
+            for i, batch in enumerate(group[:len(micro) - start]):
+                if logps is not None:
+                    out.extend(split_by_pair(logps[i], rows["score_segments"][i], batch["num_pairs"]))
+                bar.update(batch["num_pairs"])
+        shared: list = [None] * self.ctx.model.mesh["pp"].size()
+        dist.all_gather_object(shared, out if self.ctx.model.has_last_stage else None,
+                               group=self.ctx.model.mesh["pp"].get_group())
+        return next(entry for entry in shared if entry is not None)
 
     def _reference_for(self, batch: dict, model: torch.nn.Module) -> torch.Tensor:
         """pi_ref's log-probs at the batch's scored positions [M] (no gradient)."""
@@ -265,6 +308,75 @@ class DpoStage:
             return pair_loss(output, reference, batch, self.cfg.dpo, self.loss_kernel)
 
         return policy, loss_fn
+
+    # ----------------------------------------------------------------- pipeline parallelism
+
+    def _pipeline_rows(self, micro: list[dict]) -> dict:
+        """The micro-batches as fixed-length rows, one per micro-batch: tensors [n, L]."""
+        length = pipeline_row_length(self.micro_batch, self.seq_len, self.pad_multiple)
+        rows = [fixed_length_batch(batch, length, self.ctx.tokenizer.eod_id) for batch in micro]
+        return {k: torch.cat([row[k] for row in rows]).to(self.ctx.device)
+                for k in rows[0] if torch.is_tensor(rows[0][k])}
+
+    def _pipeline_kwargs(self, rows: dict) -> dict:
+        """What every pipeline stage's forward takes besides the tokens (the last stage scores)."""
+        return {"position_ids": rows["position_ids"], "document_ids": rows["document_ids"],
+                "prefix_ids": rows.get("prefix_ids"), "targets": rows["score_targets"],
+                "score_index": rows["score_index"], "logprobs_kernel": self.logprobs_kernel}
+
+    def _pipeline_logps(self, model, rows: dict, adapters_off: bool) -> torch.Tensor | None:
+        """Log-probs [n, L] of `model` (a ParallelModel) at the rows' scored slots from a
+        forward-only pass of the pipeline, on the rank holding the last stage (None elsewhere)."""
+        with contextlib.ExitStack() as stack:
+            if adapters_off:
+                for part in model.parts:
+                    stack.enter_context(adapters_disabled(part))
+            return self.ctx.pipeline_forward(model, rows["tokens"], self._pipeline_kwargs(rows))
+
+    def pipeline_batch(self, micro: list[dict]) -> PipelineBatch:
+        """The step's micro-batches as fixed-length rows [n, L]; the loss target [n, L, 2] holds
+        each scored slot's segment (-1: unused) and pi_ref's log-prob there, which a forward-only
+        pass of the pipeline computes first (unless precomputed)."""
+        rows = self._pipeline_rows(micro)
+        if "reference_logps" in rows:
+            reference = rows["reference_logps"]  # [n, L]
+        elif self.reference == "adapters":
+            reference = self._pipeline_logps(self.ctx.model, rows, adapters_off=True)
+        else:
+            reference = self._pipeline_logps(self.reference_model, rows, adapters_off=False)
+        segments = rows["score_segments"].float()  # [n, L]
+        reference = torch.zeros_like(segments) if reference is None else reference.float()  # [n, L]
+        tokens = float(sum(batch["pair_tokens"] for batch in micro))
+        return PipelineBatch(inputs=rows["tokens"], kwargs=self._pipeline_kwargs(rows),
+                             target=torch.stack([segments, reference], dim=-1),  # [n, L, 2]
+                             loss_tokens=torch.tensor(len(micro) * self.micro_batch),
+                             metrics=lambda: self._pipeline_step_metrics(len(micro), tokens))
+
+    def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Sum of the pair losses of one pipeline micro-batch: output = the policy's log-probs
+        [b, L] at the scored slots, target [b, L, 2] (segment, pi_ref's log-prob). The metric
+        sums are kept for `_pipeline_step_metrics`."""
+        segments = target[..., 0].long()  # [b, L]
+        used = segments >= 0  # [b, L]
+        first = torch.arange(segments.shape[0], device=segments.device)[:, None] * 2 * self.micro_batch  # [b, 1]
+        batch = {"score_segments": (segments + first)[used], "num_pairs": segments.shape[0] * self.micro_batch,
+                 "pair_tokens": 0}
+        loss, _, metrics = pair_loss(output[used], target[..., 1][used], batch, self.cfg.dpo, self.loss_kernel)
+        self._pipeline_metrics.append({k: v.detach() for k, v in metrics.items() if k != "tokens"})
+        return loss
+
+    def _pipeline_step_metrics(self, num_micro: int, tokens: float) -> dict:
+        """The metric sums of the step's last `num_micro` loss calls (the schedule also calls
+        the loss once on placeholder tensors when it infers shapes at its first step); zeros on
+        the ranks without the last stage, which make no loss calls."""
+        records, self._pipeline_metrics = self._pipeline_metrics[-num_micro:], []
+        return {**{k: sum(record[k] for record in records) if records else 0.0 for k in PAIR_METRICS},
+                "tokens": tokens}
+
+    def close(self) -> None:
+        """Stop the online rounds' rollout engine (an in-process vLLM engine holds memory)."""
+        if self.online is not None:
+            self.online.close()
 
     # ----------------------------------------------------------------- resume
 

@@ -6,7 +6,9 @@ against the worst completion of each prompt. Ties and pairs whose scores differ 
 
 Everything a round generates is written, before training on it, to
 `<run_dir>/rounds/<n>.jsonl` (one line per prompt: messages, fields, every completion with its
-token ids, score and rationale, and the pair built), plus a line in `rounds/summary.jsonl`. A
+token ids, their log-probs under the sampling policy, score and rationale, and the pair built),
+plus a line in `rounds/summary.jsonl` (with the vLLM backend also the weight sync's time and
+probe difference). A
 round file that exists is read instead of generated, so a resumed run trains on exactly the
 rounds it generated before, and a round can be re-trained offline. Sampling seeds depend only
 on (rollout.seed, round, prompt), so regenerating a round from the same weights is exact.
@@ -58,8 +60,8 @@ def round_record(round_index: int, record: PromptRecord, prompt_ids: list[int], 
     pair = best_and_worst([float(s) for s in judged.scores], min_margin)
     return {"round": round_index, "prompt_id": record.id, "messages": prompt_messages(record), "fields": record.fields,
             "prompt_ids": prompt_ids,
-            "completions": [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
-                             "score": s, "rationale": r}
+            "completions": [{"text": c.text, "token_ids": c.token_ids, "logprobs": c.logprobs,
+                             "finish_reason": c.finish_reason, "score": s, "rationale": r}
                             for c, s, r in zip(samples, judged.scores, judged.rationales)],
             "pair": {"chosen": pair[0], "rejected": pair[1]} if isinstance(pair, tuple) else None,
             "dropped": pair if isinstance(pair, str) else None}
@@ -99,6 +101,7 @@ class OnlineRounds:
         self.round_index = -1
         self.pairs: list[PreferencePair] = []
         self.rollout: PolicyRollout | None = None
+        self.sync_metrics: dict = {}  # of the weight sync before this round's sampling (vLLM)
         self.judge = None
         self.show = self.cfg.train.progress and ctx.rank == 0
         d = self.cfg.dpo
@@ -136,8 +139,9 @@ class OnlineRounds:
         model = self.ctx.model.parts[0]
         if self.rollout is None:
             self.rollout = PolicyRollout(self.cfg, model, self.ctx.tokenizer, self.ctx.run_dir, self.ctx.device)
-        elif self.rollout.backend != "native":
-            self.rollout.sync(model)
+            self.sync_metrics = {}
+        else:  # vLLM: push the trained weights and probe them (native: nothing to do)
+            self.sync_metrics = self.rollout.sync(model)
         seeds = [self.cfg.rollout.seed * 1_000_003 + index * 7_919 + i if r.seed is None else r.seed
                  for i, r in enumerate(records)]
         total = len(prompt_ids) * self.params.n * self.params.max_new_tokens
@@ -150,6 +154,12 @@ class OnlineRounds:
         finally:
             model.train(was_training)
             bar.close()
+
+    def close(self) -> None:
+        """Stop the rollout engine (started at the first round this run generates)."""
+        if self.rollout is not None:
+            self.rollout.close()
+            self.rollout = None
 
     def _judge(self, records: list[PromptRecord], completions: list[list[str]]) -> list[JudgeResult]:
         if self.judge is None:
@@ -175,7 +185,7 @@ class OnlineRounds:
                    "mean_best_score": float(np.mean([max(c["score"] for c in line["completions"]) for line in lines])),
                    "completion_tokens": sum(len(c.token_ids) for c in completions),
                    "generate_s": generated - start, "judge_s": time.perf_counter() - generated,
-                   **merge_stats(judged)}
+                   **self.sync_metrics, **merge_stats(judged)}
         if self.ctx.rank == 0:
             write_jsonl_atomic(path, lines)
             with open(self.dir / "summary.jsonl", "a") as f:

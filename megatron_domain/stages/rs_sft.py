@@ -184,6 +184,7 @@ class RsSftStage(SftStage):
         finally:
             model.train(was_training)
             reshard_fsdp(model)  # the optimizers are built after setup, from the sharded parameters
+            rollout.close()  # an in-process vLLM engine would hold its memory through training
             bar.close()
 
     def _user_simulator(self, rollout: PolicyRollout, params) -> UserSimulator | None:
