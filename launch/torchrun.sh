@@ -31,6 +31,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTHONUNBUFFERED=1
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}
 
+# Preemption: the training processes catch SIGUSR1 (and SIGTERM), finish their step, checkpoint and
+# exit 0. torchrun itself would die from SIGUSR1 (it does not handle it) when a scheduler signals
+# every process of the job, so it starts with SIGUSR1 ignored; the workers install their handler.
+trap '' USR1
 exec torchrun --standalone --nnodes 1 --nproc-per-node "$NPROC" \
     --log-dir "$LOG_DIR" --tee 3 --local-ranks-filter 0 \
     -m megatron_domain.cli train "$CONFIG" "$@"

@@ -145,6 +145,23 @@ def saved_steps(run_dir: str | os.PathLike) -> list[int]:
                   if p.is_dir() and p.name[len("step_"):].isdigit())
 
 
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[int]:
+    """Delete all but the newest `keep_last` complete checkpoints (0: keep all; rank 0 only).
+    Called after a checkpoint is complete, so the newest one is never at risk; the one `latest`
+    points to is always kept. Returns the deleted steps."""
+    if keep_last <= 0 or _rank() != 0:
+        return []
+    root = checkpoint_dir(run_dir)
+    latest = latest_checkpoint(run_dir)
+    steps = [s for s in saved_steps(run_dir) if (root / f"step_{s:07d}" / EXTRA_FILE).is_file()]
+    doomed = [s for s in steps[:-keep_last] if latest is None or root / f"step_{s:07d}" != latest]
+    for step in doomed:  # renamed first: a kill during the removal leaves no half checkpoint under a step name
+        aside = root / f"step_{step:07d}.deleting"
+        os.replace(root / f"step_{step:07d}", aside)
+        shutil.rmtree(aside)
+    return doomed
+
+
 def prepare_run_dir(run_dir: str | os.PathLike, resume: bool, overwrite: bool) -> Path:
     """Make `run_dir` ready for a run. A new run (not `resume`) refuses a directory that already
     holds checkpoints: it would mix its metrics and checkpoints with the old run's. With

@@ -68,7 +68,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     result = train(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     print(json.dumps({"run_dir": str(result.run_dir), "final_loss": result.losses[-1] if result.losses else None,
-                      "checkpoint": str(result.final_checkpoint)}))
+                      "checkpoint": str(result.final_checkpoint), "preempted": result.preempted}))
     return 0
 
 

@@ -129,6 +129,10 @@ class DataConfig:
     chat: ChatDataConfig = field(default_factory=ChatDataConfig)
 
 
+# signals a scheduler sends before it stops a job (SIGKILL cannot be caught)
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
+
+
 @dataclass
 class OptimConfig:
     """AdamW with linear warmup then cosine decay to `min_lr`."""
@@ -145,7 +149,15 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """The loop: steps, batch sizes, precision, checkpointing and logging."""
+    """The loop: steps, batch sizes, precision, checkpointing and logging.
+
+    Cluster behaviour: `checkpoint_every` (steps) and/or `checkpoint_every_minutes` (wall
+    time, decided by all ranks together); `keep_last_checkpoints` (0 = all) deletes older
+    checkpoints only after a newer one is complete; on any of `preempt_signals` (e.g. Slurm's
+    `--signal=USR1@300`) every rank finishes its step, a checkpoint is written at that step and
+    the run exits 0; `hang_timeout_s` > 0: a step (with its eval and checkpoint) that takes
+    longer dumps every thread's Python stack (faulthandler) and exits 1 so the scheduler can
+    requeue."""
 
     run_dir: str = "runs/default"
     steps: int = 100
@@ -158,6 +170,10 @@ class TrainConfig:
     num_threads: int = 0
     log_every: int = 1
     checkpoint_every: int = 0
+    checkpoint_every_minutes: float = 0.0
+    keep_last_checkpoints: int = 0
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    hang_timeout_s: float = 0.0
     exit_at_step: int = 0
     peak_tflops: float = 0.0
     progress: bool = True
@@ -716,6 +732,24 @@ def stored_model_config(init_from: str) -> tuple[dict, str] | None:
     return {k: v for k, v in model.items() if k not in ("preset", "init_from", "attention_backend")}, str(run_config)
 
 
+# settings a resumed run must share with the checkpoint's run: the data stream it continues
+# (blend, files, seed, row length), the random streams, the stage, and the adapter layout
+RESUME_FIELDS = ("mode", "data.corpora", "data.chat.path", "data.seed", "data.seq_len", "train.seed",
+                 "lora.rank", "lora.targets")
+
+
+def resume_differences(saved: dict, current: dict) -> list[str]:
+    """The RESUME_FIELDS on which two resolved configs (to_dict form) differ, as
+    'key: <saved> in the checkpoint's run, <current> now'."""
+    def get(tree: dict, dotted: str):
+        for part in dotted.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return tree
+
+    return [f"{key}: {get(saved, key)!r} in the checkpoint's run, {get(current, key)!r} now"
+            for key in RESUME_FIELDS if get(saved, key) != get(current, key)]
+
+
 def model_config_differences(model: ModelConfig, init_from: str) -> list[str]:
     """'model.<field>: <ours> here but <theirs> in <file>' for every CHECKPOINT_MODEL_FIELDS
     entry where `model` differs from the config `init_from` was written with."""
@@ -889,6 +923,14 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
     if t.checkpoint_every < 0 or t.log_every <= 0:
         problems.append(f"{p('train.checkpoint_every')}/{p('train.log_every')}: need checkpoint_every >= 0 "
                         f"and log_every > 0, got {t.checkpoint_every}, {t.log_every}")
+    if t.checkpoint_every_minutes < 0 or t.keep_last_checkpoints < 0 or t.hang_timeout_s < 0:
+        problems.append(f"{p('train.checkpoint_every_minutes')}/{p('train.keep_last_checkpoints')}/"
+                        f"{p('train.hang_timeout_s')}: must be >= 0 (0 = off / keep all), got "
+                        f"{t.checkpoint_every_minutes}, {t.keep_last_checkpoints}, {t.hang_timeout_s}")
+    for name in t.preempt_signals:
+        if name not in PREEMPT_SIGNALS:
+            problems.append(f"{p('train.preempt_signals')}: unknown signal {name!r}; choose from "
+                            f"{', '.join(PREEMPT_SIGNALS)} (or [] to exit at once on a signal)")
     problems.extend(validate_parallel(cfg, prefix))
     problems.extend(validate_lora(cfg, prefix))
     problems.extend(validate_kernels(cfg.kernels, _join(prefix, "kernels")))

@@ -24,8 +24,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from tqdm import tqdm
 
 from megatron_domain.checkpoint import (
-    check_checkpoint_model, latest_checkpoint, load_checkpoint, load_initial_weights, prepare_run_dir, save_checkpoint, saved_step)
-from megatron_domain.config import Config, to_dict
+    check_checkpoint_model, latest_checkpoint, load_checkpoint, load_initial_weights, prepare_run_dir, prune_checkpoints, save_checkpoint,
+    saved_step)
+from megatron_domain.config import Config, resume_differences, to_dict
 from megatron_domain.data.tokenizer import TextTokenizer, load_tokenizer
 from megatron_domain.eval.perplexity import evaluate_sets
 from megatron_domain.metrics import MetricsLog, peak_flops
@@ -37,6 +38,7 @@ from megatron_domain.parallel.apply import ParallelModel, build_parallel_model
 from megatron_domain.parallel.dims import ParallelDims, resolve_parallel_dims
 from megatron_domain.parallel.distributed import ensure_process_group, rank, resolve_device, world_size
 from megatron_domain.parallel.grads import clip_grads
+from megatron_domain.cluster import HangWatchdog, PreemptionSignals, WallClockCheckpoints, agree
 from megatron_domain.parallel.pipeline import ForwardOnlyPipeline, build_schedule
 from megatron_domain.parallel.tensor import loss_parallel_context
 from megatron_domain.stages import Stage, StageContext, create_stage
@@ -44,11 +46,13 @@ from megatron_domain.stages import Stage, StageContext, create_stage
 
 @dataclass
 class TrainResult:
-    """What a finished run hands back (the per-step records are also in metrics.jsonl)."""
+    """What a finished run hands back (the per-step records are also in metrics.jsonl);
+    `preempted`: the signal that stopped it early (None: it ran to its end)."""
 
     run_dir: Path
     losses: list[float] = field(default_factory=list)
     final_checkpoint: Path | None = None
+    preempted: str | None = None
 
 
 def autocast_context(cfg: Config, device: torch.device) -> contextlib.ExitStack:
@@ -293,11 +297,24 @@ def build_trainer(cfg: Config, device: torch.device, run_dir: Path, tokenizer: T
 
 
 def resume_from_latest(trainer: Trainer, run_dir: Path) -> int:
-    """Load the run's latest checkpoint (any parallel layout); returns the step to continue from."""
+    """Load the run's latest checkpoint (any parallel layout); returns the step to continue from.
+    Without a checkpoint (a job preempted before its first one and requeued with the same
+    `--resume` command line) the run starts at step 0, saying so. A checkpoint whose run used
+    another model, data stream, seed, stage or adapter layout is an error naming the fields."""
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; run without --resume")
+        if rank() == 0:
+            print(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'} yet; starting from step 0",
+                  flush=True)
+        return 0
     check_checkpoint_model(trainer.cfg.model, ckpt, "--resume:")
+    saved_config = run_dir / "config.json"
+    if saved_config.is_file():
+        differences = resume_differences(json.loads(saved_config.read_text()), to_dict(trainer.cfg))
+        if differences:
+            raise ValueError(f"--resume: {ckpt} was written by a run with other settings, so it cannot continue "
+                             f"this one: {'; '.join(differences)}. Restore them, or start a new run in another "
+                             "train.run_dir (or pass --overwrite)")
     extra = load_checkpoint(ckpt, trainer.model.parts, trainer.optimizers)
     for scheduler in trainer.schedulers:
         scheduler.load_state_dict(extra["scheduler"])
@@ -348,8 +365,12 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None, overw
                    f"({trainable / total:.3%})")
     result = TrainResult(run_dir=run_dir)
     trainer.model.train()
+    if show and cfg.train.hang_timeout_s > 0:
+        tqdm.write(f"[{run_dir.name}] hang watchdog: a step over {cfg.train.hang_timeout_s:g} s dumps every thread's "
+                   "stack to stderr and exits 1")
     try:
-        run_steps(trainer, start_step, result, log, bar, tokenizer)
+        with PreemptionSignals(cfg.train.preempt_signals) as signals, HangWatchdog(cfg.train.hang_timeout_s) as watchdog:
+            run_steps(trainer, start_step, result, log, bar, tokenizer, signals, watchdog)
     finally:
         bar.close()
         if hasattr(trainer.stage, "close"):
@@ -358,14 +379,16 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None, overw
 
 
 def run_steps(trainer: Trainer, start_step: int, result: TrainResult, log: MetricsLog, bar: tqdm,
-              tokenizer: TextTokenizer) -> None:
+              tokenizer: TextTokenizer, signals: PreemptionSignals, watchdog: HangWatchdog) -> None:
     """The training loop from `start_step`: optimizer steps, metrics, periodic eval and
-    checkpoints (appended to `result`)."""
+    checkpoints (appended to `result`); stops after the step in which a preemption signal
+    arrived (on any rank), with a checkpoint; the watchdog is re-armed after every step."""
     cfg, device, dims = trainer.cfg, trainer.device, trainer.model.dims
     run_dir = result.run_dir
     flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
     peak = peak_flops(device, cfg.train.peak_tflops)
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    wall_clock = WallClockCheckpoints(cfg.train.checkpoint_every_minutes)
     for step in range(start_step, cfg.train.steps):
         t0 = time.perf_counter()
         stats = optimizer_step(trainer, step)
@@ -394,11 +417,32 @@ def run_steps(trainer: Trainer, start_step: int, result: TrainResult, log: Metri
         bar.set_postfix(loss=f"{stats.loss:.4f}", **shown, tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.1%}")
         bar.update(1)
         is_last = step + 1 == cfg.train.steps
-        exiting = step + 1 == cfg.train.exit_at_step
-        if is_last or exiting or (cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0):
-            result.final_checkpoint = save_checkpoint(
-                run_dir, step + 1, trainer.model.parts, trainer.optimizers,
-                {"scheduler": trainer.schedulers[0].state_dict(), "stage": trainer.stage.state_dict(),
-                 "mode": cfg.mode, "parallel": dims.describe()})
+        preempted, time_due = agree([signals.received is not None, wall_clock.due()], device)
+        exiting = step + 1 == cfg.train.exit_at_step or preempted
+        if (is_last or exiting or time_due
+                or (cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0)):
+            result.final_checkpoint = write_checkpoint(trainer, step + 1, bar)
+            wall_clock.written()
+        if preempted:
+            result.preempted = signals.received or "a signal on another rank"
+            if rank() == 0:
+                print(f"[{run_dir.name}] preempted ({result.preempted}) after step {step + 1}: checkpoint "
+                      f"{result.final_checkpoint} written; exiting with status 0 (continue with --resume)", flush=True)
         if exiting:
             break
+        watchdog.arm()
+
+
+def write_checkpoint(trainer: Trainer, step: int, bar: tqdm) -> Path:
+    """Save checkpoint `step`, then delete the checkpoints train.keep_last_checkpoints no longer
+    keeps; logs how long the write took."""
+    cfg, run_dir = trainer.cfg, Path(trainer.cfg.train.run_dir)
+    started = time.perf_counter()
+    path = save_checkpoint(run_dir, step, trainer.model.parts, trainer.optimizers,
+                           {"scheduler": trainer.schedulers[0].state_dict(), "stage": trainer.stage.state_dict(),
+                            "mode": cfg.mode, "parallel": trainer.model.dims.describe()})
+    deleted = prune_checkpoints(run_dir, cfg.train.keep_last_checkpoints)
+    if rank() == 0:
+        note = f"; deleted step(s) {', '.join(map(str, deleted))} (keep_last_checkpoints)" if deleted else ""
+        bar.write(f"[{run_dir.name}] checkpoint step {step} written in {time.perf_counter() - started:.1f} s{note}")
+    return path

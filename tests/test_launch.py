@@ -85,3 +85,54 @@ def test_launchers_reject_a_missing_config(tmp_path):
         proc = subprocess.run(["bash", script, str(tmp_path / "nope.yaml")], cwd=REPO_ROOT, capture_output=True,
                               text=True, env={**os.environ, "SLURM_NNODES": "1"}, timeout=60)
         assert proc.returncode == 2 and "nope.yaml does not exist" in proc.stderr
+
+
+@pytest.mark.slow
+def test_slurm_script_passes_the_time_limit_signal_on_and_requeues(corpora, tmp_path):
+    """SIGUSR1 to the batch shell (Slurm's --signal=B:USR1@300): the script signals every job
+    process (stand-in scancel), the 2 workers checkpoint at the same step and exit 0, the
+    script requeues the job (stand-in scontrol), and the requeued job's identical command line
+    (--resume) finishes the run."""
+    import signal
+    import sys
+    import time
+
+    from megatron_domain.checkpoint import saved_steps
+    from megatron_domain.metrics import read_metrics
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {
+        "srun": '#!/bin/bash\nwhile [[ $1 == -* ]]; do shift; done\nexec "$@"\n',
+        "scontrol": f'#!/bin/bash\nif [[ $1 == requeue ]]; then echo "$@" >> {tmp_path}/requeued; '
+                    'else echo 127.0.0.1; fi\n',
+        # every process of the job (the batch shell's descendants), as `scancel --signal` reaches them
+        "scancel": f"#!{sys.executable}\nimport os, signal, psutil\n"
+                   "for p in psutil.Process(os.getppid()).children(recursive=True):\n"
+                   "    if p.pid != os.getpid():\n        p.send_signal(signal.SIGUSR1)\n",
+    }
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
+    steps, run_dir = 40, tmp_path / "run"
+    config = tmp_path / "dp2.yaml"
+    cfg = parity_config_dict(corpora, run_dir, {"dp_shard": 2}, steps=steps)
+    cfg["eval"]["interval"] = 0
+    config.write_text(yaml.safe_dump(cfg))
+    env = _env(tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_NNODES="1", SLURM_JOB_ID="4242",
+               SLURM_JOB_NODELIST="node001", GPUS_PER_NODE="2", OMP_NUM_THREADS="1")
+    command = ["bash", "launch/slurm.sbatch", str(config), "--no-progress"]
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 120
+    while len(read_metrics(run_dir)) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "requeueing job 4242" in output and (tmp_path / "requeued").read_text().split() == ["requeue", "4242"]
+    step = saved_steps(run_dir)[-1]
+    assert 3 <= step < steps and f"preempted (SIGUSR1) after step {step}" in output
+    requeued = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert requeued.returncode == 0, requeued.stdout[-3000:] + requeued.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, steps + 1))
