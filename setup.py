@@ -75,7 +75,10 @@ setup(
         # triton: its kernels are tested on CPU under TRITON_INTERPRET=1; trl (+ datasets): the DPO
         # loss parity test and tools/bench_dpo.py compare against its DPOTrainer (trl 1.16 installs
         # next to the project's pins without changing them)
-        "test": ["pytest>=8", "torchao>=0.18", "peft>=0.21", "triton>=3.2", "trl==1.16.0", "datasets>=4"],
+        # tensorboard, wandb: the experiment-tracking sinks (tracking.*), tested offline
+        "test": ["pytest>=8", "torchao>=0.18", "peft>=0.21", "triton>=3.2", "trl==1.16.0", "datasets>=4",
+                 "tensorboard>=2.16", "wandb>=0.19"],
+        "track": ["tensorboard>=2.16", "wandb>=0.19"],
         "qlora": ["torchao>=0.18"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]", "vllm", "torchao>=0.18"],
         # vLLM for CPU (same torch 2.13 CPU build as the project; x86-64 only): the rollout tests

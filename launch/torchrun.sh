@@ -30,6 +30,9 @@ mkdir -p "$LOG_DIR"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTHONUNBUFFERED=1
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}
+# NCCL's flight recorder: on a collective timeout every rank dumps its last collectives (train.hang_timeout_s)
+export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
+export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
 
 # Preemption: the training processes catch SIGUSR1 (and SIGTERM), finish their step, checkpoint and
 # exit 0. torchrun itself would die from SIGUSR1 (it does not handle it) when a scheduler signals

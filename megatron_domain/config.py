@@ -481,6 +481,19 @@ class RsSftConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking besides `<run_dir>/metrics.jsonl`, fed the same records (rank 0):
+    `tensorboard` writes event files to `<run_dir>/tensorboard`; `wandb`: "" (off), online or
+    offline (offline runs go to `<run_dir>/wandb`, upload later with `wandb sync`). The
+    resolved config and each pipeline stage's eval go along. Needs the `[track]` extra."""
+
+    tensorboard: bool = False
+    wandb: str = ""
+    wandb_project: str = "megatron-domain"
+    wandb_entity: str = ""
+
+
+@dataclass
 class Config:
     """One run of the engine in one mode."""
 
@@ -497,6 +510,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     rs_sft: RsSftConfig = field(default_factory=RsSftConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 @dataclass
@@ -931,6 +945,9 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
         if name not in PREEMPT_SIGNALS:
             problems.append(f"{p('train.preempt_signals')}: unknown signal {name!r}; choose from "
                             f"{', '.join(PREEMPT_SIGNALS)} (or [] to exit at once on a signal)")
+    if cfg.tracking.wandb not in ("", "online", "offline"):
+        problems.append(f"{p('tracking.wandb')}: unknown {cfg.tracking.wandb!r}; choose online, offline or leave it "
+                        "empty (off)")
     problems.extend(validate_parallel(cfg, prefix))
     problems.extend(validate_lora(cfg, prefix))
     problems.extend(validate_kernels(cfg.kernels, _join(prefix, "kernels")))

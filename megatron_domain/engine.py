@@ -24,24 +24,25 @@ from torch.distributed.device_mesh import DeviceMesh
 from tqdm import tqdm
 
 from megatron_domain.checkpoint import (
-    check_checkpoint_model, latest_checkpoint, load_checkpoint, load_initial_weights, prepare_run_dir, prune_checkpoints, save_checkpoint,
-    saved_step)
+    check_checkpoint_model, latest_checkpoint, load_checkpoint, load_initial_weights, prepare_run_dir, prune_checkpoints,
+    save_checkpoint, saved_step)
+from megatron_domain.cluster import HangWatchdog, PreemptionSignals, WallClockCheckpoints, agree
 from megatron_domain.config import Config, resume_differences, to_dict
 from megatron_domain.data.tokenizer import TextTokenizer, load_tokenizer
 from megatron_domain.eval.perplexity import evaluate_sets
 from megatron_domain.metrics import MetricsLog, peak_flops
+from megatron_domain.models.ao import quantize_frozen_linears
 from megatron_domain.models.llama import build_model, count_parameters, training_flops_per_token
 from megatron_domain.models.lora import init_lora_weights, trainable_parameters
-from megatron_domain.models.ao import quantize_frozen_linears
 from megatron_domain.optim import build_optimizer, build_scheduler
 from megatron_domain.parallel.apply import ParallelModel, build_parallel_model
 from megatron_domain.parallel.dims import ParallelDims, resolve_parallel_dims
 from megatron_domain.parallel.distributed import ensure_process_group, rank, resolve_device, world_size
 from megatron_domain.parallel.grads import clip_grads
-from megatron_domain.cluster import HangWatchdog, PreemptionSignals, WallClockCheckpoints, agree
 from megatron_domain.parallel.pipeline import ForwardOnlyPipeline, build_schedule
 from megatron_domain.parallel.tensor import loss_parallel_context
 from megatron_domain.stages import Stage, StageContext, create_stage
+from megatron_domain.tracking import Trackers, check_tracking
 
 
 @dataclass
@@ -261,6 +262,7 @@ def check_backends(cfg: Config, device: torch.device) -> None:
     if cfg.model.attention_backend == "flex" and device.type == "cpu":
         raise ValueError("model.attention_backend=flex cannot train on CPU: torch has no FlexAttention backward "
                          "there; train with sdpa on CPU (flex is fine for CPU evaluation and on GPUs)")
+    check_tracking(cfg.tracking)
     if cfg.fp8.backend == "float8" and device.type == "cpu" and not cfg.fp8.emulate:
         raise ValueError("fp8.backend=float8 on CPU needs fp8.emulate: true (CPUs have no FP8 matmul)")
 
@@ -326,6 +328,8 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None, overw
     """Run `cfg.train.steps` optimizer steps of the stage `cfg.mode` on this rank's share of
     the parallel layout; returns the job's losses (the same on every rank). A new run refuses a
     run directory with checkpoints unless `overwrite` (which moves the old one aside)."""
+    if progress is not None:  # --no-progress also silences the stage's own bars (sampling, rounds)
+        cfg.train.progress = progress
     device = resolve_device(cfg.train.device)
     check_backends(cfg, device)  # before anything is written
     run_dir = prepare_run_dir(cfg.train.run_dir, resume, overwrite)
@@ -343,7 +347,8 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None, overw
     trainer = build_trainer(cfg, device, run_dir, tokenizer)
     dims = trainer.model.dims
     is_main = rank() == 0
-    log = MetricsLog(run_dir, enabled=is_main)
+    trackers = Trackers(cfg, run_dir) if is_main and (cfg.tracking.tensorboard or cfg.tracking.wandb) else None
+    log = MetricsLog(run_dir, enabled=is_main, trackers=trackers)
     start_step = resume_from_latest(trainer, run_dir) if resume else 0
     log.truncate_after(start_step)
     if is_main:
@@ -351,7 +356,7 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None, overw
 
     params = count_parameters(cfg.model)
     flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
-    show = (cfg.train.progress if progress is None else progress) and is_main
+    show = cfg.train.progress and is_main
     bar = tqdm(total=cfg.train.steps, initial=start_step, desc=f"{cfg.mode} {run_dir.name}", disable=not show,
                unit="step", dynamic_ncols=True)
     if show:
@@ -375,6 +380,8 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None, overw
         bar.close()
         if hasattr(trainer.stage, "close"):
             trainer.stage.close()
+        if trackers is not None:
+            trackers.close()
     return result
 
 

@@ -65,11 +65,13 @@ def cpu_capabilities() -> dict:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to `<run_dir>/metrics.jsonl` (rank 0 only)."""
+    """Appends one JSON object per line to `<run_dir>/metrics.jsonl` (rank 0 only), and hands
+    the same record to `trackers` (tracking.Trackers: TensorBoard, W&B) when given."""
 
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, trackers=None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
+        self.trackers = trackers
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines for steps > `step` (written after the checkpoint we resume from)."""
@@ -88,6 +90,8 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(record)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

@@ -23,6 +23,7 @@ from megatron_domain.eval.harness import evaluate_model, load_eval_model
 from megatron_domain.eval.perplexity import write_json_atomic
 from megatron_domain.eval.report import write_report
 from megatron_domain.parallel.distributed import ensure_process_group, resolve_device
+from megatron_domain.tracking import Trackers
 
 
 def evaluate_stage_input(cfg: Config, device: torch.device) -> dict:
@@ -61,6 +62,10 @@ def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = Tr
         after = evaluate_model(cfg, load_eval_model(cfg, str(result.final_checkpoint), device), device, reference)
         after["checkpoint"] = str(result.final_checkpoint)
         write_json_atomic(Path(cfg.train.run_dir) / "eval.json", after)
+        if cfg.tracking.tensorboard or cfg.tracking.wandb:  # the stage's before/after eval next to its curves
+            trackers = Trackers(cfg, cfg.train.run_dir)
+            trackers.log_summary({"eval_before": before, "eval_after": after}, step=cfg.train.steps)
+            trackers.close()
         entry = {"name": name, "mode": cfg.mode, "eval_before": before, "eval_after": after,
                  "run_dir": str(cfg.train.run_dir), "train_time_s": train_time, "final_loss": result.losses[-1]}
         if cfg.mode == "rs_sft":  # what was generated, kept and how diverse it is
