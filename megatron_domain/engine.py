@@ -31,9 +31,8 @@ from megatron_domain.config import Config, resume_differences, to_dict
 from megatron_domain.data.tokenizer import TextTokenizer, load_tokenizer
 from megatron_domain.eval.perplexity import evaluate_sets
 from megatron_domain.metrics import MetricsLog, peak_flops
-from megatron_domain.models.ao import quantize_frozen_linears
 from megatron_domain.models.llama import build_model, count_parameters, training_flops_per_token
-from megatron_domain.models.lora import init_lora_weights, trainable_parameters
+from megatron_domain.models.lora import init_lora_weights, quantize_frozen_linears, trainable_parameters
 from megatron_domain.optim import build_optimizer, build_scheduler
 from megatron_domain.parallel.apply import ParallelModel, build_parallel_model
 from megatron_domain.parallel.dims import ParallelDims, resolve_parallel_dims

@@ -11,8 +11,9 @@ from megatron_domain.config import config_from_dict
 from megatron_domain.engine import train
 from megatron_domain.eval.harness import load_eval_model
 from megatron_domain.models.llama import build_model, materialize
-from megatron_domain.models.lora import LoRALinear, apply_lora, merge_lora, trainable_parameters, unmerge_lora
-from megatron_domain.models.ao import quantize_frozen_linears, weight_bytes
+from megatron_domain.models.lora import (
+    LoRALinear, apply_lora, merge_lora, quantize_frozen_linears, trainable_parameters, unmerge_lora)
+from megatron_domain.models.ao import weight_bytes
 
 from conftest import tiny_config_dict
 

@@ -58,23 +58,16 @@ def nf4_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def quantize_frozen_linears(model: nn.Module) -> int:
-    """Replace the frozen base weight of every LoRA linear by its NF4 form; returns the number
-    of quantized weights. Shapes must be divisible by the 64-value block."""
-    from megatron_domain.models.lora import lora_modules
-
+def nf4_parameter(weight: torch.Tensor) -> nn.Parameter:
+    """The frozen NF4 form of a weight (QLoRA's base); its size must be a multiple of the
+    64-value block."""
     _, _, to_nf4 = _nf4()
-    count = 0
-    for module in lora_modules(model):
-        weight = module.weight
-        if weight.numel() % BLOCK_SIZE:
-            raise ValueError(f"lora.quantize_base=nf4: a {tuple(weight.shape)} weight is not a multiple of the "
-                             f"{BLOCK_SIZE}-value NF4 block")
-        quantized = to_nf4(weight.detach().to(torch.bfloat16), block_size=BLOCK_SIZE,
-                           scaler_block_size=_scaler_block_size(weight.numel()))
-        module.weight = nn.Parameter(quantized, requires_grad=False)
-        count += 1
-    return count
+    if weight.numel() % BLOCK_SIZE:
+        raise ValueError(f"lora.quantize_base=nf4: a {tuple(weight.shape)} weight is not a multiple of the "
+                         f"{BLOCK_SIZE}-value NF4 block")
+    quantized = to_nf4(weight.detach().to(torch.bfloat16), block_size=BLOCK_SIZE,
+                       scaler_block_size=_scaler_block_size(weight.numel()))
+    return nn.Parameter(quantized, requires_grad=False)
 
 
 def weight_bytes(tensor: torch.Tensor) -> int:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from megatron_domain.config import LORA_TARGETS
 from megatron_domain.models.llama import canonical_name, copy_full_tensor, initial_value
-from megatron_domain.models.ao import is_nf4, nf4_linear
+from megatron_domain.models.ao import is_nf4, nf4_linear, nf4_parameter
 
 
 
@@ -148,3 +148,14 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+@torch.no_grad()
+def quantize_frozen_linears(model: nn.Module) -> int:
+    """Replace the frozen base weight of every LoRA linear by its NF4 form (QLoRA); returns the
+    number of quantized weights."""
+    count = 0
+    for module in lora_modules(model):
+        module.weight = nf4_parameter(module.weight)
+        count += 1
+    return count
