@@ -35,8 +35,10 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from megatron_domain.pipeline import run_pipeline
 
     pipe, stages = load_pipeline(args.config, args.overrides)
-    report = run_pipeline(pipe, stages, progress=not args.no_progress, overwrite=args.overwrite)
+    report = run_pipeline(pipe, stages, progress=not args.no_progress, overwrite=args.overwrite, resume=args.resume)
     print(f"report: {os.path.join(pipe.out_dir, 'report.md')}")
+    if report.get("preempted"):
+        return 0  # the scheduler's signal: checkpoint written, continue with --resume
     failed = [c for c in report.get("checks", []) if not c["passed"]]
     for check in report.get("checks", []):
         print(f"{'PASS' if check['passed'] else 'FAIL'}: {check['description']}: {check['measured']}")
@@ -157,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--overwrite", action="store_true",
                    help="stages whose run directory holds an earlier run: move it aside (<dir>.old-<time>) and rerun")
+    p.add_argument("--resume", action="store_true",
+                   help="skip complete stages whose config is unchanged, continue an interrupted stage from its last "
+                        "checkpoint, rerun a changed stage and every stage after it")
     _add_set(p)
     p.set_defaults(func=_cmd_pipeline)
 

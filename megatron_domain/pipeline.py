@@ -14,14 +14,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megatron_domain.checkpoint import prepare_run_dir
-from megatron_domain.config import DIALOGUE_METRICS, GENERATION_METRICS, Config, PipelineConfig, stage_names
+from megatron_domain.checkpoint import latest_checkpoint, prepare_run_dir
+from megatron_domain.config import DIALOGUE_METRICS, GENERATION_METRICS, Config, PipelineConfig, stage_names, to_dict
 from megatron_domain.data.demo_corpus import prepare_demo_data
 from megatron_domain.data.demo_sft import build_demo_sft
 from megatron_domain.engine import check_backends, train
 from megatron_domain.eval.harness import evaluate_model, load_eval_model
 from megatron_domain.eval.perplexity import write_json_atomic
 from megatron_domain.eval.report import write_report
+from megatron_domain.metrics import read_metrics
 from megatron_domain.parallel.distributed import ensure_process_group, resolve_device
 from megatron_domain.tracking import Trackers
 
@@ -32,9 +33,14 @@ def evaluate_stage_input(cfg: Config, device: torch.device) -> dict:
     return evaluate_model(cfg, model, device, model if cfg.eval.generation.kl_samples else None)
 
 
-def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = True, overwrite: bool = False) -> dict:
+def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = True, overwrite: bool = False,
+                 resume: bool = False) -> dict:
     """Run every stage; returns the report dict (also written to disk). A stage whose run
-    directory already holds checkpoints is refused unless `overwrite` (moved aside)."""
+    directory already holds checkpoints is refused unless `overwrite` (moved aside) or `resume`:
+    then a complete stage with an unchanged config is skipped, an interrupted one continues
+    from its last checkpoint, and a stage whose config changed is rerun with every stage after
+    it (each decision is logged with its reason). A preempted stage ends the pipeline early
+    (`report["preempted"]`); rerun it with `resume`."""
     for cfg in stages:  # every stage's backends, before any stage starts
         check_backends(cfg, resolve_device(cfg.train.device))
     out = Path(pipe.out_dir)
@@ -47,49 +53,128 @@ def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = Tr
         build_demo_sft(out / "data", d.sft_heldout_fraction, d.seed, d.sft_refusal_topics, d.rs_seeds,
                        d.rs_heldout_seeds, d.dialogue_turns)
     report: dict = {"out_dir": str(out), "stages": []}
+    earlier_rerun = ""
     for name, cfg in zip(stage_names(pipe), stages):
-        device = resolve_device(cfg.train.device)
-        ensure_process_group(device)
-        if cfg.train.num_threads > 0:
-            torch.set_num_threads(cfg.train.num_threads)
-        prepare_run_dir(cfg.train.run_dir, resume=False, overwrite=overwrite)
-        before = evaluate_stage_input(cfg, device)
-        write_json_atomic(Path(cfg.train.run_dir) / "eval_before.json", before)
-        start = time.perf_counter()
-        result = train(cfg, progress=progress)
-        train_time = time.perf_counter() - start
-        reference = load_eval_model(cfg, None, device) if cfg.eval.generation.kl_samples else None
-        after = evaluate_model(cfg, load_eval_model(cfg, str(result.final_checkpoint), device), device, reference)
-        after["checkpoint"] = str(result.final_checkpoint)
-        write_json_atomic(Path(cfg.train.run_dir) / "eval.json", after)
-        if cfg.tracking.tensorboard or cfg.tracking.wandb:  # the stage's before/after eval next to its curves
-            trackers = Trackers(cfg, cfg.train.run_dir)
-            trackers.log_summary({"eval_before": before, "eval_after": after}, step=cfg.train.steps)
-            trackers.close()
-        entry = {"name": name, "mode": cfg.mode, "eval_before": before, "eval_after": after,
-                 "run_dir": str(cfg.train.run_dir), "train_time_s": train_time, "final_loss": result.losses[-1]}
-        if cfg.mode == "rs_sft":  # what was generated, kept and how diverse it is
-            summary = json.loads((Path(cfg.train.run_dir) / "rs_sft.json").read_text())
-            entry["rs_sft"] = {k: v for k, v in summary.items() if k not in ("scores", "kept_scores")}
-            shutil.copyfile(Path(cfg.train.run_dir) / "rs_sft_scores.png", out / f"{name}_scores.png")
+        action, reason = stage_action(cfg, resume, earlier_rerun)
+        if resume:
+            print(f"[{name}] --resume: {action} ({reason})", flush=True)
+        if action == "skip":
+            entry = json.loads((Path(cfg.train.run_dir) / STAGE_RECORD).read_text())
+        else:
+            if action == "rerun":
+                earlier_rerun = name
+            entry = run_stage(name, cfg, out, progress, overwrite or action == "rerun", action == "resume")
+        if entry is None:
+            report["preempted"] = name
+            write_report(report, out, plots=False)
+            print(f"[{name}] preempted: the finished stages and this stage's checkpoint are kept; continue with "
+                  "`mdt pipeline CONFIG --resume`", flush=True)
+            return report
         report["stages"].append(entry)
         if progress:
-            summary = ", ".join(f"{k}: {before['ppl'][k]:.1f} -> {after['ppl'][k]:.1f}" for k in after["ppl"])
-            tqdm.write(f"[{name}] held-out perplexity {summary}")
-            if "generation" in after:
-                gb, ga = before["generation"], after["generation"]
-                changes = ", ".join(f"{k.replace('_', ' ')} {gb[k]:.1%} -> {ga[k]:.1%}"
-                                    for k in GENERATION_METRICS if k in ga and k in gb)
-                kl = f", KL to the stage's start {ga['kl_to_reference']:.3f}" if "kl_to_reference" in ga else ""
-                tqdm.write(f"[{name}] {changes}{kl}")
-            if "dialogues" in after:
-                db, da = before["dialogues"], after["dialogues"]
-                tqdm.write(f"[{name}] dialogues: score {db['dialogue_score']:.1%} -> {da['dialogue_score']:.1%}, "
-                           f"retention on late turns {db['late_retention']:.1%} -> {da['late_retention']:.1%}")
+            print_stage_summary(name, entry)
         write_report(report, out, plots=False)  # a partial report survives a failing later stage
     report["checks"] = evaluate_checks(pipe, report)
     write_report(report, out)
     return report
+
+
+STAGE_CONFIG = "stage_config.json"  # the stage's resolved config, written when it starts
+STAGE_RECORD = "stage.json"  # its report entry, written when it is complete
+
+
+def comparable_config(cfg: Config) -> dict:
+    """A stage's config as resume compares it (without the progress-bar switch)."""
+    data = to_dict(cfg)
+    data["train"].pop("progress", None)
+    return data
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.extend(config_changes(a, b, f"{prefix}{key}."))
+        elif a != b:
+            changes.append(f"{prefix}{key}")
+    return changes
+
+
+def stage_action(cfg: Config, resume: bool, earlier_rerun: str) -> tuple[str, str]:
+    """What `mdt pipeline --resume` does with a stage: ("run" | "skip" | "resume" | "rerun", why)."""
+    run_dir = Path(cfg.train.run_dir)
+    if not resume:
+        return "run", "a new pipeline run"
+    if not (run_dir / STAGE_CONFIG).is_file():
+        return "run", "not started before"
+    if earlier_rerun:
+        return "rerun", f"stage {earlier_rerun} before it was rerun"
+    changes = config_changes(json.loads((run_dir / STAGE_CONFIG).read_text()), comparable_config(cfg))
+    if changes:
+        shown = ", ".join(changes[:8]) + (f" and {len(changes) - 8} more" if len(changes) > 8 else "")
+        return "rerun", f"its config changed: {shown}"
+    if (run_dir / STAGE_RECORD).is_file():
+        return "skip", "complete, config unchanged"
+    if latest_checkpoint(run_dir) is not None:
+        return "resume", f"interrupted; continuing from {latest_checkpoint(run_dir).name}"
+    return "rerun", "interrupted before its first checkpoint"
+
+
+def run_stage(name: str, cfg: Config, out: Path, progress: bool, overwrite: bool, resume: bool) -> dict | None:
+    """Evaluate the stage's input, train, evaluate the result; returns the report entry (also
+    written to `<run_dir>/stage.json`), or None when the stage was preempted."""
+    run_dir = Path(cfg.train.run_dir)
+    device = resolve_device(cfg.train.device)
+    ensure_process_group(device)
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    write_json_atomic(run_dir / STAGE_CONFIG, comparable_config(cfg))
+    if resume and (run_dir / "eval_before.json").is_file():
+        before = json.loads((run_dir / "eval_before.json").read_text())
+    else:
+        before = evaluate_stage_input(cfg, device)
+        write_json_atomic(run_dir / "eval_before.json", before)
+    start = time.perf_counter()
+    result = train(cfg, resume=resume, progress=progress)
+    train_time = time.perf_counter() - start
+    if result.preempted:
+        return None
+    reference = load_eval_model(cfg, None, device) if cfg.eval.generation.kl_samples else None
+    after = evaluate_model(cfg, load_eval_model(cfg, str(result.final_checkpoint), device), device, reference)
+    after["checkpoint"] = str(result.final_checkpoint)
+    write_json_atomic(run_dir / "eval.json", after)
+    if cfg.tracking.tensorboard or cfg.tracking.wandb:  # the stage's before/after eval next to its curves
+        trackers = Trackers(cfg, run_dir)
+        trackers.log_summary({"eval_before": before, "eval_after": after}, step=cfg.train.steps)
+        trackers.close()
+    entry = {"name": name, "mode": cfg.mode, "eval_before": before, "eval_after": after, "run_dir": str(run_dir),
+             "train_time_s": train_time, "final_loss": read_metrics(run_dir)[-1]["loss"]}
+    if cfg.mode == "rs_sft":  # what was generated, kept and how diverse it is
+        summary = json.loads((run_dir / "rs_sft.json").read_text())
+        entry["rs_sft"] = {k: v for k, v in summary.items() if k not in ("scores", "kept_scores")}
+        shutil.copyfile(run_dir / "rs_sft_scores.png", out / f"{name}_scores.png")
+    write_json_atomic(run_dir / STAGE_RECORD, entry)
+    return entry
+
+
+def print_stage_summary(name: str, entry: dict) -> None:
+    """The stage's before -> after numbers, one line per kind."""
+    before, after = entry["eval_before"], entry["eval_after"]
+    summary = ", ".join(f"{k}: {before['ppl'][k]:.1f} -> {after['ppl'][k]:.1f}" for k in after["ppl"])
+    tqdm.write(f"[{name}] held-out perplexity {summary}")
+    if "generation" in after:
+        gb, ga = before["generation"], after["generation"]
+        changes = ", ".join(f"{k.replace('_', ' ')} {gb[k]:.1%} -> {ga[k]:.1%}"
+                            for k in GENERATION_METRICS if k in ga and k in gb)
+        kl = f", KL to the stage's start {ga['kl_to_reference']:.3f}" if "kl_to_reference" in ga else ""
+        tqdm.write(f"[{name}] {changes}{kl}")
+    if "dialogues" in after:
+        db, da = before["dialogues"], after["dialogues"]
+        tqdm.write(f"[{name}] dialogues: score {db['dialogue_score']:.1%} -> {da['dialogue_score']:.1%}, "
+                   f"retention on late turns {db['late_retention']:.1%} -> {da['late_retention']:.1%}")
 
 
 def evaluate_checks(pipe: PipelineConfig, report: dict) -> list[dict]:

@@ -193,3 +193,53 @@ def test_a_stalled_rank_makes_the_job_dump_stacks_and_exit_nonzero(corpora, tmp_
     assert re.search(r"exitcode\s*:\s*1 ", output), output[-3000:]  # torchrun's summary: faulthandler's exit(1)
     rank0_err = next(logs.rglob("0/stderr.log")).read_text()
     assert "Timeout (0:00:08)!" in rank0_err and "engine.py" in rank0_err, rank0_err[-3000:]
+
+
+def two_stage_pipeline(corpora: dict, out: Path) -> dict:
+    """pretrain -> a second pretrain stage from the first one's checkpoint (checkpoints every 2
+    steps), evaluated on the alpha held-out set."""
+    defaults = parity_config_dict(corpora, out / "unused", steps=6)
+    defaults.pop("mode")
+    defaults["train"].pop("run_dir")
+    defaults["train"]["num_threads"] = 1
+    defaults["eval"]["interval"] = 0
+    return {"out_dir": str(out), "defaults": defaults,
+            "stages": [{"name": "first", "mode": "pretrain"},
+                       {"name": "second", "mode": "pretrain", "model": {"init_from": "{out_dir}/first"},
+                        "train": {"steps": 60, "checkpoint_every": 2}}]}
+
+
+@pytest.mark.slow
+def test_pipeline_resume_after_a_kill_in_the_second_stage(corpora, tmp_path):
+    """Killed (SIGKILL) in its second stage, `mdt pipeline --resume` skips the first stage
+    (untouched), continues the second from its last checkpoint and ends with the report and
+    losses of an uninterrupted pipeline; a changed setting of the second stage reruns it."""
+    def command(out: Path, *extra: str) -> list[str]:
+        config = write_config(two_stage_pipeline(corpora, out), out.with_suffix(".yaml"))
+        return [sys.executable, "-m", "megatron_domain.cli", "pipeline", str(config), "--no-progress", *extra]
+
+    straight = tmp_path / "straight"
+    done = subprocess.run(command(straight), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(out), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_steps(out / "second", 5, proc)
+    proc.kill()
+    proc.wait()
+    first_record = (out / "first" / "stage.json").stat().st_mtime_ns
+    resumed = subprocess.run(command(out, "--resume"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "[first] --resume: skip (complete, config unchanged)" in resumed.stdout
+    assert "[second] --resume: resume (interrupted; continuing from step_00000" in resumed.stdout
+    assert (out / "first" / "stage.json").stat().st_mtime_ns == first_record
+    assert [r["loss"] for r in read_metrics(out / "second")] == [r["loss"] for r in read_metrics(straight / "second")]
+    report, want = (json.loads((d / "report.json").read_text()) for d in (out, straight))
+    assert [s["eval_after"]["ppl"] for s in report["stages"]] == [s["eval_after"]["ppl"] for s in want["stages"]]
+
+    changed = subprocess.run(command(out, "--resume", "--set", "stages.second.optim.lr=1e-3"), cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert "[first] --resume: skip" in changed.stdout
+    assert "[second] --resume: rerun (its config changed: optim.lr)" in changed.stdout
+    assert list(tmp_path.glob("killed/second.old-*"))  # the earlier run moved aside, not deleted
