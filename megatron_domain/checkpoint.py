@@ -146,12 +146,17 @@ def saved_steps(run_dir: str | os.PathLike) -> list[int]:
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[int]:
-    """Delete all but the newest `keep_last` complete checkpoints (0: keep all; rank 0 only).
-    Called after a checkpoint is complete, so the newest one is never at risk; the one `latest`
+    """Delete all but the newest `keep_last` complete checkpoints (0: keep all; rank 0 only),
+    and what a killed run left half-written or half-deleted. Called after a checkpoint is
+    complete (no write in progress), so the newest one is never at risk; the one `latest`
     points to is always kept. Returns the deleted steps."""
-    if keep_last <= 0 or _rank() != 0:
+    if _rank() != 0:
         return []
     root = checkpoint_dir(run_dir)
+    for leftover in [*root.glob("step_*.deleting"), *root.glob("step_*.tmp")]:  # of a run killed mid-way
+        shutil.rmtree(leftover, ignore_errors=True)
+    if keep_last <= 0:
+        return []
     latest = latest_checkpoint(run_dir)
     steps = [s for s in saved_steps(run_dir) if (root / f"step_{s:07d}" / EXTRA_FILE).is_file()]
     doomed = [s for s in steps[:-keep_last] if latest is None or root / f"step_{s:07d}" != latest]
