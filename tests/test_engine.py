@@ -196,11 +196,6 @@ def test_missing_optional_backend_is_named_before_anything_is_written(corpora, t
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tiny_config):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train(tiny_config("none"), resume=True)
-
-
 def test_tokenizer_larger_than_model_vocab(corpora, tmp_path):
     data = tiny_config_dict(corpora, tmp_path / "run")
     data["model"]["vocab_size"] = 100
