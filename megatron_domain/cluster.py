@@ -28,6 +28,11 @@ class PreemptionSignals:
         self.received: str | None = None
         self._previous: dict[int, object] = {}
 
+    @property
+    def number(self) -> int:
+        """The caught signal's number (0: none)."""
+        return int(getattr(signal, self.received)) if self.received else 0
+
     def _handle(self, signum: int, _frame) -> None:
         if self.received is None:
             self.received = signal.Signals(signum).name
@@ -62,14 +67,14 @@ class WallClockCheckpoints:
         self.last = time.monotonic()
 
 
-def agree(flags: list[bool], device: torch.device) -> list[bool]:
-    """Each flag true on any rank -> true on every rank (an all-reduce max; local without a
-    process group)."""
+def agree(values: list[int], device: torch.device) -> list[int]:
+    """The maximum of each value over all ranks, on every rank (e.g. a caught signal's number,
+    0 where none was caught; local without a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(flags)
-    values = torch.tensor([float(f) for f in flags], device=device)  # [len(flags)]
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in values.tolist()]
+        return list(values)
+    stacked = torch.tensor(values, dtype=torch.int64, device=device)  # [len(values)]
+    dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
+    return [int(v) for v in stacked.tolist()]
 
 
 class HangWatchdog:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import resource
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,14 +424,15 @@ def run_steps(trainer: Trainer, start_step: int, result: TrainResult, log: Metri
         bar.set_postfix(loss=f"{stats.loss:.4f}", **shown, tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.1%}")
         bar.update(1)
         is_last = step + 1 == cfg.train.steps
-        preempted, time_due = agree([signals.received is not None, wall_clock.due()], device)
+        signum, time_due = agree([signals.number, int(wall_clock.due())], device)  # the same decision on every rank
+        preempted = signum > 0
         exiting = step + 1 == cfg.train.exit_at_step or preempted
         if (is_last or exiting or time_due
                 or (cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0)):
             result.final_checkpoint = write_checkpoint(trainer, step + 1, bar)
             wall_clock.written()
         if preempted:
-            result.preempted = signals.received or "a signal on another rank"
+            result.preempted = signal.Signals(signum).name
             if rank() == 0:
                 print(f"[{run_dir.name}] preempted ({result.preempted}) after step {step + 1}: checkpoint "
                       f"{result.final_checkpoint} written; exiting with status 0 (continue with --resume)", flush=True)

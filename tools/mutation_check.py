@@ -2,7 +2,7 @@
 scratch copy of the repository, run the tests that should catch each, and report which bugs
 the tests let through ("survivors").
 
-    python tools/mutation_check.py                 # every mutation (about 10 minutes on 2 cores)
+    python tools/mutation_check.py                 # every mutation (about 20 minutes on 2 cores)
     python tools/mutation_check.py --list          # names only
     python tools/mutation_check.py --only sft-cursor-stuck lora-scaling-alpha
 
@@ -45,6 +45,7 @@ PACKING_TESTS = ("tests/test_model.py", "tests/test_kernels.py::test_pack_metada
 CHAT_TESTS = ("tests/test_chat.py",)
 DPO_TESTS = ("tests/test_kernels.py::test_dpo_losses_and_rewards_match_the_papers_formulas",
              "tests/test_dpo.py::test_loss_equals_trl_dpo_trainer")
+CLUSTER = "tests/test_cluster.py"
 TP_TESTS = ("tests/test_kernels.py::test_fused_cross_entropy_under_tensor_parallel_and_fsdp",)
 
 MUTATIONS = (
@@ -137,6 +138,27 @@ MUTATIONS = (
     Mutation("clip-norm-of-one-pipeline-stage", "megatron_domain/parallel/grads.py",
              "        dist.all_reduce(squared, group=pp_group)\n", "        pass\n",
              ("tests/test_parallel.py::test_active_clipping_in_lora_layouts_matches_single_process",)),
+    Mutation("dpo-pipeline-reference-is-the-policy", "megatron_domain/stages/dpo.py",
+             "reference = self._pipeline_logps(self.ctx.model, rows, adapters_off=True)",
+             "reference = self._pipeline_logps(self.ctx.model, rows, adapters_off=False)",
+             ("tests/test_dpo.py::test_dpo_under_parallel_layouts_matches_one_process",)),
+    # cluster behaviour: preemption, retention, resume checks, pipeline resume
+    Mutation("preemption-decided-per-rank", "megatron_domain/cluster.py",
+             "    dist.all_reduce(stacked, op=dist.ReduceOp.MAX)\n", "",
+             (f"{CLUSTER}::test_sigusr1_to_a_torchrun_job_checkpoints_every_rank_and_resume_equals_straight",)),
+    Mutation("retention-deletes-one-too-many", "megatron_domain/checkpoint.py",
+             "doomed = [s for s in steps[:-keep_last]", "doomed = [s for s in steps[:-keep_last + 1]",
+             (f"{CLUSTER}::test_keep_last_checkpoints_and_wall_time_checkpoints",)),
+    Mutation("wall-clock-checkpoint-never-due", "megatron_domain/cluster.py",
+             "return self.every_s > 0 and time.monotonic() - self.last >= self.every_s", "return False",
+             (f"{CLUSTER}::test_keep_last_checkpoints_and_wall_time_checkpoints",)),
+    Mutation("resume-ignores-the-data-seed", "megatron_domain/config.py",
+             "RESUME_FIELDS = (\"mode\", \"data.corpora\", \"data.chat.path\", \"data.seed\",",
+             "RESUME_FIELDS = (\"mode\", \"data.corpora\", \"data.chat.path\",",
+             (f"{CLUSTER}::test_resume_with_another_data_stream_or_seed_names_the_fields",)),
+    Mutation("pipeline-resume-keeps-a-changed-stage", "megatron_domain/pipeline.py",
+             "    if changes:\n        shown", "    if False:\n        shown",
+             (f"{CLUSTER}::test_pipeline_resume_after_a_kill_in_the_second_stage",)),
 )
 
 
