@@ -129,7 +129,12 @@ class ForwardOnlyPipeline:
             self._schedules[key] = build_schedule(list(zip(model.stage_indices, model.parts)), model.num_stages,
                                                   self.pp_mesh, self.device, self.schedule, self.num_microbatches,
                                                   loss_fn=None)
+        schedule = self._schedules[key]
+        if not hasattr(schedule, "eval"):  # forward-only runs came with the schedules' eval() in later torch releases
+            raise RuntimeError(f"a forward-only pipeline pass (e.g. the DPO reference under parallel.pp > 1) needs "
+                               f"PipelineSchedule.eval(), which torch {torch.__version__} lacks; upgrade torch or use "
+                               "parallel.pp=1")
         args = (inputs,) if model.has_first_stage else ()
         with torch.no_grad():
-            out = self._schedules[key].eval(*args, **kwargs)
+            out = schedule.eval(*args, **kwargs)
         return out if model.has_last_stage else None
