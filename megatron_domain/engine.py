@@ -316,7 +316,7 @@ def resume_from_latest(trainer: Trainer, run_dir: Path) -> int:
         if differences:
             raise ValueError(f"--resume: {ckpt} was written by a run with other settings, so it cannot continue "
                              f"this one: {'; '.join(differences)}. Restore them, or start a new run in another "
-                             "train.run_dir (or pass --overwrite)")
+                             "train.run_dir (or run without --resume and with --overwrite to move this one aside)")
     extra = load_checkpoint(ckpt, trainer.model.parts, trainer.optimizers)
     for scheduler in trainer.schedulers:
         scheduler.load_state_dict(extra["scheduler"])
