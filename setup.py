@@ -76,8 +76,10 @@ setup(
         # loss parity test and tools/bench_dpo.py compare against its DPOTrainer (trl 1.16 installs
         # next to the project's pins without changing them)
         # tensorboard, wandb: the experiment-tracking sinks (tracking.*), tested offline
+        # lm-eval: the evaluation suites (eval/suites.py) and its parity tests against lm-eval's hf / vllm models
         "test": ["pytest>=8", "torchao>=0.18", "peft>=0.21", "triton>=3.2", "trl==1.16.0", "datasets>=4",
-                 "tensorboard>=2.16", "wandb>=0.19"],
+                 "tensorboard>=2.16", "wandb>=0.19", "lm-eval==0.4.13"],
+        "eval": ["lm-eval==0.4.13"],
         "track": ["tensorboard>=2.16", "wandb>=0.19"],
         "qlora": ["torchao>=0.18"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]", "vllm", "torchao>=0.18"],

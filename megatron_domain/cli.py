@@ -4,7 +4,8 @@
     mdt train CONFIG [--set train.steps=10] [--resume]
     mdt train CONFIG --dry-run --world-size 64 --set parallel.tp=8 --set parallel.pp=4
     torchrun --nproc-per-node 8 -m megatron_domain.cli train CONFIG --set parallel.tp=8
-    mdt eval CONFIG [--checkpoint RUN_OR_CKPT]          -> <run_dir>/eval.json
+    mdt eval CONFIG [--checkpoint RUN_OR_CKPT] [--suite NAME]  -> <run_dir>/eval.json (+ lm-eval suites)
+    mdt lm-eval --model megatron-domain --model_args config=RUN/config.json --tasks ...  (lm-eval's CLI)
     mdt eval pick-base CONFIG --candidates A B C [--set-name domain]
     mdt convert hf-to-mdt HF_FOLDER CKPT_DIR | mdt convert mdt-to-hf RUN_OR_CKPT HF_FOLDER [--dtype bf16]
     mdt generate CONFIG --prompts in.jsonl --out out.jsonl [--checkpoint RUN_OR_CKPT]
@@ -35,14 +36,19 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from megatron_domain.pipeline import run_pipeline
 
     pipe, stages = load_pipeline(args.config, args.overrides)
-    report = run_pipeline(pipe, stages, progress=not args.no_progress, overwrite=args.overwrite, resume=args.resume)
+    report = run_pipeline(pipe, stages, progress=not args.no_progress, overwrite=args.overwrite, resume=args.resume,
+                          continue_on_gate_failure=args.continue_on_gate_failure)
     print(f"report: {os.path.join(pipe.out_dir, 'report.md')}")
     if report.get("preempted"):
         return 0  # the scheduler's signal: checkpoint written, continue with --resume
-    failed = [c for c in report.get("checks", []) if not c["passed"]]
-    for check in report.get("checks", []):
-        print(f"{'PASS' if check['passed'] else 'FAIL'}: {check['description']}: {check['measured']}")
-    return 1 if failed else 0
+    gates = [g for stage in report["stages"] for g in stage.get("gates", [])]
+    for gate in gates:
+        verdict = "PASS" if gate["passed"] else ("FAIL" if gate["stop"] else "MISSED (target)")
+        print(f"{verdict}: {gate['stage']}: {gate['description']}: {gate['before']:.4g} -> {gate['after']:.4g}")
+    if report.get("stopped_by_gate"):
+        stop = report["stopped_by_gate"]
+        print(f"error: the pipeline stopped after stage {stop['stage']}: " + "; ".join(stop["failures"]), file=sys.stderr)
+    return 1 if any(not g["passed"] for g in gates) else 0
 
 
 def _dry_run_world_size(cfg, requested: int) -> int:
@@ -78,7 +84,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from megatron_domain.eval.harness import run_eval
 
     cfg = load_config(args.config, args.overrides)
-    print(json.dumps(run_eval(cfg, args.checkpoint, args.out), indent=2))
+    print(json.dumps(run_eval(cfg, args.checkpoint, args.out, args.suite or None), indent=2))
     return 0
 
 
@@ -162,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="skip complete stages whose config is unchanged, continue an interrupted stage from its last "
                         "checkpoint, rerun a changed stage and every stage after it")
+    p.add_argument("--continue-on-gate-failure", action="store_true",
+                   help="a stage's failed gate is reported but does not stop the pipeline")
     _add_set(p)
     p.set_defaults(func=_cmd_pipeline)
 
@@ -182,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: model.init_from)")
     p.add_argument("--out", default=None, help="output JSON (default <run_dir>/eval.json)")
+    p.add_argument("--suite", action="append", default=[], metavar="NAME",
+                   help="run only this eval.suites entry (repeatable; default: every suite)")
     _add_set(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -252,16 +262,60 @@ def build_pick_base_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_lm_eval_cli(argv: list[str]) -> int:
+    """`mdt lm-eval ARGS`: lm-eval's own command line with our model type registered
+    (`--model megatron-domain`), offline unless HF_HUB_OFFLINE / HF_DATASETS_OFFLINE say otherwise.
+    `--local-data DIR` adds the local benchmark copies (mmlu_local, ...; eval/suites.py) read from DIR."""
+    from megatron_domain.config import EvalSuiteConfig
+    from megatron_domain.eval.suites import LOCAL_TASKS, render_local_tasks, set_offline_defaults
+
+    set_offline_defaults()
+    if "--local-data" in argv:
+        at = argv.index("--local-data")
+        if at + 1 >= len(argv):
+            print("error: --local-data needs a folder", file=sys.stderr)
+            return 2
+        data_dir = argv[at + 1]
+        argv = argv[:at] + argv[at + 2:]
+        import tempfile
+        from pathlib import Path
+
+        tasks_dir = Path(tempfile.mkdtemp(prefix="mdt-lm-eval-tasks-"))
+        present = [name for name, task in LOCAL_TASKS.items()
+                   if all((Path(data_dir) / task.splits[split]).is_file() for split in task.required)]
+        if not present:
+            print(f"error: --local-data {data_dir}: holds none of the local benchmark copies "
+                  f"({', '.join(LOCAL_TASKS)}); see the README's 'Evaluation suites' for the layout", file=sys.stderr)
+            return 2
+        render_local_tasks(EvalSuiteConfig(name="cli", tasks=present, data_dir=data_dir), "--local-data", tasks_dir)
+        argv += ["--include_path", str(tasks_dir)]
+    import megatron_domain.eval.lm_eval_model  # noqa: F401  (registers --model megatron-domain)
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
+
+    setup_logging()
+    parser = HarnessCLI()
+    saved = sys.argv
+    sys.argv = ["lm-eval", *argv]  # lm-eval's parser reads sys.argv (it inserts its default `run` command)
+    try:
+        parser.execute(parser.parse_args())
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:
+        return run_lm_eval_cli(argv[1:])
     if argv[:2] == ["eval", "pick-base"]:
         args = build_pick_base_parser().parse_args(argv[2:])
     else:
         args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, KeyError, ModuleNotFoundError) as exc:
         if os.environ.get("MDT_TRACEBACK"):
             raise
         if isinstance(exc, ConfigError) and not exc.source and isinstance(getattr(args, "config", None), str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import difflib
 import typing
 from dataclasses import dataclass, field
@@ -109,11 +110,14 @@ class CorpusConfig:
 class ChatDataConfig:
     """Conversations for the `sft` mode (JSONL, see data/chat.py): the chat template (llama3,
     chatml, or `tokenizer` for the tokenizer's own) and what to do with an example longer than
-    data.seq_len (truncate or drop; the count is reported)."""
+    data.seq_len (truncate or drop; the count is reported). `replay` (sft, rs_sft): the share of
+    each micro-batch's rows taken from `data.corpora` as raw text (loss on every token), e.g.
+    0.25, so fine-tuning on chat does not erode the base model's language modelling."""
 
     path: str = ""
     template: str = "chatml"
     overflow: str = "truncate"
+    replay: float = 0.0
 
 
 @dataclass
@@ -303,6 +307,26 @@ class DialogueEvalConfig:
 
 
 @dataclass
+class EvalSuiteConfig:
+    """lm-evaluation-harness tasks run on the model (eval/suites.py): `tasks` (lm-eval names; the
+    local copies mmlu_local, arc_easy_local, arc_challenge_local, hellaswag_local, gsm8k_local and
+    the demo's demo_general_mc / demo_domain_mc read `data_dir`), `include_path` (a folder of
+    your own task YAMLs), `num_fewshot` (-1: each task's default), `limit` (examples per task,
+    0 = all), `apply_chat_template` (render prompts with the run's chat template)."""
+
+    name: str = ""
+    tasks: list[str] = field(default_factory=list)
+    data_dir: str = ""
+    include_path: str = ""
+    num_fewshot: int = -1
+    limit: int = 0
+    batch_size: int = 16
+    max_length: int = 0
+    apply_chat_template: bool = False
+    log_samples: bool = False
+
+
+@dataclass
 class EvalConfig:
     """Held-out perplexity sets; `interval` > 0 also evaluates every that many training steps
     (logged as `eval_ppl/<name>`); `max_rows` caps rows of `seq_len` tokens per set (0 = all)."""
@@ -314,6 +338,7 @@ class EvalConfig:
     seq_len: int = 0
     generation: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
     dialogues: DialogueEvalConfig = field(default_factory=DialogueEvalConfig)
+    suites: list[EvalSuiteConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -531,31 +556,40 @@ class DemoDataConfig:
 
 
 @dataclass
-class PplCheckConfig:
-    """Acceptance check of a stage. `metric: ppl`: the relative perplexity change of `set` must
-    be <= max_change (e.g. -0.30 = at least 30% lower; 0.05 = at most 5% higher). A generation
-    metric (`format_adherence`, `citation_accuracy`, `refusal_in_scope`, `refusal_out_of_scope`):
-    the value after the stage must be >= min_after and its change (after - before) must lie in
-    [min_gain, max_gain] (a negative min_gain allows a drop, e.g. -0.02 = at most 2 points lower)."""
+class GateConfig:
+    """A regression gate (or, with `stop: false`, a reported target) of one pipeline stage,
+    checked on the stage's eval after training against its own eval before. `metric`:
+    `ppl/<eval set>`; an lm-eval suite metric `<task>/<metric>` (e.g. mmlu_local/acc); a
+    generation metric (format_adherence, citation_accuracy, refusal_in_scope,
+    refusal_out_of_scope) or a dialogue metric (dialogue_score, late_retention). Bounds (unset =
+    no bound): `min` / `max` on the value after; `max_drop` (before - after), `min_gain` and
+    `max_gain` (after - before) in the metric's own units (0.02 = 2 points of a share);
+    `max_rise`: the relative change (after - before) / before, e.g. 0.05 = at most 5% higher,
+    -0.30 = at least 30% lower (perplexities). A failed gate with `stop` ends the pipeline
+    after the stage (`mdt pipeline --continue-on-gate-failure` overrides)."""
 
-    stage: str = ""
-    set: str = ""
-    max_change: float = 0.0
-    metric: str = "ppl"
-    min_after: float = 0.0
-    min_gain: float = 0.0
-    max_gain: float = 1.0
+    metric: str = ""
+    min: float = math.nan
+    max: float = math.nan
+    max_drop: float = math.nan
+    min_gain: float = math.nan
+    max_gain: float = math.nan
+    max_rise: float = math.nan
+    stop: bool = True
+
+
+GATE_BOUNDS = ("min", "max", "max_drop", "min_gain", "max_gain", "max_rise")
 
 
 @dataclass
 class PipelineConfig:
-    """Stages run in order; each stage = `defaults` deep-merged with the stage's own keys."""
+    """Stages run in order; each stage = `defaults` deep-merged with the stage's own keys. A
+    stage's `gates:` list (GateConfig entries) is checked after it (see `stage_gates`)."""
 
     out_dir: str = "runs/pipeline"
     demo_data: DemoDataConfig = field(default_factory=DemoDataConfig)
     defaults: dict = field(default_factory=dict)
     stages: list[dict] = field(default_factory=list)
-    checks: list[PplCheckConfig] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- dict -> dataclass
@@ -818,7 +852,9 @@ def config_from_dict(data: dict, source: str = "", path: str = "") -> Config:
     if isinstance(data.get("model"), dict):
         data["model"] = resolve_model_preset(data["model"], _join(path, "model"), problems)
     cfg = _build(Config, data, path, problems)
-    if isinstance(data.get("data"), dict) and "chat" in data["data"] and cfg.mode not in CHAT_MODES:
+    # a run's saved config.json lists data.chat with its defaults: only a changed one counts as set
+    if isinstance(data.get("data"), dict) and data["data"].get("chat", {}) != to_dict(ChatDataConfig()) \
+            and "chat" in data["data"] and cfg.mode not in CHAT_MODES:
         problems.append(f"{_join(path, 'data.chat')}: set, but mode {cfg.mode!r} reads no conversations and would "
                         f"ignore it; remove data.chat or use a chat mode ({', '.join(CHAT_MODES)})")
     problems.extend(validate(cfg, path))
@@ -888,6 +924,7 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
                         "there) or make these keys match")
     if e.dialogues.seeds:
         problems.extend(validate_dialogue_eval(e.dialogues, _join(prefix, "eval.dialogues")))
+    problems.extend(validate_suites(e.suites, _join(prefix, "eval.suites")))
     if d.seq_len <= 0:
         problems.append(f"{p('data.seq_len')}: must be > 0, got {d.seq_len}")
     elif m.max_seq_len > 0 and d.seq_len > m.max_seq_len:
@@ -895,6 +932,12 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
                         "lower data.seq_len or raise model.max_seq_len")
     if e.seq_len > 0 and m.max_seq_len > 0 and e.seq_len > m.max_seq_len:
         problems.append(f"{p('eval.seq_len')}: {e.seq_len} exceeds model.max_seq_len ({m.max_seq_len})")
+    if not 0.0 <= d.chat.replay < 1.0:
+        problems.append(f"{p('data.chat.replay')}: must be in [0, 1), got {d.chat.replay}")
+    elif d.chat.replay > 0 and not d.corpora:
+        problems.append(f"{p('data.chat.replay')}: {d.chat.replay} needs data.corpora (the raw text to replay)")
+    elif d.chat.replay > 0 and cfg.mode not in ("sft", "rs_sft"):
+        problems.append(f"{p('data.chat.replay')}: only the sft and rs_sft modes replay raw text, not {cfg.mode!r}")
     for i, corpus in enumerate(d.corpora):
         if not corpus.path:
             problems.append(f"{p(f'data.corpora[{i}].path')}: empty; give an indexed dataset prefix "
@@ -1052,6 +1095,28 @@ def validate_rs_sft(cfg: Config, prefix: str = "") -> list[str]:
         problems.append(f"{_join(prefix, 'parallel.pp')}: rs_sft generates with the policy, which needs the whole "
                         "model on each rank; use parallel.pp=1 (tp and dp_shard work)")
     problems.extend(validate_judge(r.judge, p("judge")))
+    return problems
+
+
+def validate_suites(suites: list[EvalSuiteConfig], prefix: str) -> list[str]:
+    """Names unique and set, tasks listed, numbers in range."""
+    problems, seen = [], set()
+    for i, suite in enumerate(suites):
+        where = f"{prefix}[{suite.name or i}]"
+        if not suite.name:
+            problems.append(f"{prefix}[{i}].name: every suite needs a name (used by `mdt eval --suite NAME`)")
+        elif suite.name in seen:
+            problems.append(f"{where}.name: the name {suite.name!r} is used twice")
+        seen.add(suite.name)
+        if not suite.tasks:
+            problems.append(f"{where}.tasks: list at least one lm-eval task")
+        if suite.num_fewshot < -1:
+            problems.append(f"{where}.num_fewshot: {suite.num_fewshot}; use -1 (the task's default) or >= 0")
+        for key in ("limit", "max_length"):
+            if getattr(suite, key) < 0:
+                problems.append(f"{where}.{key}: must be >= 0 (0 = all / the model's), got {getattr(suite, key)}")
+        if suite.batch_size < 1:
+            problems.append(f"{where}.batch_size: must be >= 1, got {suite.batch_size}")
     return problems
 
 
@@ -1292,6 +1357,11 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple
     """Load a pipeline and build every stage's `Config`; all problems of all stages at once."""
     data = apply_overrides(load_yaml(path), overrides or [])
     problems: list[str] = []
+    if "checks" in data:
+        data = {k: v for k, v in data.items() if k != "checks"}
+        problems.append("checks: replaced by per-stage gates; move each entry under its stage as `gates: [{metric: "
+                        "ppl/<set>, max_rise: 0.05}, {metric: citation_accuracy, min_gain: 0.15}, ...]` "
+                        "(ppl max_change -> max_rise, min_after -> min)")
     pipe = _build(PipelineConfig, data, "", problems)
     if not pipe.stages:
         problems.append("stages: the pipeline has no stages; add at least one under `stages:`")
@@ -1299,6 +1369,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple
     seen: set[str] = set()
     for i, stage in enumerate(pipe.stages):
         stage = dict(stage)
+        stage.pop("gates", None)  # checked below, once the stage's config is built
         name = str(stage.pop("name", "") or "")
         where = f"stages[{name or i}]"
         if not name:
@@ -1314,28 +1385,49 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple
             stage_configs.append(config_from_dict(merged, path=where))
         except ConfigError as exc:
             problems.extend(exc.problems)
-    complete = len(stage_configs) == len(pipe.stages)
-    stage_sets = {n: [s.name for s in c.eval.sets] for n, c in zip(stage_names(pipe), stage_configs)} if complete else {}
-    for i, check in enumerate(pipe.checks):
-        if check.stage not in seen:
-            problems.append(f"checks[{i}].stage: no stage named {check.stage!r}; stages: {', '.join(sorted(seen))}")
-        elif check.metric not in ("ppl",) + GENERATION_METRICS + DIALOGUE_METRICS:
-            problems.append(f"checks[{i}].metric: unknown {check.metric!r}; choose ppl or one of "
-                            f"{', '.join(GENERATION_METRICS + DIALOGUE_METRICS)}")
-        elif check.metric in DIALOGUE_METRICS:
-            if complete and not stage_configs[stage_names(pipe).index(check.stage)].eval.dialogues.seeds:
-                problems.append(f"checks[{i}].metric: {check.metric} needs eval.dialogues.seeds in stage "
-                                f"{check.stage!r}")
-        elif check.metric != "ppl":
-            if complete and not stage_configs[stage_names(pipe).index(check.stage)].eval.generation.path:
-                problems.append(f"checks[{i}].metric: {check.metric} needs eval.generation.path in stage "
-                                f"{check.stage!r}")
-        elif complete and check.set not in stage_sets[check.stage]:
-            problems.append(f"checks[{i}].set: {check.set!r} is not an eval set of stage {check.stage!r} "
-                            f"({', '.join(stage_sets[check.stage])})")
+    if len(stage_configs) == len(pipe.stages):
+        for name, cfg in zip(stage_names(pipe), stage_configs):
+            problems.extend(validate_gates(stage_gates(pipe, name, problems), cfg, f"stages[{name}].gates"))
     if problems:
         raise ConfigError(problems, str(path))
     return pipe, stage_configs
+
+
+def stage_gates(pipe: PipelineConfig, name: str, problems: list[str] | None = None) -> list[GateConfig]:
+    """The `gates:` of stage `name` (type problems are appended to `problems`)."""
+    problems = [] if problems is None else problems
+    stage = next(s for s in pipe.stages if str(s.get("name")) == name)
+    raw = stage.get("gates") or []
+    return _convert(list[GateConfig], raw, f"stages[{name}].gates", problems)
+
+
+def validate_gates(gates: list[GateConfig], cfg: Config, prefix: str) -> list[str]:
+    """Each gate names a metric the stage measures and sets at least one bound."""
+    problems = []
+    sets = [s.name for s in cfg.eval.sets]
+    tasks = [t for suite in cfg.eval.suites for t in suite.tasks]
+    for i, gate in enumerate(gates):
+        where, metric = f"{prefix}[{i}]", gate.metric
+        if all(math.isnan(getattr(gate, b)) for b in GATE_BOUNDS):
+            problems.append(f"{where}: no bound set; give one or more of {', '.join(GATE_BOUNDS)}")
+        if metric.startswith("ppl/"):
+            if metric[4:] not in sets:
+                problems.append(f"{where}.metric: {metric!r}: {metric[4:]!r} is not an eval set of the stage "
+                                f"({', '.join(sets) or 'none'})")
+        elif metric in GENERATION_METRICS:
+            if not cfg.eval.generation.path:
+                problems.append(f"{where}.metric: {metric} needs eval.generation.path in the stage")
+        elif metric in DIALOGUE_METRICS:
+            if not cfg.eval.dialogues.seeds:
+                problems.append(f"{where}.metric: {metric} needs eval.dialogues.seeds in the stage")
+        elif "/" in metric:
+            if metric.split("/", 1)[0] not in tasks:
+                problems.append(f"{where}.metric: {metric!r}: no eval.suites entry of the stage runs task "
+                                f"{metric.split('/', 1)[0]!r} (tasks: {', '.join(tasks) or 'none'})")
+        else:
+            problems.append(f"{where}.metric: unknown {metric!r}; use ppl/<set>, <task>/<metric> of an eval suite, "
+                            f"or one of {', '.join(GENERATION_METRICS + DIALOGUE_METRICS)}")
+    return problems
 
 
 def stage_names(pipe: PipelineConfig) -> list[str]:

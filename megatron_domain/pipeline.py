@@ -15,10 +15,11 @@ import torch
 from tqdm import tqdm
 
 from megatron_domain.checkpoint import latest_checkpoint, prepare_run_dir
-from megatron_domain.config import DIALOGUE_METRICS, GENERATION_METRICS, Config, PipelineConfig, stage_names, to_dict
+from megatron_domain.config import GENERATION_METRICS, Config, PipelineConfig, stage_gates, stage_names, to_dict
 from megatron_domain.data.demo_corpus import prepare_demo_data
 from megatron_domain.data.demo_sft import build_demo_sft
 from megatron_domain.engine import check_backends, train
+from megatron_domain.eval.gates import evaluate_gates, failure_message
 from megatron_domain.eval.harness import evaluate_model, load_eval_model
 from megatron_domain.eval.perplexity import write_json_atomic
 from megatron_domain.eval.report import write_report
@@ -28,19 +29,22 @@ from megatron_domain.tracking import Trackers
 
 
 def evaluate_stage_input(cfg: Config, device: torch.device) -> dict:
-    """Perplexities of the model a stage starts from (its init_from, or its random init)."""
+    """The eval of the model a stage starts from (its init_from, or its random init)."""
     model = load_eval_model(cfg, None, device)
-    return evaluate_model(cfg, model, device, model if cfg.eval.generation.kl_samples else None)
+    return evaluate_model(cfg, model, device, model if cfg.eval.generation.kl_samples else None,
+                          suites_dir=Path(cfg.train.run_dir) / "lm_eval_before")
 
 
 def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = True, overwrite: bool = False,
-                 resume: bool = False) -> dict:
+                 resume: bool = False, continue_on_gate_failure: bool = False) -> dict:
     """Run every stage; returns the report dict (also written to disk). A stage whose run
     directory already holds checkpoints is refused unless `overwrite` (moved aside) or `resume`:
     then a complete stage with an unchanged config is skipped, an interrupted one continues
     from its last checkpoint, and a stage whose config changed is rerun with every stage after
     it (each decision is logged with its reason). A preempted stage ends the pipeline early
-    (`report["preempted"]`); rerun it with `resume`."""
+    (`report["preempted"]`); rerun it with `resume`. After each stage its gates are checked: a
+    failed stopping gate ends the pipeline there (`report["stopped_by_gate"]`), unless
+    `continue_on_gate_failure`."""
     for cfg in stages:  # every stage's backends, before any stage starts
         check_backends(cfg, resolve_device(cfg.train.device))
     out = Path(pipe.out_dir)
@@ -70,11 +74,20 @@ def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = Tr
             print(f"[{name}] preempted: the finished stages and this stage's checkpoint are kept; continue with "
                   "`mdt pipeline CONFIG --resume`", flush=True)
             return report
+        entry["gates"] = evaluate_gates(name, stage_gates(pipe, name), entry["eval_before"], entry["eval_after"])
         report["stages"].append(entry)
         if progress:
             print_stage_summary(name, entry)
+        stopping = [g for g in entry["gates"] if not g["passed"] and g["stop"]]
+        if stopping and not continue_on_gate_failure:
+            report["stopped_by_gate"] = {"stage": name, "failures": [failure_message(g) for g in stopping]}
+            write_report(report, out)
+            for gate in stopping:
+                print(f"[{name}] {failure_message(gate)}", flush=True)
+            print(f"[{name}] the pipeline stops here (the report marks the failed gate); rerun with "
+                  "--continue-on-gate-failure to go on regardless", flush=True)
+            return report
         write_report(report, out, plots=False)  # a partial report survives a failing later stage
-    report["checks"] = evaluate_checks(pipe, report)
     write_report(report, out)
     return report
 
@@ -125,6 +138,7 @@ def stage_action(cfg: Config, resume: bool, earlier_rerun: str) -> tuple[str, st
 def run_stage(name: str, cfg: Config, out: Path, progress: bool, overwrite: bool, resume: bool) -> dict | None:
     """Evaluate the stage's input, train, evaluate the result; returns the report entry (also
     written to `<run_dir>/stage.json`), or None when the stage was preempted."""
+    stage_start = time.perf_counter()
     run_dir = Path(cfg.train.run_dir)
     device = resolve_device(cfg.train.device)
     ensure_process_group(device)
@@ -143,15 +157,20 @@ def run_stage(name: str, cfg: Config, out: Path, progress: bool, overwrite: bool
     if result.preempted:
         return None
     reference = load_eval_model(cfg, None, device) if cfg.eval.generation.kl_samples else None
-    after = evaluate_model(cfg, load_eval_model(cfg, str(result.final_checkpoint), device), device, reference)
+    after = evaluate_model(cfg, load_eval_model(cfg, str(result.final_checkpoint), device), device, reference,
+                           suites_dir=run_dir / "lm_eval_after")
     after["checkpoint"] = str(result.final_checkpoint)
     write_json_atomic(run_dir / "eval.json", after)
     if cfg.tracking.tensorboard or cfg.tracking.wandb:  # the stage's before/after eval next to its curves
         trackers = Trackers(cfg, run_dir)
         trackers.log_summary({"eval_before": before, "eval_after": after}, step=cfg.train.steps)
         trackers.close()
+    records = read_metrics(run_dir)
+    tokens = sum(r.get("tokens_per_s", 0.0) * r.get("step_time_s", 0.0) for r in records)
     entry = {"name": name, "mode": cfg.mode, "eval_before": before, "eval_after": after, "run_dir": str(run_dir),
-             "train_time_s": train_time, "final_loss": read_metrics(run_dir)[-1]["loss"]}
+             "train_time_s": train_time, "wall_time_s": time.perf_counter() - stage_start,
+             "tokens": round(tokens), "tokens_per_s": tokens / train_time if train_time else 0.0,
+             "final_loss": records[-1]["loss"]}
     if cfg.mode == "rs_sft":  # what was generated, kept and how diverse it is
         summary = json.loads((run_dir / "rs_sft.json").read_text())
         entry["rs_sft"] = {k: v for k, v in summary.items() if k not in ("scores", "kept_scores")}
@@ -175,35 +194,10 @@ def print_stage_summary(name: str, entry: dict) -> None:
         db, da = before["dialogues"], after["dialogues"]
         tqdm.write(f"[{name}] dialogues: score {db['dialogue_score']:.1%} -> {da['dialogue_score']:.1%}, "
                    f"retention on late turns {db['late_retention']:.1%} -> {da['late_retention']:.1%}")
-
-
-def evaluate_checks(pipe: PipelineConfig, report: dict) -> list[dict]:
-    """Each configured check: what was measured vs its limit."""
-    by_name = {s["name"]: s for s in report["stages"]}
-    results = []
-    for check in pipe.checks:
-        stage = by_name[check.stage]
-        if check.metric == "ppl":
-            before, after = stage["eval_before"]["ppl"][check.set], stage["eval_after"]["ppl"][check.set]
-            change = (after - before) / before
-            bound = (f"at least {-check.max_change:.0%} lower" if check.max_change < 0
-                     else f"at most {check.max_change:.0%} higher")
-            results.append({"stage": check.stage, "set": check.set, "metric": "ppl", "max_change": check.max_change,
-                            "measured": f"{change:+.1%} ({before:.2f} -> {after:.2f})", "change": change,
-                            "passed": change <= check.max_change,
-                            "description": f"{check.stage}: {check.set} perplexity {bound}"})
-            continue
-        section = "dialogues" if check.metric in DIALOGUE_METRICS else "generation"
-        before = stage["eval_before"][section][check.metric]
-        after = stage["eval_after"][section][check.metric]
-        gain = after - before
-        bounds = [f">= {check.min_after:.0%} after"] if check.min_after > 0 else []
-        bounds.append(f"change {check.min_gain * 100:+.0f} points or more")
-        if check.max_gain < 1.0:
-            bounds.append(f"at most {check.max_gain * 100:+.0f} points")
-        results.append({"stage": check.stage, "metric": check.metric, "min_after": check.min_after,
-                        "min_gain": check.min_gain, "max_gain": check.max_gain,
-                        "measured": f"{before:.1%} -> {after:.1%} ({gain * 100:+.1f} points)",
-                        "passed": after >= check.min_after and check.min_gain <= gain <= check.max_gain,
-                        "description": f"{check.stage}: {check.metric} {', '.join(bounds)}"})
-    return results
+    for suite, metrics in after.get("suites", {}).items():
+        changes = ", ".join(f"{k} {before.get('suites', {}).get(suite, {}).get(k, float('nan')):.4g} -> {v:.4g}"
+                            for k, v in metrics.items())
+        tqdm.write(f"[{name}] suite {suite}: {changes}")
+    for gate in entry.get("gates", []):
+        verdict = "PASS" if gate["passed"] else ("FAIL" if gate["stop"] else "MISSED (target)")
+        tqdm.write(f"[{name}] gate {verdict}: {gate['description']} ({gate['before']:.4g} -> {gate['after']:.4g})")

@@ -72,7 +72,7 @@ def test_pipeline_errors_name_the_stage(tmp_path):
     text = str(err.value)
     assert "stages[one].optim.lr: must be > 0" in text
     assert "stages[two].train.stepz: unknown key; did you mean 'stages[two].train.steps'?" in text
-    assert "checks[0].stage: no stage named 'three'" in text
+    assert "checks: replaced by per-stage gates" in text
 
 
 def test_demo_pipeline_config_is_valid():

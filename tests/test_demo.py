@@ -41,10 +41,12 @@ REDUCED = [  # ~2 minutes on 2 cores: a quarter of the general corpus, a 64-wide
     "stages.rs_sft.rs_sft.dialogues_per_seed=4",
     "stages.rs_sft.rs_sft.epochs=1",
     "stages.rs_sft.eval.dialogues.late_turn=2",
+    # the gates of the reduced run (the full demo's MC and DPO / rs_sft gates are its own);
     # measured with these settings: format 0% -> 97.2%, citation 0% -> 11.1%
-    "checks=[{stage: dacpt, set: domain, max_change: -0.30}, {stage: dacpt, set: general, max_change: 0.05},"
-    " {stage: sft, metric: format_adherence, min_after: 0.90, min_gain: 0.30},"
-    " {stage: sft, metric: citation_accuracy, min_gain: 0.05}]",
+    "stages.dacpt.gates=[{metric: ppl/domain, max_rise: -0.30}, {metric: ppl/general, max_rise: 0.05}]",
+    "stages.sft.gates=[{metric: format_adherence, min: 0.90, min_gain: 0.30}, {metric: citation_accuracy, min_gain: 0.05}]",
+    "stages.dpo.gates=[]",
+    "stages.rs_sft.gates=[]",
 ]
 
 
@@ -92,8 +94,16 @@ def test_reduced_demo_pipeline_meets_its_criteria(tmp_path):
     # rs_sft starts from the DPO model: the same single-turn greedy answers
     assert rs["eval_before"]["generation"]["citation_accuracy"] == dpo["eval_after"]["generation"]["citation_accuracy"]
     assert len((out / "rs_sft" / "dialogues.jsonl").read_text().splitlines()) == 16
-    assert all(c["passed"] for c in report["checks"]) and len(report["checks"]) == 4
+    gates = [g for stage in report["stages"] for g in stage["gates"]]
+    assert all(g["passed"] for g in gates) and len(gates) == 4
+    for stage in report["stages"]:  # the demo's lm-eval suite ran before and after every stage
+        for when in ("eval_before", "eval_after"):
+            assert set(stage[when]["suites"]["mc"]) == {"demo_general_mc/acc", "demo_general_mc/acc_norm",
+                                                         "demo_domain_mc/acc", "demo_domain_mc/acc_norm"}
+    base = report["stages"][0]
+    assert base["eval_after"]["suites"]["mc"]["demo_general_mc/acc"] > \
+        base["eval_before"]["suites"]["mc"]["demo_general_mc/acc"] + 0.2  # pre-training learns the word order
     assert (out / "report.md").read_text().startswith("# Pipeline report")
     for plot in ("loss_curves.png", "eval_deltas.png", "rs_sft_retention.png", "rs_sft_scores.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "PASS: dacpt: domain perplexity" in run.stdout
+    assert "PASS: dacpt: ppl/domain: max_rise -0.3" in run.stdout

@@ -23,7 +23,7 @@ from megatron_domain.data.preprocess import tokenize_documents
 from megatron_domain.data.tokenizer import CHATML_SPECIALS, train_bpe_tokenizer
 
 SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo", "ensurepip"}
-MANIFEST_VERSION = 4  # 4: chatml markers are special tokens
+MANIFEST_VERSION = 5  # 4: chatml markers are special tokens; 5: the multiple-choice suites
 
 
 def unwrap_paragraphs(text: str) -> str:
@@ -123,8 +123,60 @@ def prepare_demo_data(out_dir: str | os.PathLike, cfg: DemoDataConfig, progress:
         for split, texts in (("train", train), ("heldout", heldout)):
             docs = tokenize_documents(iter(texts), tokenizer, progress=progress, desc=f"{name}_{split}")
             stats[f"{name}_{split}"] = write_indexed_dataset(out / f"{name}_{split}", docs, tokenizer.vocab_size)
+    for name, (_, heldout) in splits.items():  # the lm-eval suites (eval/suites.py: demo_general_mc, ...)
+        write_continuation_mc(heldout, out / "mc" / f"{name}_mc.jsonl", cfg.seed)
     manifest = {"settings": settings, "tokenizer": str(out / "tokenizer.json"), "datasets": stats}
     tmp = manifest_file.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, manifest_file)
     return manifest
+
+
+def continuation_mc(texts: list[str], seed: int, context_words: int = 40, continuation_words: int = 8,
+                    max_items: int = 200) -> list[dict]:
+    """Multiple-choice items from held-out texts: a passage of `context_words` words, and its
+    true next `continuation_words` words among three other orders of the same words. Every
+    choice holds the same words, so word frequencies cannot pick the answer: the model must
+    know how the text goes on (a 1M-parameter demo model reaches ~95% after pre-training, and
+    choices drawn from other passages left it at chance, too weak a signal to gate on).
+    Windows start every context_words / 2 words of each text; at most `max_items`, in a seeded
+    order."""
+    import random
+
+    rng = random.Random(seed)
+    span = context_words + continuation_words
+    windows = []  # (context, continuation words)
+    for text in texts:
+        words = text.split()
+        for start in range(0, len(words) - span + 1, context_words // 2):
+            windows.append((" ".join(words[start:start + context_words]), words[start + context_words:start + span]))
+    rng.shuffle(windows)
+    items = []
+    for context, continuation in windows:
+        true = " ".join(continuation)
+        others: list[str] = []
+        for _ in range(50):
+            shuffled = continuation[:]
+            rng.shuffle(shuffled)
+            candidate = " ".join(shuffled)
+            if candidate != true and candidate not in others:
+                others.append(candidate)
+            if len(others) == 3:
+                break
+        if len(others) < 3:  # too few distinct words to reorder
+            continue
+        label = rng.randrange(4)
+        items.append({"context": context, "choices": others[:label] + [true] + others[label:], "label": label})
+        if len(items) == max_items:
+            break
+    return items
+
+
+def write_continuation_mc(texts: list[str], out_file: Path, seed: int) -> int:
+    """Write `continuation_mc(texts)` as JSONL (atomically); returns the item count."""
+    items = continuation_mc(texts, seed)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(out_file.name + ".tmp")
+    tmp.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
+    os.replace(tmp, out_file)
+    return len(items)

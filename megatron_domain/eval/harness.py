@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from megatron_domain.checkpoint import check_checkpoint_model, load_initial_weights, load_model_weights
-from megatron_domain.config import Config
+from megatron_domain.config import CHAT_MODES, Config
 from megatron_domain.data.tokenizer import load_tokenizer
 from megatron_domain.eval.perplexity import evaluate_sets, write_json_atomic
 from megatron_domain.eval.rubric import evaluate_generation
@@ -36,10 +36,13 @@ def load_eval_model(cfg: Config, checkpoint: str | None, device: torch.device) -
 
 
 def evaluate_model(cfg: Config, model: torch.nn.Module, device: torch.device,
-                   reference: torch.nn.Module | None = None) -> dict:
+                   reference: torch.nn.Module | None = None, suites_dir: str | Path | None = None,
+                   suites: list[str] | None = None) -> dict:
     """Perplexity on every `eval.sets` entry with the config's tokenizer and sequence length;
     the generation eval when `eval.generation.path` is set (`reference`: the model the KL is
-    measured against); the multi-turn eval when `eval.dialogues.seeds` is set."""
+    measured against); the multi-turn eval when `eval.dialogues.seeds` is set; the lm-eval
+    suites of `eval.suites` (only those named in `suites`, when given), their full results
+    written to `suites_dir` (default: the run directory)."""
     if not cfg.eval.sets:
         raise ValueError("eval.sets: no held-out sets configured; add entries {name, path}")
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
@@ -54,17 +57,30 @@ def evaluate_model(cfg: Config, model: torch.nn.Module, device: torch.device,
         from megatron_domain.eval.dialogues import evaluate_dialogues
 
         result["dialogues"] = evaluate_dialogues(model, tokenizer, cfg.eval.dialogues, device, cfg.data.seq_len)
+    if cfg.eval.suites and suites != []:
+        from megatron_domain.eval.suites import evaluate_suites
+
+        result["suites"] = evaluate_suites(cfg.eval.suites, model, tokenizer, suites_dir or cfg.train.run_dir,
+                                           suites, cfg.data.chat.template if cfg.mode in CHAT_MODES else "")
     return result
 
 
-def run_eval(cfg: Config, checkpoint: str | None = None, out_file: str | None = None) -> dict:
-    """Evaluate and write `<run_dir>/eval.json` (or `out_file`): {"ppl": {set: value}, ...}."""
+def run_eval(cfg: Config, checkpoint: str | None = None, out_file: str | None = None,
+             suites: list[str] | None = None) -> dict:
+    """Evaluate and write `<run_dir>/eval.json` (or `out_file`): {"ppl": {set: value},
+    "suites": {suite: {"task/metric": value}}, ...}; `suites`: only these of eval.suites
+    (each suite's full lm-eval results go to lm_eval_<suite>.json beside the output)."""
+    names = [s.name for s in cfg.eval.suites]
+    unknown = [n for n in suites or [] if n not in names]
+    if unknown:
+        raise ValueError(f"--suite {', '.join(unknown)}: not in eval.suites ({', '.join(names) or 'none configured'})")
     device = resolve_device(cfg.train.device)
     ensure_process_group(device)
     model = load_eval_model(cfg, checkpoint, device)
-    result = evaluate_model(cfg, model, device)
+    out = Path(out_file or Path(cfg.train.run_dir) / "eval.json")
+    result = evaluate_model(cfg, model, device, suites_dir=out.parent, suites=suites)
     result["checkpoint"] = checkpoint or cfg.model.init_from or "random-init"
-    write_json_atomic(out_file or Path(cfg.train.run_dir) / "eval.json", result)
+    write_json_atomic(out, result)
     return result
 
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from megatron_domain.config import GENERATION_METRICS
+from megatron_domain.eval.gates import flat_eval
 from megatron_domain.eval.perplexity import write_json_atomic
 from megatron_domain.metrics import read_metrics
 
@@ -55,8 +56,9 @@ def plot_eval_deltas(stages: list[dict], out_file: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
     with_generation = [s for s in stages if "generation" in s["eval_after"]]
-    fig, axes = plt.subplots(1, 2 if with_generation else 1, figsize=(11 if with_generation else 7, 4.2),
-                             squeeze=False)
+    with_suites = [s for s in stages if s["eval_after"].get("suites")]
+    panels = 1 + bool(with_generation) + bool(with_suites)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels + 1.5, 4.2), squeeze=False)
     ax = axes[0][0]
     sets = sorted({name for s in stages for name in s["eval_after"].get("ppl", {})})
     width = 0.8 / max(2 * len(sets), 1)
@@ -87,6 +89,21 @@ def plot_eval_deltas(stages: list[dict], out_file: str | os.PathLike) -> None:
         ax.set_ylim(0, 1)
         ax.set_title("Generation metrics (greedy, held-out questions)")
         ax.legend(fontsize=8)
+    if with_suites:
+        ax = axes[0][panels - 1]
+        labels, deltas = [], []
+        for stage in with_suites:
+            before = {k: v for suite in stage["eval_before"].get("suites", {}).values() for k, v in suite.items()}
+            for suite in stage["eval_after"]["suites"].values():
+                for metric, value in suite.items():
+                    if metric in before:
+                        labels.append(f"{stage['name']}\n{metric}")
+                        deltas.append(value - before[metric])
+        ax.bar(range(len(labels)), deltas, color=["C2" if d >= 0 else "C3" for d in deltas])
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(list(range(len(labels))), labels, fontsize=7, rotation=60, ha="right")
+        ax.set_ylabel("after - before")
+        ax.set_title("lm-eval suite metrics: change per stage")
     save_figure(fig, out_file)
 
 
@@ -113,15 +130,64 @@ def _pct(before: float, after: float) -> str:
     return f"{(after - before) / before:+.1%}"
 
 
+def summary_table(stages: list[dict]) -> list[str]:
+    """Every metric of every stage in one table: the first stage's input, then each stage's result."""
+    columns = [flat_eval(stages[0]["eval_before"])] + [flat_eval(s["eval_after"]) for s in stages]
+    metrics = list(dict.fromkeys(k for c in columns for k in c))
+    lines = ["| metric | " + " | ".join([f"before {stages[0]['name']}"] + [f"after {s['name']}" for s in stages]) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for metric in metrics:
+        lines.append(f"| {metric} | " + " | ".join(f"{c[metric]:.4g}" if metric in c else "" for c in columns) + " |")
+    return lines
+
+
+def timing_table(stages: list[dict]) -> list[str]:
+    """Per stage: wall time (eval included), training time, tokens trained on and tokens/s."""
+    lines = ["| stage | mode | wall time (s) | training time (s) | tokens | tokens/s | final loss |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for s in stages:
+        lines.append(f"| {s['name']} | {s['mode']} | {s.get('wall_time_s', float('nan')):.0f} | "
+                     f"{s.get('train_time_s', float('nan')):.0f} | {s.get('tokens', 0):,} | "
+                     f"{s.get('tokens_per_s', 0.0):,.0f} | {s.get('final_loss', float('nan')):.3f} |")
+    return lines
+
+
+def gate_lines(report: dict) -> list[str]:
+    """Each gate's verdict, and the stop a failed gate caused."""
+    gates = [g for s in report["stages"] for g in s.get("gates", [])]
+    if not gates and not report.get("stopped_by_gate"):
+        return []
+    lines = ["## Gates", ""]
+    if report.get("stopped_by_gate"):
+        stop = report["stopped_by_gate"]
+        lines += [f"**The pipeline stopped after stage {stop['stage']}**: " + "; ".join(stop["failures"]), ""]
+    for g in gates:
+        verdict = "PASS" if g["passed"] else ("FAIL" if g["stop"] else "MISSED (target)")
+        reason = f": {'; '.join(g['failures'])}" if g["failures"] else ""
+        lines.append(f"- {verdict}: {g['stage']}: {g['description']} ({g['before']:.4g} -> {g['after']:.4g}){reason}")
+    return lines + [""]
+
+
 def render_markdown(report: dict) -> str:
-    """A table of perplexities before/after each stage, and the loss plot."""
+    """One table of every metric before/after every stage, stage costs, gates, then each stage
+    in detail, and the plots."""
     lines = ["# Pipeline report", "", f"Output directory: `{report['out_dir']}`", ""]
+    if report["stages"]:
+        lines += ["## Every metric, stage by stage", "", *summary_table(report["stages"]), "",
+                  "## Cost per stage", "", *timing_table(report["stages"]), ""]
+    lines += gate_lines(report)
     for stage in report["stages"]:
         lines += [f"## {stage['name']} (`{stage['mode']}`)", "", f"Run directory: `{stage['run_dir']}`", "",
                   "| eval set | ppl before | ppl after | change |", "|---|---:|---:|---:|"]
         before, after = stage["eval_before"]["ppl"], stage["eval_after"]["ppl"]
         for name in after:
             lines.append(f"| {name} | {before[name]:.2f} | {after[name]:.2f} | {_pct(before[name], after[name])} |")
+        for suite, metrics in stage["eval_after"].get("suites", {}).items():
+            sb = stage["eval_before"].get("suites", {}).get(suite, {})
+            lines += ["", f"| suite {suite} (lm-eval) | before | after | change |", "|---|---:|---:|---:|"]
+            for metric, value in metrics.items():
+                old = sb.get(metric, float("nan"))
+                lines.append(f"| {metric} | {old:.4f} | {value:.4f} | {value - old:+.4f} |")
         if "generation" in stage["eval_after"]:
             gb, ga = stage["eval_before"].get("generation", {}), stage["eval_after"]["generation"]
             lines += ["", "| generation metric (greedy, held-out questions) | before | after |", "|---|---:|---:|"]
@@ -155,11 +221,6 @@ def render_markdown(report: dict) -> str:
             lines += ["", *[f"**Collapse warning**: {w}" for w in rs.get("collapse_warnings", [])]]
         if "train_time_s" in stage:
             lines += ["", f"Training time: {stage['train_time_s']:.0f} s, final loss {stage.get('final_loss', float('nan')):.3f}"]
-        lines.append("")
-    if report.get("checks"):
-        lines += ["## Checks", ""]
-        for check in report["checks"]:
-            lines.append(f"- {'PASS' if check['passed'] else 'FAIL'}: {check['description']} (measured {check['measured']})")
         lines.append("")
     lines += ["## Loss curves", "", "![loss curves](loss_curves.png)", "",
               "![evaluation before and after each stage](eval_deltas.png)", ""]

@@ -18,6 +18,26 @@ from megatron_domain.stages.causal_lm import (
     select_forward_step)
 
 
+def corpus_stream(ctx: StageContext, num_samples: int) -> PackedSampleStream:
+    """The blended, packed rows of `data.corpora` (num_samples rows of data.seq_len), with the
+    configured pack-metadata kernel; shared by pretraining and the SFT modes' replay."""
+    cfg = ctx.cfg
+    for i, corpus in enumerate(cfg.data.corpora):
+        check_prefix(corpus.path, f"data.corpora[{i}].path")
+    cache = cfg.data.cache_dir or str(Path(ctx.run_dir) / "data_cache")
+    dataset = build_blended_dataset(
+        [c.path for c in cfg.data.corpora], [c.weight for c in cfg.data.corpora], num_samples=num_samples,
+        seq_len=cfg.data.seq_len, vocab_size=ctx.tokenizer.vocab_size, eod_id=ctx.tokenizer.eod_id,
+        seed=cfg.data.seed, cache_dir=cache)
+    backend = cfg.kernels.pack_metadata
+    if backend == "auto":
+        backend = auto_backend("pack_metadata", ctx.device)
+    # the CUDA kernel works on GPU tensors: rows go to the device before their metadata is built
+    metadata_device = ctx.device if backend == "cuda" else None
+    return PackedSampleStream(dataset, ctx.tokenizer.eod_id, get_kernel("pack_metadata", backend, metadata_device or "cpu"),
+                              metadata_device)
+
+
 class PretrainStage:
     """Blended, packed causal-LM batches; the cursor counts consumed samples (global)."""
 
@@ -32,27 +52,13 @@ class PretrainStage:
         if not cfg.data.corpora:
             raise ValueError("data.corpora: the pretrain mode needs at least one corpus "
                              "(a list of {path, weight})")
-        for i, corpus in enumerate(cfg.data.corpora):
-            check_prefix(corpus.path, f"data.corpora[{i}].path")
         self.global_batch = cfg.train.global_batch_size
         self.micro_batch = cfg.train.micro_batch_size
         self.dp_rank, self.dp_size = ctx.dp_rank, ctx.dp_size
         if self.global_batch % (self.micro_batch * self.dp_size):
             raise ValueError(f"train.global_batch_size ({self.global_batch}) must be a multiple of "
                              f"micro_batch_size x data-parallel size ({self.micro_batch} x {self.dp_size})")
-        cache = cfg.data.cache_dir or str(Path(ctx.run_dir) / "data_cache")
-        dataset = build_blended_dataset(
-            [c.path for c in cfg.data.corpora], [c.weight for c in cfg.data.corpora],
-            num_samples=cfg.train.steps * self.global_batch, seq_len=cfg.data.seq_len,
-            vocab_size=ctx.tokenizer.vocab_size, eod_id=ctx.tokenizer.eod_id, seed=cfg.data.seed, cache_dir=cache)
-        backend = cfg.kernels.pack_metadata
-        if backend == "auto":
-            backend = auto_backend("pack_metadata", ctx.device)
-        # the CUDA kernel works on GPU tensors: rows go to the device before their metadata is built
-        metadata_device = ctx.device if backend == "cuda" else None
-        self.stream = PackedSampleStream(dataset, ctx.tokenizer.eod_id,
-                                         get_kernel("pack_metadata", backend, metadata_device or "cpu"),
-                                         metadata_device)
+        self.stream = corpus_stream(ctx, cfg.train.steps * self.global_batch)
 
     def batches(self, step: int) -> list[dict]:
         """This rank's micro-batches of the next global batch; advances the cursor."""

@@ -4,7 +4,10 @@ by best-fit-decreasing into rows of data.seq_len with per-conversation positions
 attention, so nothing crosses from one conversation into another.
 
 Departures from the usual recipe: none in the objective; the rows are reshuffled every epoch
-with a seeded permutation, and the cursor counts global rows, so resume is row-exact.
+with a seeded permutation, and the cursor counts global rows, so resume is row-exact. With
+`data.chat.replay` > 0 that share of every micro-batch's rows is raw text from `data.corpora`
+(loss on every token), which keeps the base model's language modelling from eroding while it
+learns the chat format (measured on the demo: README).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from tqdm import tqdm
 from megatron_domain.data.chat import (
     encode_conversation, load_template, pack_conversations, read_conversations, warn_if_markers_split)
 from megatron_domain.stages import StageContext
+from megatron_domain.stages.pretrain import corpus_stream
 from megatron_domain.stages.causal_lm import (
     causal_lm_forward_step, causal_lm_pipeline_batch, causal_lm_pipeline_loss, micro_batch_starts,
     select_forward_step)
@@ -59,6 +63,16 @@ class SftStage:
         self.micro_batch = cfg.train.micro_batch_size
         self.dp_rank, self.dp_size = ctx.dp_rank, ctx.dp_size
         self.seed = cfg.data.seed
+        self.replay_rows, self.replay = 0, None
+        if chat.replay > 0:
+            self.replay_rows = round(self.micro_batch * chat.replay)
+            if not 0 < self.replay_rows < self.micro_batch:
+                raise ValueError(f"data.chat.replay: {chat.replay} of train.micro_batch_size={self.micro_batch} rows "
+                                 f"is {self.replay_rows} replay rows per micro-batch; it must leave at least one row "
+                                 "of each kind: change data.chat.replay or micro_batch_size")
+            micro_batches = cfg.train.steps * self.global_batch // self.micro_batch
+            self.replay = corpus_stream(ctx, max(1, micro_batches * self.replay_rows))
+            self.stats["replay_rows_per_micro_batch"] = self.replay_rows
 
     def _row(self, index: int) -> int:
         """The packed row at global position `index` of the endless, per-epoch shuffled stream."""
@@ -67,11 +81,19 @@ class SftStage:
         return int(order[offset])
 
     def _micro_batch(self, start: int) -> dict:
-        rows = [self._row(i) for i in range(start, start + self.micro_batch)]
+        """The micro-batch at global row `start`: micro_batch - replay_rows conversation rows and,
+        with replay, replay_rows raw-text rows of data.corpora (loss on every token) after them."""
+        index, chat_rows = start // self.micro_batch, self.micro_batch - self.replay_rows
+        rows = [self._row(i) for i in range(index * chat_rows, (index + 1) * chat_rows)]
         p = self.packed
-        return {"tokens": torch.from_numpy(p.tokens[rows]), "labels": torch.from_numpy(p.labels[rows]),
-                "loss_mask": torch.from_numpy(p.loss_mask[rows]), "position_ids": torch.from_numpy(p.position_ids[rows]),
-                "document_ids": torch.from_numpy(p.document_ids[rows])}
+        batch = {"tokens": torch.from_numpy(p.tokens[rows]), "labels": torch.from_numpy(p.labels[rows]),
+                 "loss_mask": torch.from_numpy(p.loss_mask[rows]),
+                 "position_ids": torch.from_numpy(p.position_ids[rows]),
+                 "document_ids": torch.from_numpy(p.document_ids[rows])}  # each [B, S]
+        if self.replay is not None:
+            text = self.replay.micro_batch(index * self.replay_rows, self.replay_rows)
+            batch = {key: torch.cat([value, text[key].to(value.device, value.dtype)]) for key, value in batch.items()}
+        return batch
 
     def batches(self, step: int) -> list[dict]:
         """This rank's micro-batches of the next global batch; advances the cursor."""
