@@ -150,7 +150,8 @@ def reference_loglikelihood(model, ctx: list[int], cont: list[int]) -> tuple[flo
 
 
 def test_batched_scoring_equals_one_sequence_at_a_time(trained):
-    """Padded, length-sorted batches give each request what a lone unpadded forward gives; the
+    """Padded, length-sorted batches give each request what a lone unpadded forward gives (a
+    request longer than max_length keeps the end of its context); the
     rolling log-likelihood of a long text is the sum over its disjoint windows, each window
     conditioned on the text before it."""
     cfg = config_from_dict(trained["cfg_dict"])
@@ -160,9 +161,12 @@ def test_batched_scoring_equals_one_sequence_at_a_time(trained):
     rng = random.Random(3)
     requests = [Request(" ".join(rng.choice(ALPHA_WORDS) for _ in range(rng.randint(1, 12))),
                         " " + " ".join(rng.choice(BETA_WORDS) for _ in range(rng.randint(1, 4)))) for _ in range(20)]
+    requests.append(Request(" ".join(synthetic_documents(ALPHA_WORDS, 4, seed=2)), " the module"))  # > max_length
+    assert len(lm._encode_pair(*requests[-1].args)[0]) > 2 * MAX_LENGTH
     got = lm.loglikelihood(requests, disable_tqdm=True)
     for req, (logp, greedy) in zip(requests, got):
         ctx, cont = lm._encode_pair(*req.args)
+        ctx = ctx[-(MAX_LENGTH + 1 - len(cont)):]  # what fits: the continuation and the context just before it
         want, want_greedy = reference_loglikelihood(model, ctx, cont)
         assert logp == pytest.approx(want, abs=1e-4) and greedy == want_greedy
     text = " ".join(synthetic_documents(ALPHA_WORDS, 3, seed=9))
@@ -243,8 +247,8 @@ def test_mdt_eval_suite_and_mdt_lm_eval_cli(trained, tmp_path):
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--suite nope: not in eval.suites (mc, ppl)" in bad.stderr
     cli = subprocess.run([sys.executable, "-m", "megatron_domain.cli", "lm-eval", "--model", "megatron-domain",
-                          "--model_args", f"config={trained['run']}/config.json,checkpoint={trained['run']},"
-                          f"max_length={MAX_LENGTH}", "--tasks", "demo_domain_mc", "--local-data", str(trained["data"]),
+                          "--model_args", f"config={trained['run']}/config.json,max_length={MAX_LENGTH}",  # that run's model
+                          "--tasks", "demo_domain_mc", "--local-data", str(trained["data"]),
                           "--output_path", str(tmp_path / "cli")], cwd=REPO_ROOT, capture_output=True, text=True,
                          timeout=300)
     assert cli.returncode == 0, cli.stderr[-3000:]

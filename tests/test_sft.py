@@ -111,3 +111,67 @@ def test_sft_stream_takes_every_row_once_per_epoch_across_ranks_and_steps(corpor
     restored = stage(0)
     restored.load_state_dict(ranks[0].state_dict())
     assert torch.equal(restored.batches(0)[0]["tokens"], ranks[0].batches(0)[0]["tokens"])
+
+
+def test_sft_replay_mixes_raw_text_rows_and_resumes_exactly(tiny_config, corpora, tmp_path):
+    """data.chat.replay 0.5 of 4 rows: every micro-batch holds 2 conversation rows (loss on the
+    assistant tokens only) then 2 consecutive rows of the corpus blend (loss on every token but
+    positions whose input is an EOD), the conversation rows are the no-replay stream's, in order; a replay
+    run resumes exactly; bad settings are errors naming the key."""
+    from pathlib import Path
+
+    from megatron_domain.config import ConfigError
+    from megatron_domain.data.tokenizer import load_tokenizer
+    from megatron_domain.stages import StageContext
+    from megatron_domain.stages.sft import SftStage
+
+    base = train(tiny_config("base", steps=2)).final_checkpoint
+
+    def stage(cfg) -> SftStage:
+        s = SftStage()
+        s.setup(StageContext(cfg=cfg, tokenizer=load_tokenizer(cfg.data.tokenizer), device=torch.device("cpu"),
+                             run_dir=Path(cfg.train.run_dir), dp_rank=0, dp_size=1))
+        return s
+
+    plain = sft_config(corpora, tmp_path, "plain", base, micro_batch_size=2, global_batch_size=4)
+    mixed = sft_config(corpora, tmp_path, "mixed", base, micro_batch_size=4, global_batch_size=8)
+    mixed.data.chat.replay = 0.5
+    plain_stage, mixed_stage = stage(plain), stage(mixed)
+    assert mixed_stage.replay_rows == 2 and mixed_stage.stats["replay_rows_per_micro_batch"] == 2
+    chat_rows, text_rows = [], []
+    for step in range(3):
+        for m in mixed_stage.batches(step):
+            assert m["tokens"].shape == (4, 64) and set(m) == {"tokens", "labels", "loss_mask", "position_ids",
+                                                               "document_ids"}
+            chat_rows.append(m["tokens"][:2])
+            text_rows.append(m)
+            assert m["loss_mask"][:2].float().mean() < 0.9  # prompts and padding are not trained
+            eod = corpora["eod_id"]
+            assert bool((m["loss_mask"][2:].bool() == (m["tokens"][2:] != eod)).all())
+    want = torch.cat([m["tokens"] for step in range(3) for m in plain_stage.batches(step)])
+    assert torch.equal(torch.cat(chat_rows), want)
+    replayed = torch.cat([m["tokens"][2:] for m in text_rows])  # [12, S]: consecutive stream samples
+    stream = mixed_stage.replay.micro_batch(0, 12)["tokens"]
+    assert torch.equal(replayed, stream)
+    straight = train(_replay_config(corpora, tmp_path, "r_straight", base)).losses
+    first = train(_replay_config(corpora, tmp_path, "r_resumed", base, exit_at_step=4)).losses
+    second = train(_replay_config(corpora, tmp_path, "r_resumed", base), resume=True).losses
+    assert first + second == straight
+    bad = tiny_config_dict(corpora, tmp_path / "bad")
+    bad["data"]["chat"] = {"path": str(chat_file(tmp_path)), "replay": 0.25}
+    with pytest.raises(ConfigError, match=r"data.chat.replay: only the sft and rs_sft modes replay raw text"):
+        config_from_dict(bad)
+    bad.update(mode="sft")
+    bad["data"]["corpora"] = []
+    with pytest.raises(ConfigError, match=r"data.chat.replay: 0.25 needs data.corpora"):
+        config_from_dict(bad)
+    few = sft_config(corpora, tmp_path, "few", base, micro_batch_size=2, global_batch_size=2)
+    few.data.chat.replay = 0.1
+    with pytest.raises(ValueError, match=r"data.chat.replay: 0.1 of train.micro_batch_size=2 rows is 0 replay rows"):
+        stage(few)
+
+
+def _replay_config(corpora, tmp_path, name, base, **train_kw):
+    cfg = sft_config(corpora, tmp_path, name, base, micro_batch_size=4, global_batch_size=4, **train_kw)
+    cfg.data.chat.replay = 0.25
+    return cfg

@@ -159,6 +159,25 @@ MUTATIONS = (
     Mutation("pipeline-resume-keeps-a-changed-stage", "megatron_domain/pipeline.py",
              "    if changes:\n        shown", "    if False:\n        shown",
              (f"{CLUSTER}::test_pipeline_resume_after_a_kill_in_the_second_stage",)),
+    # lm-eval adapter, gates and SFT replay
+    Mutation("lm-eval-scores-one-position-late", "megatron_domain/eval/lm_eval_model.py",
+             "start = len(inp) - len(cont)", "start = len(inp) - len(cont) + 1",
+             ("tests/test_lm_eval.py::test_batched_scoring_equals_one_sequence_at_a_time",)),
+    Mutation("lm-eval-no-left-truncation", "megatron_domain/eval/lm_eval_model.py",
+             "inputs = [(ctx + cont)[-(self.max_length + 1):][:-1] for ctx, cont in rows]",
+             "inputs = [(ctx + cont)[:-1] for ctx, cont in rows]",
+             ("tests/test_lm_eval.py::test_batched_scoring_equals_one_sequence_at_a_time",)),
+    Mutation("gate-max-drop-sign", "megatron_domain/eval/gates.py",
+             "if not math.isnan(gate.max_drop) and -change > gate.max_drop + 1e-12:",
+             "if not math.isnan(gate.max_drop) and change > gate.max_drop + 1e-12:",
+             ("tests/test_lm_eval.py::test_gate_bounds",)),
+    Mutation("gate-failure-does-not-stop", "megatron_domain/pipeline.py",
+             "if stopping and not continue_on_gate_failure:", "if stopping and continue_on_gate_failure:",
+             ("tests/test_lm_eval.py::test_a_failed_gate_stops_the_pipeline_with_a_message",)),
+    Mutation("sft-replay-rows-repeat", "megatron_domain/stages/sft.py",
+             "text = self.replay.micro_batch(index * self.replay_rows, self.replay_rows)",
+             "text = self.replay.micro_batch(0, self.replay_rows)",
+             ("tests/test_sft.py::test_sft_replay_mixes_raw_text_rows_and_resumes_exactly",)),
 )
 
 

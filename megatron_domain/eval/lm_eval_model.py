@@ -6,8 +6,8 @@ Importing this module registers the model type, so lm-eval's own entry points fi
         --tasks demo_domain_mc --include_path ...          (the lm-eval CLI, with our model)
     lm_eval.simple_evaluate(model="megatron-domain", model_args="pretrained=hf:/models/x", ...)
 
-model_args: `config` (a run's config.json or a training YAML; the model is its
-`model.init_from` plus, with `checkpoint`, that checkpoint: a LoRA run is its base plus the
+model_args: `config` (a run's config.json: the model that run trained, or a training YAML: its
+`model.init_from`; `checkpoint` picks another checkpoint; a LoRA run is its base plus the
 checkpoint's adapters) or `pretrained` (an `hf:` folder or a checkpoint / run directory of
 ours, tokenizer from `tokenizer`, else the folder); `batch_size`, `max_length` (default
 model.max_seq_len), `max_gen_toks`, `device`.
@@ -63,6 +63,9 @@ def load_for_eval(config: str | None, checkpoint: str | None, pretrained: str | 
                          "or pretrained=<hf:folder | checkpoint | run dir>")
     if config:
         cfg = load_config(config)
+        run_dir = Path(config).parent
+        if checkpoint is None and Path(config).name == "config.json" and (run_dir / "checkpoints" / "latest").is_file():
+            checkpoint = str(run_dir)  # a run's own config.json: the model that run trained
     else:
         source = pretrained if pretrained.startswith("hf:") or not Path(pretrained, "config.json").is_file() \
             or Path(pretrained, "checkpoints").is_dir() else f"hf:{pretrained}"
