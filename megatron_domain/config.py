@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -19,7 +19,7 @@ from megatron_domain.config import GENERATION_METRICS, Config, PipelineConfig, s
 from megatron_domain.data.demo_corpus import prepare_demo_data
 from megatron_domain.data.demo_sft import build_demo_sft
 from megatron_domain.engine import check_backends, train
-from megatron_domain.eval.gates import evaluate_gates, failure_message
+from megatron_domain.eval.gates import evaluate_gates, failure_message, verdict
 from megatron_domain.eval.harness import evaluate_model, load_eval_model
 from megatron_domain.eval.perplexity import write_json_atomic
 from megatron_domain.eval.report import write_report
@@ -199,5 +199,4 @@ def print_stage_summary(name: str, entry: dict) -> None:
                             for k, v in metrics.items())
         tqdm.write(f"[{name}] suite {suite}: {changes}")
     for gate in entry.get("gates", []):
-        verdict = "PASS" if gate["passed"] else ("FAIL" if gate["stop"] else "MISSED (target)")
-        tqdm.write(f"[{name}] gate {verdict}: {gate['description']} ({gate['before']:.4g} -> {gate['after']:.4g})")
+        tqdm.write(f"[{name}] gate {verdict(gate)}: {gate['description']} ({gate['before']:.4g} -> {gate['after']:.4g})")

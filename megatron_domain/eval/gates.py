@@ -76,6 +76,11 @@ def evaluate_gates(stage: str, gates: list[GateConfig], before: dict, after: dic
     return results
 
 
+def verdict(result: dict) -> str:
+    """PASS, FAIL (a stopping gate failed) or MISSED (target) (a `stop: false` gate failed)."""
+    return "PASS" if result["passed"] else ("FAIL" if result["stop"] else "MISSED (target)")
+
+
 def failure_message(result: dict) -> str:
     """One line naming the stage, the metric, the values and what was violated."""
     return (f"gate failed after stage {result['stage']}: {result['metric']} {result['before']:.4g} -> "

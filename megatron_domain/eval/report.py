@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from megatron_domain.config import GENERATION_METRICS
-from megatron_domain.eval.gates import flat_eval
+from megatron_domain.eval.gates import flat_eval, verdict
 from megatron_domain.eval.perplexity import write_json_atomic
 from megatron_domain.metrics import read_metrics
 
@@ -162,9 +162,8 @@ def gate_lines(report: dict) -> list[str]:
         stop = report["stopped_by_gate"]
         lines += [f"**The pipeline stopped after stage {stop['stage']}**: " + "; ".join(stop["failures"]), ""]
     for g in gates:
-        verdict = "PASS" if g["passed"] else ("FAIL" if g["stop"] else "MISSED (target)")
         reason = f": {'; '.join(g['failures'])}" if g["failures"] else ""
-        lines.append(f"- {verdict}: {g['stage']}: {g['description']} ({g['before']:.4g} -> {g['after']:.4g}){reason}")
+        lines.append(f"- {verdict(g)}: {g['stage']}: {g['description']} ({g['before']:.4g} -> {g['after']:.4g}){reason}")
     return lines + [""]
 
 

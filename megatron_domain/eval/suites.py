@@ -122,8 +122,6 @@ def render_local_tasks(suite: EvalSuiteConfig, where: str, out_dir: Path) -> Pat
                                ("test_split", "test"), ("fewshot_split", "dev" if "dev" in task.splits else "train")):
                 if split not in present:
                     body[key] = None
-            if name.startswith("mmlu") and "dev" in present:
-                body["fewshot_split"] = "dev"
         tmp = out_dir / f"{name}.yaml.tmp"
         tmp.write_text(yaml.safe_dump(body, sort_keys=False))
         os.replace(tmp, out_dir / f"{name}.yaml")
