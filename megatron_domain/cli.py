@@ -33,6 +33,7 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from megatron_domain.eval.gates import verdict
     from megatron_domain.pipeline import run_pipeline
 
     pipe, stages = load_pipeline(args.config, args.overrides)
@@ -43,8 +44,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         return 0  # the scheduler's signal: checkpoint written, continue with --resume
     gates = [g for stage in report["stages"] for g in stage.get("gates", [])]
     for gate in gates:
-        verdict = "PASS" if gate["passed"] else ("FAIL" if gate["stop"] else "MISSED (target)")
-        print(f"{verdict}: {gate['stage']}: {gate['description']}: {gate['before']:.4g} -> {gate['after']:.4g}")
+        print(f"{verdict(gate)}: {gate['stage']}: {gate['description']}: {gate['before']:.4g} -> {gate['after']:.4g}")
     if report.get("stopped_by_gate"):
         stop = report["stopped_by_gate"]
         print(f"error: the pipeline stopped after stage {stop['stage']}: " + "; ".join(stop["failures"]), file=sys.stderr)
@@ -266,41 +266,43 @@ def run_lm_eval_cli(argv: list[str]) -> int:
     """`mdt lm-eval ARGS`: lm-eval's own command line with our model type registered
     (`--model megatron-domain`), offline unless HF_HUB_OFFLINE / HF_DATASETS_OFFLINE say otherwise.
     `--local-data DIR` adds the local benchmark copies (mmlu_local, ...; eval/suites.py) read from DIR."""
+    import tempfile
+    from pathlib import Path
+
     from megatron_domain.config import EvalSuiteConfig
     from megatron_domain.eval.suites import LOCAL_TASKS, render_local_tasks, set_offline_defaults
 
     set_offline_defaults()
-    if "--local-data" in argv:
-        at = argv.index("--local-data")
-        if at + 1 >= len(argv):
-            print("error: --local-data needs a folder", file=sys.stderr)
-            return 2
-        data_dir = argv[at + 1]
-        argv = argv[:at] + argv[at + 2:]
-        import tempfile
-        from pathlib import Path
+    with tempfile.TemporaryDirectory(prefix="mdt-lm-eval-tasks-") as tasks_dir:
+        if "--local-data" in argv:
+            at = argv.index("--local-data")
+            if at + 1 >= len(argv):
+                print("error: --local-data needs a folder", file=sys.stderr)
+                return 2
+            data_dir = argv[at + 1]
+            argv = argv[:at] + argv[at + 2:]
+            present = [name for name, task in LOCAL_TASKS.items()
+                       if all((Path(data_dir) / task.splits[split]).is_file() for split in task.required)]
+            if not present:
+                print(f"error: --local-data {data_dir}: holds none of the local benchmark copies "
+                      f"({', '.join(LOCAL_TASKS)}); see the README's 'Evaluation suites' for the layout",
+                      file=sys.stderr)
+                return 2
+            render_local_tasks(EvalSuiteConfig(name="cli", tasks=present, data_dir=data_dir), "--local-data",
+                               Path(tasks_dir))
+            argv = argv + ["--include_path", tasks_dir]
+        import megatron_domain.eval.lm_eval_model  # noqa: F401  (registers --model megatron-domain)
+        from lm_eval._cli import HarnessCLI
+        from lm_eval.utils import setup_logging
 
-        tasks_dir = Path(tempfile.mkdtemp(prefix="mdt-lm-eval-tasks-"))
-        present = [name for name, task in LOCAL_TASKS.items()
-                   if all((Path(data_dir) / task.splits[split]).is_file() for split in task.required)]
-        if not present:
-            print(f"error: --local-data {data_dir}: holds none of the local benchmark copies "
-                  f"({', '.join(LOCAL_TASKS)}); see the README's 'Evaluation suites' for the layout", file=sys.stderr)
-            return 2
-        render_local_tasks(EvalSuiteConfig(name="cli", tasks=present, data_dir=data_dir), "--local-data", tasks_dir)
-        argv += ["--include_path", str(tasks_dir)]
-    import megatron_domain.eval.lm_eval_model  # noqa: F401  (registers --model megatron-domain)
-    from lm_eval._cli import HarnessCLI
-    from lm_eval.utils import setup_logging
-
-    setup_logging()
-    parser = HarnessCLI()
-    saved = sys.argv
-    sys.argv = ["lm-eval", *argv]  # lm-eval's parser reads sys.argv (it inserts its default `run` command)
-    try:
-        parser.execute(parser.parse_args())
-    finally:
-        sys.argv = saved
+        setup_logging()
+        parser = HarnessCLI()
+        saved = sys.argv
+        sys.argv = ["lm-eval", *argv]  # lm-eval's parser reads sys.argv (it inserts its default `run` command)
+        try:
+            parser.execute(parser.parse_args())
+        finally:
+            sys.argv = saved
     return 0
 
 

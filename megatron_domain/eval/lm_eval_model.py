@@ -10,7 +10,8 @@ model_args: `config` (a run's config.json: the model that run trained, or a trai
 `model.init_from`; `checkpoint` picks another checkpoint; a LoRA run is its base plus the
 checkpoint's adapters) or `pretrained` (an `hf:` folder or a checkpoint / run directory of
 ours, tokenizer from `tokenizer`, else the folder); `batch_size`, `max_length` (default
-model.max_seq_len), `max_gen_toks`, `device`.
+model.max_seq_len), `max_gen_toks`, `device`, `chat_template`; any other key is an error
+(lm-eval's `max_batch_size` is accepted and unused: batches are capped by a logits budget).
 
 Requests are scored the way lm-eval's `hf` model scores them (same tokenization, left
 truncation to max_length + 1 tokens, rolling windows for perplexity), so the two agree on an
@@ -53,7 +54,7 @@ def bos_token_id(tokenizer: TextTokenizer) -> int | None:
 def load_for_eval(config: str | None, checkpoint: str | None, pretrained: str | None, tokenizer: str | None,
                   device: str) -> tuple[torch.nn.Module, TextTokenizer, object]:
     """(model in eval mode, tokenizer, Config) from lm-eval model_args strings."""
-    from megatron_domain.config import config_from_dict, load_config
+    from megatron_domain.config import config_from_dict, load_config, stored_model_config
     from megatron_domain.data.tokenizer import load_tokenizer
     from megatron_domain.eval.harness import load_eval_model
     from megatron_domain.parallel.distributed import ensure_process_group, resolve_device
@@ -70,7 +71,10 @@ def load_for_eval(config: str | None, checkpoint: str | None, pretrained: str | 
         source = pretrained if pretrained.startswith("hf:") or not Path(pretrained, "config.json").is_file() \
             or Path(pretrained, "checkpoints").is_dir() else f"hf:{pretrained}"
         folder = source.removeprefix("hf:")
-        cfg = config_from_dict({"model": {"init_from": source}, "data": {"tokenizer": tokenizer or folder}},
+        stored = stored_model_config(source)  # data.seq_len must fit the model's context (it is not used here)
+        seq_len = min(512, int((stored[0] if stored else {}).get("max_seq_len") or 512))
+        cfg = config_from_dict({"model": {"init_from": source},
+                                "data": {"tokenizer": tokenizer or folder, "seq_len": seq_len}},
                                source=f"{MODEL_NAME} model_args")
     if tokenizer:
         cfg.data.tokenizer = tokenizer
@@ -90,8 +94,11 @@ class MegatronDomainLM(TemplateLM):
     def __init__(self, config: str | None = None, checkpoint: str | None = None, pretrained: str | None = None,
                  tokenizer: str | TextTokenizer | None = None, model: torch.nn.Module | None = None,
                  batch_size: int | str = 16, max_length: int | None = None, max_gen_toks: int = 256,
-                 device: str = "cpu", chat_template: str = "", **unused):
+                 device: str = "cpu", chat_template: str = "", max_batch_size: int | None = None, **unknown):
         super().__init__()
+        if unknown:  # a typo would otherwise be ignored silently
+            raise ValueError(f"{MODEL_NAME}: unknown model_args {', '.join(sorted(unknown))}; known: config, checkpoint, "
+                             "pretrained, tokenizer, batch_size, max_length, max_gen_toks, device, chat_template")
         if isinstance(batch_size, str):
             if not batch_size.isdigit():  # lm-eval's "auto" probes GPU memory; we cap batches by a logits budget
                 raise ValueError(f"{MODEL_NAME}: batch_size must be a number, not {batch_size!r}")
