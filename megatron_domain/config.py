@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,10 @@ ROLLOUT_BACKENDS = ("native", "vllm")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")  # losses.DPO_LOSS_TYPES (config imports nothing of ours)
 DPO_REFERENCES = ("auto", "adapters", "copy", "precomputed")
 JUDGE_KINDS = ("rubric", "pairwise", "panel")
-GENERATION_METRICS = ("format_adherence", "citation_accuracy", "refusal_in_scope", "refusal_out_of_scope")
+GENERATION_METRICS = ("format_adherence", "citation_accuracy", "refusal_in_scope", "refusal_out_of_scope",
+                      # domain metrics against the questions' references (eval/domain_metrics.py)
+                      "qa_exact_match", "qa_normalized_match", "qa_f1", "citation_precision", "citation_recall",
+                      "over_refusal", "under_refusal")
 DIALOGUE_METRICS = ("dialogue_score", "late_retention")  # eval.dialogues, as shares (score / 100)
 PAIRWISE_BACKENDS = ("model", "openai")
 PANEL_VOTES = ("majority", "mean")
@@ -112,12 +116,18 @@ class ChatDataConfig:
     chatml, or `tokenizer` for the tokenizer's own) and what to do with an example longer than
     data.seq_len (truncate or drop; the count is reported). `replay` (sft, rs_sft): the share of
     each micro-batch's rows taken from `data.corpora` as raw text (loss on every token), e.g.
-    0.25, so fine-tuning on chat does not erode the base model's language modelling."""
+    0.25, so fine-tuning on chat does not erode the base model's language modelling.
+    `replay_loss_weight`: each replay token's weight in the loss (a conversation token's is 1;
+    the loss is the weighted mean). A raw-text row has a loss on every token, a conversation row
+    only on its assistant turns, so at weight 1 a small share of replay rows can carry most of
+    the loss; a weight below 1 lets the replay hold language modelling without drowning the
+    chat signal (the demo: README)."""
 
     path: str = ""
     template: str = "chatml"
     overflow: str = "truncate"
     replay: float = 0.0
+    replay_loss_weight: float = 1.0
 
 
 @dataclass
@@ -276,16 +286,20 @@ class JudgeConfig:
 @dataclass
 class GenerationEvalConfig:
     """Greedy-decoding eval on held-out questions ({"prompt", "source"} JSONL; source null = out
-    of scope): house-format adherence, citation accuracy and, with `refusal` (the house refusal
-    sentence), refusal rates in and out of scope; `kl_samples` > 0: KL(policy || the stage's
-    initial model) estimated from that many sampled answers per question (eval/rubric.py).
-    Empty path = off."""
+    of scope; optional "sources" [ids] and "answer" references): house-format adherence,
+    citation accuracy, the domain metrics (QA exact / normalized match and F1 against "answer",
+    citation precision / recall against the gold sources) and, with `refusal` (the house refusal
+    sentence) or `refusal_patterns` (regular expressions, searched in the answer), refusal rates
+    in and out of scope (over- and under-refusal); `kl_samples` > 0: KL(policy || the stage's
+    initial model) estimated from that many sampled answers per question (eval/rubric.py,
+    eval/domain_metrics.py). Empty path = off."""
 
     path: str = ""
     template: str = "chatml"
     max_new_tokens: int = 64
     max_examples: int = 0
     refusal: str = ""
+    refusal_patterns: list[str] = field(default_factory=list)
     kl_samples: int = 0
 
 
@@ -560,8 +574,9 @@ class GateConfig:
     """A regression gate (or, with `stop: false`, a reported target) of one pipeline stage,
     checked on the stage's eval after training against its own eval before. `metric`:
     `ppl/<eval set>`; an lm-eval suite metric `<task>/<metric>` (e.g. mmlu_local/acc); a
-    generation metric (format_adherence, citation_accuracy, refusal_in_scope,
-    refusal_out_of_scope) or a dialogue metric (dialogue_score, late_retention). Bounds (unset =
+    generation metric (GENERATION_METRICS: format_adherence, citation_accuracy, refusal_in_scope,
+    refusal_out_of_scope, and the domain metrics qa_exact_match, qa_normalized_match, qa_f1,
+    citation_precision, citation_recall, over_refusal, under_refusal) or a dialogue metric (dialogue_score, late_retention). Bounds (unset =
     no bound): `min` / `max` on the value after; `max_drop` (before - after), `min_gain` and
     `max_gain` (after - before) in the metric's own units (0.02 = 2 points of a share);
     `max_rise`: the relative change (after - before) / before, e.g. 0.05 = at most 5% higher,
@@ -852,9 +867,10 @@ def config_from_dict(data: dict, source: str = "", path: str = "") -> Config:
     if isinstance(data.get("model"), dict):
         data["model"] = resolve_model_preset(data["model"], _join(path, "model"), problems)
     cfg = _build(Config, data, path, problems)
-    # a run's saved config.json lists data.chat with its defaults: only a changed one counts as set
-    if isinstance(data.get("data"), dict) and data["data"].get("chat", {}) != to_dict(ChatDataConfig()) \
-            and "chat" in data["data"] and cfg.mode not in CHAT_MODES:
+    # a run's saved config.json lists data.chat with its defaults (possibly an older release's
+    # fields): only a value other than a default counts as set
+    if isinstance(data.get("data"), dict) and "chat" in data["data"] and cfg.data.chat != ChatDataConfig() \
+            and cfg.mode not in CHAT_MODES:
         problems.append(f"{_join(path, 'data.chat')}: set, but mode {cfg.mode!r} reads no conversations and would "
                         f"ignore it; remove data.chat or use a chat mode ({', '.join(CHAT_MODES)})")
     problems.extend(validate(cfg, path))
@@ -925,6 +941,12 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
     if e.dialogues.seeds:
         problems.extend(validate_dialogue_eval(e.dialogues, _join(prefix, "eval.dialogues")))
     problems.extend(validate_suites(e.suites, _join(prefix, "eval.suites")))
+    for i, pattern in enumerate(e.generation.refusal_patterns):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            problems.append(f"{p(f'eval.generation.refusal_patterns[{i}]')}: {pattern!r} is not a regular "
+                            f"expression ({err})")
     if d.seq_len <= 0:
         problems.append(f"{p('data.seq_len')}: must be > 0, got {d.seq_len}")
     elif m.max_seq_len > 0 and d.seq_len > m.max_seq_len:
@@ -938,6 +960,11 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
         problems.append(f"{p('data.chat.replay')}: {d.chat.replay} needs data.corpora (the raw text to replay)")
     elif d.chat.replay > 0 and cfg.mode not in ("sft", "rs_sft"):
         problems.append(f"{p('data.chat.replay')}: only the sft and rs_sft modes replay raw text, not {cfg.mode!r}")
+    if not d.chat.replay_loss_weight > 0:
+        problems.append(f"{p('data.chat.replay_loss_weight')}: must be > 0, got {d.chat.replay_loss_weight}")
+    elif d.chat.replay_loss_weight != 1.0 and d.chat.replay > 0 and cfg.parallel.pp > 1:
+        problems.append(f"{p('data.chat.replay_loss_weight')}: {d.chat.replay_loss_weight} is not available with "
+                        "parallel.pp > 1 (the pipeline loss has no per-token weights); use 1.0 or parallel.pp=1")
     for i, corpus in enumerate(d.corpora):
         if not corpus.path:
             problems.append(f"{p(f'data.corpora[{i}].path')}: empty; give an indexed dataset prefix "

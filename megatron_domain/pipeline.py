@@ -186,10 +186,12 @@ def print_stage_summary(name: str, entry: dict) -> None:
     tqdm.write(f"[{name}] held-out perplexity {summary}")
     if "generation" in after:
         gb, ga = before["generation"], after["generation"]
-        changes = ", ".join(f"{k.replace('_', ' ')} {gb[k]:.1%} -> {ga[k]:.1%}"
-                            for k in GENERATION_METRICS if k in ga and k in gb)
-        kl = f", KL to the stage's start {ga['kl_to_reference']:.3f}" if "kl_to_reference" in ga else ""
-        tqdm.write(f"[{name}] {changes}{kl}")
+        rubric, domain = GENERATION_METRICS[:4], GENERATION_METRICS[4:]
+        for group, label in ((rubric, ""), (domain, "domain metrics: ")):
+            changes = ", ".join(f"{k.replace('_', ' ')} {gb[k]:.1%} -> {ga[k]:.1%}" for k in group if k in ga and k in gb)
+            kl = f", KL to the stage's start {ga['kl_to_reference']:.3f}" if group is rubric and "kl_to_reference" in ga else ""
+            if changes:
+                tqdm.write(f"[{name}] {label}{changes}{kl}")
     if "dialogues" in after:
         db, da = before["dialogues"], after["dialogues"]
         tqdm.write(f"[{name}] dialogues: score {db['dialogue_score']:.1%} -> {da['dialogue_score']:.1%}, "

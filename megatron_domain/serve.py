@@ -194,13 +194,15 @@ def create_app(served: ServedModel):
         try:
             body = await parse(request)
             params = sampling_from_request(body, served, chat=False)
+            with_usage = include_usage(body)
             prompts = completion_prompts(body, served)
             check_lengths(prompts, params, served)
         except RequestError as exc:
             return error(400, str(exc))
         seeds = sequence_seeds(params.seed, None, len(prompts))
         if body.get("stream"):
-            return StreamingResponse(_stream(served, prompts, params, seeds, chat=False), media_type="text/event-stream")
+            return StreamingResponse(_stream(served, prompts, params, seeds, False, with_usage),
+                                     media_type="text/event-stream")
         done = await _generate_async(served, prompts, params, seeds)
         want_logprobs, want_ids = body.get("logprobs") is not None, bool(body.get("return_token_ids"))
         choices = []
@@ -219,6 +221,7 @@ def create_app(served: ServedModel):
         try:
             body = await parse(request)
             params = sampling_from_request(body, served, chat=True)
+            with_usage = include_usage(body)
             try:
                 messages = parse_messages(body.get("messages"), "'messages'", need_assistant=False)
             except ValueError as exc:
@@ -229,7 +232,8 @@ def create_app(served: ServedModel):
             return error(400, str(exc))
         seeds = sequence_seeds(params.seed, None, 1)
         if body.get("stream"):
-            return StreamingResponse(_stream(served, [prompt], params, seeds, chat=True), media_type="text/event-stream")
+            return StreamingResponse(_stream(served, [prompt], params, seeds, True, with_usage),
+                                     media_type="text/event-stream")
         done = await _generate_async(served, [prompt], params, seeds)
         choices = []
         for c in done:
@@ -267,16 +271,29 @@ def _completion_logprobs(c: Completion, served: ServedModel) -> dict:
             "text_offset": None}
 
 
+def include_usage(body: dict) -> bool:
+    """OpenAI's `stream_options: {"include_usage": true}`: a last chunk with the token counts."""
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise RequestError("'stream_options' must be an object, e.g. {\"include_usage\": true}")
+    return bool(options.get("include_usage"))
+
+
+def _usage(prompts, done: list[Completion]) -> dict:
+    prompt_tokens, completion_tokens = sum(map(len, prompts)), sum(len(c.token_ids) for c in done)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 def _envelope(kind: str, served: ServedModel, choices: list[dict], prompts, done: list[Completion]) -> dict:
     return {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,
-            "created": int(time.time()), "model": served.name, "choices": choices,
-            "usage": {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": sum(len(c.token_ids) for c in done),
-                      "total_tokens": sum(map(len, prompts)) + sum(len(c.token_ids) for c in done)}}
+            "created": int(time.time()), "model": served.name, "choices": choices, "usage": _usage(prompts, done)}
 
 
-def _stream(served: ServedModel, prompts, params: SamplingParams, seeds, chat: bool):
+def _stream(served: ServedModel, prompts, params: SamplingParams, seeds, chat: bool, with_usage: bool = False):
     """Server-sent events: one chunk per piece of text as tokens are generated, then the
-    finish reasons, then `data: [DONE]`."""
+    finish reasons, (with `with_usage`) a chunk with no choices and the token counts, then
+    `data: [DONE]`."""
     events: queue.Queue = queue.Queue()
     streams: dict[tuple[int, int], TextStream] = {}
     stop_ids = set(params.stop_token_ids)
@@ -299,15 +316,17 @@ def _stream(served: ServedModel, prompts, params: SamplingParams, seeds, chat: b
     stream_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     kind = "chat.completion.chunk" if chat else "text_completion"
 
+    def event(**fields) -> str:
+        payload = {"id": stream_id, "object": kind, "created": int(time.time()), "model": served.name, **fields}
+        return f"data: {json.dumps(payload)}\n\n"
+
     def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> str:
         if chat:
             delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
             choice = {"index": index, "delta": delta, "finish_reason": finish}
         else:
             choice = {"index": index, "text": text or "", "finish_reason": finish}
-        payload = {"id": stream_id, "object": kind, "created": int(time.time()), "model": served.name,
-                   "choices": [choice]}
-        return f"data: {json.dumps(payload)}\n\n"
+        return event(choices=[choice])
 
     if chat:
         for j in range(params.n):
@@ -324,6 +343,8 @@ def _stream(served: ServedModel, prompts, params: SamplingParams, seeds, chat: b
                 key = (c.prompt_index, c.sample_index)
                 rest = streams.setdefault(key, TextStream(served.sampler.decode, params.stop)).finish(c.text)
                 yield chunk(key[0] * params.n + key[1], rest or None, c.finish_reason)
+            if with_usage:
+                yield event(choices=[], usage=_usage(prompts, value))
             break
     yield "data: [DONE]\n\n"
 

@@ -5,18 +5,12 @@ waiting for / stopping the servers some tests start."""
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    """An unused TCP port on localhost."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megatron_domain.rollout.server_process import free_port, stop_server, wait_for_server  # noqa: F401 (re-exported)
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args: tuple) -> None:
@@ -35,33 +29,26 @@ def run_on_ranks(world_size: int, fn, *args) -> None:
     mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
 
 
-def wait_for_server(proc, url: str, timeout_s: float, describe) -> None:
-    """Poll `url`/health until it answers 200; `describe()` (e.g. the server's log) goes into the
-    error when the process exits or the time runs out."""
-    import time
-
-    import httpx
-
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited:\n{describe()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"the server did not answer within {timeout_s:.0f} s:\n{describe()}")
-
-
-def stop_server(proc, timeout_s: float = 60) -> None:
-    """Terminate a server process (kill it if it lingers)."""
+def bench_serve_levels(url: str, questions: list[str], tmp_path, max_tokens: int = 4) -> list[dict]:
+    """tools/bench_serve.py against a running server at 1 and 2 clients (1.5 s each, greedy,
+    `max_tokens` per answer, the given questions): its levels, after the checks every server
+    must pass: requests completed without errors, usage-counted tokens, consistent timings."""
+    import json
     import subprocess
+    import sys
+    from pathlib import Path
 
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    prompts = tmp_path / "bench_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions))
+    run = subprocess.run([sys.executable, "tools/bench_serve.py", "--url", url, "--concurrency", "1,2", "--duration",
+                          "1.5", "--max-tokens", str(max_tokens), "--prompts", str(prompts)],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [level["clients"] for level in record["levels"]] == [1, 2] and record["prompts"] == len(questions)
+    for level in record["levels"]:
+        assert level["requests"] >= level["clients"] and level["errors"] == 0, level
+        assert level["requests_per_s"] == level["requests"] / level["wall_s"]
+        assert 0 < level["ttft_ms"]["p50"] <= level["latency_ms"]["p99"]
+        assert level["itl_ms"]["p50"] > 0 and level["tpot_ms"]["p50"] > 0
+    return record["levels"]

@@ -102,9 +102,14 @@ def test_keys_of_other_trainers_suggest_ours(key, suggestion):
 
 
 def test_chat_block_in_a_mode_without_conversations_is_refused():
+    """A data.chat value other than a default in a mode without conversations is an error; a
+    run's saved config.json (every field at its default, or an older release's fields only) is not."""
     with pytest.raises(ConfigError, match=r"data.chat: set, but mode 'pretrain' reads no conversations"):
         config_from_dict({"mode": "pretrain", "model": {"preset": "tiny-test"},
-                          "data": {"seq_len": 64, "chat": {"template": "chatml"}}})
+                          "data": {"seq_len": 64, "chat": {"path": "chat.jsonl", "template": "chatml"}}})
+    for saved in ({"path": "", "template": "chatml", "overflow": "truncate", "replay": 0.0, "replay_loss_weight": 1.0},
+                  {"path": "", "template": "chatml", "overflow": "truncate", "replay": 0.0}):
+        config_from_dict({"mode": "pretrain", "model": {"preset": "tiny-test"}, "data": {"seq_len": 64, "chat": saved}})
 
 
 def test_cli_messages_name_the_option_and_the_file(tmp_path, corpora):

@@ -74,6 +74,12 @@ def test_reduced_demo_pipeline_meets_its_criteria(tmp_path):
     assert sft["eval_before"]["generation"]["format_adherence"] == 0.0  # the DACPT model never answers so
     assert sft["eval_after"]["generation"]["format_adherence"] >= 0.90
     assert sft["eval_after"]["generation"]["citation_accuracy"] >= 0.05
+    # the domain metrics: the held-out questions carry reference answers and out-of-scope ones
+    scored = sft["eval_after"]["generation"]
+    assert scored["over_refusal"] == scored["refusal_in_scope"]
+    assert scored["under_refusal"] == pytest.approx(1 - scored["refusal_out_of_scope"])
+    assert 0 < scored["qa_f1"] <= 1 and scored["qa_exact_match"] <= scored["qa_normalized_match"]
+    assert scored["citation_recall"] == pytest.approx(scored["citation_accuracy"])  # one gold source, one citation
     dpo = report["stages"][3]
     generation = dpo["eval_after"]["generation"]
     assert set(generation) >= {"format_adherence", "citation_accuracy", "refusal_in_scope", "refusal_out_of_scope",

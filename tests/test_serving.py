@@ -26,7 +26,7 @@ from megatron_domain.rollout.prompts import chat_prompt_ids, stop_conditions
 from megatron_domain.rollout.probe import completion_logprobs
 from megatron_domain.rollout.sampling import SamplingParams
 
-from parallel_harness import free_port, stop_server, wait_for_server
+from parallel_harness import bench_serve_levels, free_port, stop_server, wait_for_server
 
 QUESTIONS = ["what is list?", "what is module?", "what is error?"]
 
@@ -116,6 +116,16 @@ def test_streaming_chat_and_completions_add_up_to_the_full_answer(server, engine
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == engine["answers"][1].text
+    # stream_options.include_usage: one more chunk, without choices, with the token counts
+    body["stream_options"] = {"include_usage": True}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as response:
+        counted = sse_payloads(response)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in counted[:-1]) == engine["answers"][1].text
+    assert counted[-1]["choices"] == [] and "usage" not in counted[-2]
+    assert counted[-1]["usage"]["completion_tokens"] == len(engine["answers"][1].token_ids)
+    assert counted[-1]["usage"]["prompt_tokens"] == len(engine["prompts"][1])
+    body["stream_options"] = "yes"
+    assert httpx.post(server + "/v1/chat/completions", json=body, timeout=60).status_code == 400
     # a stop string is never streamed, even when it arrives over several tokens
     full = engine["answers"][1].text
     stop = full[len(full) // 2: len(full) // 2 + 4]
@@ -193,3 +203,11 @@ def test_mdt_generate_writes_the_samplers_completions(chat_run, engine, tmp_path
     run = subprocess.run([sys.executable, "-m", "megatron_domain.cli", "generate", str(config), "--prompts", str(bad),
                           "--out", str(tmp_path / "never.jsonl")], capture_output=True, text=True)
     assert run.returncode == 2 and f"{bad}:2" in run.stderr and not (tmp_path / "never.jsonl").exists()
+
+
+def test_bench_serve_measures_latency_against_mdt_serve(server, engine, tmp_path):
+    """tools/bench_serve.py at 1 and 2 clients: every request completes with exactly the asked
+    4 tokens (the greedy answers are longer), one token per streamed chunk."""
+    assert all(len(a.token_ids) > 4 for a in engine["answers"])
+    for level in bench_serve_levels(server, QUESTIONS, tmp_path, max_tokens=4):
+        assert level["mean_output_tokens"] == 4 and level["tokens_per_chunk"] == 1.0

@@ -171,6 +171,48 @@ def test_sft_replay_mixes_raw_text_rows_and_resumes_exactly(tiny_config, corpora
         stage(few)
 
 
+def test_sft_replay_loss_weight_is_a_weighted_token_mean(tiny_config, corpora, tmp_path):
+    """data.chat.replay_loss_weight w: the replay rows' loss mask holds w per trained token and
+    the first step's loss is (sum of chat CE + w x sum of replay CE) / (chat tokens + w x replay
+    tokens), computed here from the untrained model's logits; w <= 0 and w != 1 under pp are
+    errors naming the key."""
+    from pathlib import Path
+
+    from megatron_domain.config import ConfigError
+    from megatron_domain.data.tokenizer import load_tokenizer
+    from megatron_domain.eval.harness import load_eval_model
+    from megatron_domain.stages import StageContext
+    from megatron_domain.stages.sft import SftStage
+
+    base = train(tiny_config("base", steps=2)).final_checkpoint
+    cfg = _replay_config(corpora, tmp_path, "weighted", base)
+    cfg.train.steps = 1
+    cfg.data.chat.replay_loss_weight = 0.25
+    stage = SftStage()
+    stage.setup(StageContext(cfg=cfg, tokenizer=load_tokenizer(cfg.data.tokenizer), device=torch.device("cpu"),
+                             run_dir=Path(cfg.train.run_dir), dp_rank=0, dp_size=1))
+    batch = stage.batches(0)[0]
+    mask = batch["loss_mask"]  # [4, S]: 3 conversation rows, 1 replay row
+    assert mask.dtype == torch.float32 and set(mask[:3].unique().tolist()) == {0.0, 1.0}
+    assert set(mask[3].unique().tolist()) <= {0.0, 0.25} and mask[3].max() == 0.25
+    model = load_eval_model(cfg, None, torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(batch["tokens"], batch["position_ids"], batch["document_ids"])  # [4, S, V]
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten().clamp(min=0),
+                                            reduction="none").view(4, -1)  # [4, S]
+    chat, text = mask[:3] > 0, mask[3] > 0
+    want = (nll[:3][chat].sum() + 0.25 * nll[3][text].sum()) / (chat.sum() + 0.25 * text.sum())
+    assert train(cfg).losses[0] == pytest.approx(want.item(), abs=1e-5)
+    bad = tiny_config_dict(corpora, tmp_path / "bad")
+    bad.update(mode="sft", parallel={"pp": 2})
+    bad["data"]["chat"] = {"path": str(chat_file(tmp_path)), "replay": 0.25, "replay_loss_weight": 0.5}
+    with pytest.raises(ConfigError, match=r"data.chat.replay_loss_weight: 0.5 is not available with parallel.pp > 1"):
+        config_from_dict(bad)
+    bad["data"]["chat"]["replay_loss_weight"] = 0.0
+    with pytest.raises(ConfigError, match=r"data.chat.replay_loss_weight: must be > 0, got 0.0"):
+        config_from_dict(bad)
+
+
 def _replay_config(corpora, tmp_path, name, base, **train_kw):
     cfg = sft_config(corpora, tmp_path, name, base, micro_batch_size=4, global_batch_size=4, **train_kw)
     cfg.data.chat.replay = 0.25

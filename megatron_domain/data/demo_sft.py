@@ -87,7 +87,7 @@ def out_of_scope_split(heldout_fraction: float, seed: int) -> tuple[list[str], l
 def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: int, refusal_topics: int = 6,
                    rs_seeds: int = 32, rs_heldout_seeds: int = 12, turns: int = 6) -> dict:
     """Write sft_train.jsonl (conversations), dpo_prompts.jsonl ({"prompt"[, "source"]}),
-    sft_heldout.jsonl ({"prompt", "source"}; source null = out of scope), rs_seeds.jsonl and
+    sft_heldout.jsonl ({"prompt", "source", "answer"}; source null = out of scope, no answer), rs_seeds.jsonl and
     rs_heldout_seeds.jsonl (multi-turn seeds, see `dialogue_seeds`) to `out_dir`; returns their
     counts. `refusal_topics`: out-of-scope topics whose refusal the SFT data shows (one
     question each)."""
@@ -121,8 +121,8 @@ def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: in
                    for template in DPO_QUESTIONS]
     dpo_prompts += [{"prompt": template.format(name=t)} for t in oos_train for template in DPO_QUESTIONS]
     _write_jsonl(out / "dpo_prompts.jsonl", dpo_prompts)
-    heldout = [{"prompt": template.format(name=topic_name(t)), "source": t}
-               for t, _ in pairs for template in HELDOUT_QUESTIONS]
+    heldout = [{"prompt": template.format(name=topic_name(t)), "source": t, "answer": sentence}
+               for t, sentence in pairs for template in HELDOUT_QUESTIONS]
     heldout = [q for q in heldout if is_heldout(q["prompt"], heldout_fraction, seed)]
     heldout += [{"prompt": template.format(name=t), "source": None} for t in oos_heldout
                 for template in HELDOUT_QUESTIONS]

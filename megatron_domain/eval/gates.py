@@ -17,6 +17,10 @@ def metric_value(evaluation: dict, metric: str) -> float:
     if metric.startswith("ppl/"):
         return float(evaluation["ppl"][metric[4:]])
     if metric in GENERATION_METRICS:
+        if metric not in evaluation.get("generation", {}):
+            raise KeyError(f"gate metric {metric!r} was not measured: the QA metrics need \"answer\" references "
+                           "and the refusal ones eval.generation.refusal (or refusal_patterns) and questions of "
+                           "that kind in eval.generation.path")
         return float(evaluation["generation"][metric])
     if metric in DIALOGUE_METRICS:
         return float(evaluation["dialogues"][metric])

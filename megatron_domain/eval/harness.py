@@ -52,7 +52,8 @@ def evaluate_model(cfg: Config, model: torch.nn.Module, device: torch.device,
     gen = cfg.eval.generation
     if gen.path:
         result["generation"] = evaluate_generation(model, tokenizer, gen.path, gen.template, gen.max_new_tokens,
-                                                   device, gen.max_examples, gen.refusal, reference, gen.kl_samples)
+                                                   device, gen.max_examples, gen.refusal, reference, gen.kl_samples,
+                                                   gen.refusal_patterns)
     if cfg.eval.dialogues.seeds:
         from megatron_domain.eval.dialogues import evaluate_dialogues
 

@@ -7,6 +7,10 @@ import os
 from pathlib import Path
 
 from megatron_domain.config import GENERATION_METRICS
+
+# the generation panel's bars (every generation metric is in the tables)
+PLOTTED_GENERATION_METRICS = ("format_adherence", "citation_accuracy", "refusal_in_scope", "refusal_out_of_scope",
+                              "qa_f1")
 from megatron_domain.eval.gates import flat_eval, verdict
 from megatron_domain.eval.perplexity import write_json_atomic
 from megatron_domain.metrics import read_metrics
@@ -78,7 +82,7 @@ def plot_eval_deltas(stages: list[dict], out_file: str | os.PathLike) -> None:
         labels, before, after = [], [], []
         for stage in with_generation:
             for metric, value in stage["eval_after"]["generation"].items():
-                if isinstance(value, float) and metric != "kl_to_reference":
+                if metric in PLOTTED_GENERATION_METRICS:
                     labels.append(f"{stage['name']}\n{metric}")
                     before.append(stage["eval_before"].get("generation", {}).get(metric, 0.0))
                     after.append(value)

@@ -1,6 +1,7 @@
 """Rubric checks on generated answers (greedy decoding with the native sampler): the house
 rules of the SFT and DPO stages, on held-out questions ({"prompt", "source"}; a null source
-marks a question the reference does not cover).
+marks a question the reference does not cover; optional "sources" and "answer" references feed
+the domain metrics of eval/domain_metrics.py, which are reported beside these).
 
 - format_adherence: share of in-scope answers that are exactly one line, a sentence ending in
   `.`, `!` or `?`, then `` [source: `<topic id>`]`` and nothing else;
@@ -20,6 +21,7 @@ import torch
 
 from megatron_domain.data.chat import jsonl_records, load_template
 from megatron_domain.data.tokenizer import TextTokenizer
+from megatron_domain.eval.domain_metrics import domain_metrics, gold_sources, is_refusal
 from megatron_domain.rollout.native import NativeSampler
 from megatron_domain.rollout.prompts import chat_prompt_ids, stop_conditions
 from megatron_domain.rollout.sampling import SamplingParams
@@ -29,22 +31,26 @@ CITATION = re.compile(r"\[source: `?(?P<source>[^\]`]+)`?\]")
 
 
 def read_questions(path: str) -> list[dict]:
-    """{"prompt", "source"} records of a JSONL file (errors name file and line)."""
+    """{"prompt", "source" or "sources"[, "answer"]} records of a JSONL file (errors name file and line)."""
     questions = []
     for where, record in jsonl_records(path, "a question (eval.generation.path)"):
-        if not isinstance(record, dict) or "prompt" not in record or "source" not in record:
-            raise ValueError(f"{where}: expected {{\"prompt\": ..., \"source\": ...}}")
+        if not isinstance(record, dict) or "prompt" not in record or not ("source" in record or "sources" in record):
+            raise ValueError(f"{where}: expected {{\"prompt\": ..., \"source\": ...}} (or \"sources\": [...]; "
+                             "optional \"answer\": a reference string or a list of them)")
+        if not isinstance(record.get("sources", []), list) or not isinstance(record.get("answer", ""), (str, list)):
+            raise ValueError(f"{where}: \"sources\" must be a list of source ids and \"answer\" a string or a list")
         questions.append(record)
     return questions
 
 
-def score_answer(answer: str, source: str | None, refusal: str = "") -> dict:
+def score_answer(answer: str, source: str | None, refusal: str = "",
+                 refusal_patterns: list[re.Pattern] | None = None) -> dict:
     """{format_ok, citation_ok, refused} of one answer."""
     answer = answer.strip()
     cited = CITATION.search(answer)
     return {"format_ok": bool(HOUSE_FORMAT.match(answer)),
             "citation_ok": bool(cited) and source is not None and cited.group("source").strip() == source,
-            "refused": bool(refusal) and answer == refusal.strip()}
+            "refused": is_refusal(answer, refusal, refusal_patterns or [])}
 
 
 def share(flags: list[bool]) -> float:
@@ -54,9 +60,11 @@ def share(flags: list[bool]) -> float:
 
 def evaluate_generation(model: torch.nn.Module, tokenizer: TextTokenizer, path: str, template_name: str,
                         max_new_tokens: int, device: torch.device, max_examples: int = 0, refusal: str = "",
-                        reference: torch.nn.Module | None = None, kl_samples: int = 0) -> dict:
+                        reference: torch.nn.Module | None = None, kl_samples: int = 0,
+                        refusal_patterns: list[str] | tuple[str, ...] = ()) -> dict:
     """Greedy answers to the held-out questions -> format_adherence, citation_accuracy, refusal
-    rates, a few samples, and (with a `reference` model and kl_samples > 0) kl_to_reference."""
+    rates, the domain metrics (QA match, citation precision/recall, over/under-refusal), a few
+    samples, and (with a `reference` model and kl_samples > 0) kl_to_reference."""
     questions = read_questions(path)[: max_examples or None]
     template = load_template(template_name, tokenizer.source)
     prompts = [chat_prompt_ids([{"role": "user", "content": q["prompt"]}], template, tokenizer) for q in questions]
@@ -65,19 +73,22 @@ def evaluate_generation(model: torch.nn.Module, tokenizer: TextTokenizer, path: 
                             stop_token_ids=stop_ids)
     sampler = NativeSampler.for_tokenizer(model, tokenizer, device)
     answers = [c.text for c in sampler.generate(prompts, params)]
-    scores = [score_answer(a, q["source"], refusal) for a, q in zip(answers, questions)]
-    in_scope = [s for s, q in zip(scores, questions) if q["source"]]
-    out_of_scope = [s for s, q in zip(scores, questions) if not q["source"]]
+    patterns = [re.compile(p) for p in refusal_patterns]
+    firsts = [(gold_sources(q) or [None])[0] for q in questions]  # the citation rubric's one source
+    scores = [score_answer(a, first, refusal, patterns) for a, first in zip(answers, firsts)]
+    in_scope = [s for s, first in zip(scores, firsts) if first]
+    out_of_scope = [s for s, first in zip(scores, firsts) if not first]
     result = {"format_adherence": share([s["format_ok"] for s in in_scope]),
               "citation_accuracy": share([s["citation_ok"] for s in in_scope]),
               "questions": len(scores), "in_scope": len(in_scope), "out_of_scope": len(out_of_scope),
               "samples": [{"prompt": q["prompt"], "answer": a.strip()} for q, a in list(zip(questions, answers))[:3]]}
-    if refusal:
+    result.update(domain_metrics(questions, answers, refusal, refusal_patterns))
+    if refusal or patterns:
         result["refusal_in_scope"] = share([s["refused"] for s in in_scope])
         if out_of_scope:
             result["refusal_out_of_scope"] = share([s["refused"] for s in out_of_scope])
-            result["samples"] += [{"prompt": q["prompt"], "answer": a.strip()} for q, a in zip(questions, answers)
-                                  if not q["source"]][:2]
+            result["samples"] += [{"prompt": q["prompt"], "answer": a.strip()} for q, a, first
+                                  in zip(questions, answers, firsts) if not first][:2]
     if reference is not None and kl_samples > 0:
         sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=kl_samples, seed=1234,
                                  stop=stop_strings, stop_token_ids=stop_ids)

@@ -63,7 +63,7 @@ class SftStage:
         self.micro_batch = cfg.train.micro_batch_size
         self.dp_rank, self.dp_size = ctx.dp_rank, ctx.dp_size
         self.seed = cfg.data.seed
-        self.replay_rows, self.replay = 0, None
+        self.replay_rows, self.replay, self.replay_weight = 0, None, chat.replay_loss_weight
         if chat.replay > 0:
             self.replay_rows = round(self.micro_batch * chat.replay)
             if not 0 < self.replay_rows < self.micro_batch:
@@ -82,7 +82,8 @@ class SftStage:
 
     def _micro_batch(self, start: int) -> dict:
         """The micro-batch at global row `start`: micro_batch - replay_rows conversation rows and,
-        with replay, replay_rows raw-text rows of data.corpora (loss on every token) after them."""
+        with replay, replay_rows raw-text rows of data.corpora (loss on every token) after them;
+        with a replay_loss_weight other than 1 the loss mask holds per-token weights (float)."""
         index, chat_rows = start // self.micro_batch, self.micro_batch - self.replay_rows
         rows = [self._row(i) for i in range(index * chat_rows, (index + 1) * chat_rows)]
         p = self.packed
@@ -92,6 +93,9 @@ class SftStage:
                  "document_ids": torch.from_numpy(p.document_ids[rows])}  # each [B, S]
         if self.replay is not None:
             text = self.replay.micro_batch(index * self.replay_rows, self.replay_rows)
+            if self.replay_weight != 1.0:
+                batch["loss_mask"] = batch["loss_mask"].float()
+                text = {**text, "loss_mask": text["loss_mask"].float() * self.replay_weight}  # [r, S] weights
             batch = {key: torch.cat([value, text[key].to(value.device, value.dtype)]) for key, value in batch.items()}
         return batch
 
