@@ -79,7 +79,7 @@ def test_reduced_demo_pipeline_meets_its_criteria(tmp_path):
     assert scored["over_refusal"] == scored["refusal_in_scope"]
     assert scored["under_refusal"] == pytest.approx(1 - scored["refusal_out_of_scope"])
     assert 0 < scored["qa_f1"] <= 1 and scored["qa_exact_match"] <= scored["qa_normalized_match"]
-    assert scored["citation_recall"] == pytest.approx(scored["citation_accuracy"])  # one gold source, one citation
+    assert scored["citation_recall"] >= scored["citation_accuracy"]  # the first citation right -> a hit
     dpo = report["stages"][3]
     generation = dpo["eval_after"]["generation"]
     assert set(generation) >= {"format_adherence", "citation_accuracy", "refusal_in_scope", "refusal_out_of_scope",
