@@ -64,6 +64,15 @@ def cpu_capabilities() -> dict:
     return info
 
 
+def machine_record(device: torch.device | str = "cpu") -> dict:
+    """What every benchmark JSON line records about where it ran: torch's version, the CPU
+    (model, cores, threads, AVX2 / AVX-512 / AMX flags) and, on CUDA, the GPU's name."""
+    record = {"torch": torch.__version__, **cpu_capabilities()}
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        record["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return record
+
+
 class MetricsLog:
     """Appends one JSON object per line to `<run_dir>/metrics.jsonl` (rank 0 only), and hands
     the same record to `trackers` (tracking.Trackers: TensorBoard, W&B) when given."""

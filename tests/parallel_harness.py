@@ -46,6 +46,7 @@ def bench_serve_levels(url: str, questions: list[str], tmp_path, max_tokens: int
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads(run.stdout.strip().splitlines()[-1])
     assert [level["clients"] for level in record["levels"]] == [1, 2] and record["prompts"] == len(questions)
+    assert record["torch"] and record["cpu"] and "amx_bf16" in record  # where it ran
     for level in record["levels"]:
         assert level["requests"] >= level["clients"] and level["errors"] == 0, level
         assert level["requests_per_s"] == level["requests"] / level["wall_s"]

@@ -57,12 +57,22 @@ def test_gpu_check_budget_skips_the_rest_and_still_writes_json(tmp_path):
 
 
 @pytest.mark.slow
+def assert_machine_recorded(line: dict) -> None:
+    """A benchmark JSON line says where it ran: torch, CPU model, threads and vector/matrix flags."""
+    import torch
+
+    assert line["torch"] == torch.__version__ and line["cpu"] and line["torch_threads"] >= 1
+    assert {"avx2", "avx512f", "avx512_bf16", "amx_bf16"} <= set(line)
+
+
 def test_bench_losses_fused_path_saves_memory():
     result = subprocess.run([sys.executable, "tools/bench_losses.py", "--tokens", "1024", "--hidden", "32",
                              "--vocab", "32768", "--iters", "1", "--warmup", "0"], cwd=ROOT, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    row = json.loads(result.stdout.strip().splitlines()[-1])["vocab"]["32768"]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert_machine_recorded(line)
+    row = line["vocab"]["32768"]
     assert row["loss_diff"] < 1e-4
     assert row["memory_ratio"] < 0.5, row  # [1024, 32768] fp32 logits alone are 128 MiB
 
@@ -79,6 +89,7 @@ def test_bench_dpo_compares_ours_with_trl_on_the_same_tokens(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads(out.read_text().splitlines()[-1])
     assert record["pairs"] == 8 and record["tokens"] > 0
+    assert_machine_recorded(record)
     for name in ("ours", "trl"):
         assert record[name]["tokens_per_s"] > 0 and record[name]["peak_rss_gb"] > 0, record[name]
         assert abs(record[name]["final_loss"] - 0.6931) < 0.01  # lr 1e-6: both stay at log 2

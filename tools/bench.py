@@ -206,7 +206,10 @@ def bench_layouts(args) -> dict:
     base = results[0]["tokens_per_s"]
     for r in results:
         r["speed_vs_single_process"] = r["tokens_per_s"] / base
-    return {"bench": "parallel_layouts", "preset": args.preset, "global_batch": args.batch, "seq": args.seq,
+    from megatron_domain.metrics import machine_record
+
+    return {"bench": "parallel_layouts", **machine_record(args.device), "preset": args.preset,
+            "global_batch": args.batch, "seq": args.seq,
             "dtype": args.dtype, "device": args.device, "steps": args.steps, "layouts": results}
 
 
@@ -252,7 +255,10 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--impl", impl, "--peak-flops", str(peak)] + sys.argv[1:]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
         results[impl] = json.loads(out.strip().splitlines()[-1])
-    summary = {"bench": "train_step", "preset": args.preset, "batch": args.batch, "seq": args.seq,
+    from megatron_domain.metrics import machine_record
+
+    summary = {"bench": "train_step", **machine_record(args.device), "preset": args.preset, "batch": args.batch,
+               "seq": args.seq,
                "dtype": args.dtype, "device": args.device, "threads": torch.get_num_threads(),
                "ours_compiled": args.compile, "ours_fused_ce": args.fused_ce, **{
                    f"{impl}_{k}": v for impl, r in results.items() for k, v in r.items() if k != "impl"}}

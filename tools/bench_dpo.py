@@ -272,7 +272,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    from megatron_domain.metrics import cpu_capabilities, measured_matmul_flops
+    from megatron_domain.metrics import machine_record, measured_matmul_flops
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:
@@ -280,7 +280,7 @@ def main() -> None:
         record = {"bench": "dpo", "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
                                             "dtype": "fp32"},
                   "steps": args.steps, "pairs_per_step": args.pairs_per_step, "prompt_len": args.prompt_len,
-                  "completion_len": args.completion_len, **prepare(root, args), **cpu_capabilities()}
+                  "completion_len": args.completion_len, **prepare(root, args), **machine_record()}
         runs = args.runs.split(",") + (["ours_online", "trl_online"] if args.online else [])
         if args.online:
             online_prompts(root, args)

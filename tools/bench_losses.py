@@ -107,7 +107,10 @@ def main() -> None:
         print(json.dumps(run_path(args.worker[0], int(args.worker[1]), args)))
         return
     passthrough = [a for a in sys.argv[1:]]
-    results = {"tokens": args.tokens, "hidden": args.hidden, "dtype": args.dtype, "device": args.device,
+    from megatron_domain.metrics import machine_record
+
+    results = {"bench": "losses", **machine_record(args.device), "tokens": args.tokens, "hidden": args.hidden,
+               "dtype": args.dtype, "device": args.device,
                "pairs": args.pairs, "vocab": {}}
     for vocab in args.vocab:
         row = {}

@@ -202,7 +202,7 @@ def main() -> None:
     if args.impl:
         print(json.dumps(run_one(args)))
         return
-    from megatron_domain.metrics import cpu_capabilities, peak_flops
+    from megatron_domain.metrics import machine_record, peak_flops
     from megatron_domain.rollout.vllm_engine import vllm_available
 
     device = torch.device(args.device)
@@ -229,7 +229,7 @@ def main() -> None:
         r["mfu"] = r["tokens_per_s"] * flops / peak
     summary = {"bench": "rollout", "preset": args.preset, "prompts": args.prompts, "n": args.n,
                "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "dtype": "fp32", "device": args.device,
-               "machine": cpu_capabilities() if device.type == "cpu" else {"gpu": torch.cuda.get_device_name()},
+               "machine": machine_record(device),
                "peak_flops": peak, "ld_preload": preload, "vllm_threads_bind": args.vllm_threads or "auto",
                "results": results, "skipped": skipped}
     if "hf" in results:

@@ -169,7 +169,7 @@ def start_server(args, log_path: Path) -> tuple[subprocess.Popen, str]:
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse arguments, start (or reach) the server, run every concurrency level, print JSON."""
-    from megatron_domain.metrics import cpu_capabilities
+    from megatron_domain.metrics import machine_record
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", nargs="?", help="checkpoint or run (mdt serve) or HF folder (--server vllm)")
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
                 stop_server(proc)
     record = {"bench": "serve", "server": "url" if args.url else args.server, "target": args.target or args.url,
               "device": args.device, "max_tokens": args.max_tokens, "duration_s": args.duration,
-              "prompts": len(prompts), "server_start_s": startup, "levels": results, **cpu_capabilities(),
+              "prompts": len(prompts), "server_start_s": startup, "levels": results, **machine_record(args.device),
               "date": time.strftime("%Y-%m-%d")}
     line = json.dumps(record)
     print(line)
