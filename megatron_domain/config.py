@@ -25,7 +25,7 @@ MODEL_PRESET_DIR = REPO_ROOT / "configs" / "models"
 
 MODES = ("pretrain", "sft", "dpo", "rs_sft")
 CHAT_MODES = ("sft", "dpo", "rs_sft")  # modes that train on chat data: their exports and servers speak chat
-DTYPES = ("fp32", "bf16")
+DTYPES = ("fp32", "bf16", "auto")  # auto: precision.fast_training_dtype
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble")
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble")
@@ -163,7 +163,10 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """The loop: steps, batch sizes, precision, checkpointing and logging.
+    """The loop: steps, batch sizes, precision, checkpointing and logging. `dtype`: fp32, bf16
+    (autocast; parameters and optimizer states stay fp32) or auto (bf16 where the device runs it
+    fast: CUDA with bf16, CPUs with AMX or AVX-512 BF16; fp32 elsewhere; the choice and its
+    reason are printed and the run's config.json records the resolved dtype).
 
     Cluster behaviour: `checkpoint_every` (steps) and/or `checkpoint_every_minutes` (wall
     time, decided by all ranks together); `keep_last_checkpoints` (0 = all) deletes older

@@ -38,6 +38,7 @@ from megatron_domain.optim import build_optimizer, build_scheduler
 from megatron_domain.parallel.apply import ParallelModel, build_parallel_model
 from megatron_domain.parallel.dims import ParallelDims, resolve_parallel_dims
 from megatron_domain.parallel.distributed import ensure_process_group, rank, resolve_device, world_size
+from megatron_domain.precision import resolve_training_dtype
 from megatron_domain.parallel.grads import clip_grads
 from megatron_domain.parallel.pipeline import ForwardOnlyPipeline, build_schedule
 from megatron_domain.parallel.tensor import loss_parallel_context
@@ -331,8 +332,11 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None, overw
     if progress is not None:  # --no-progress also silences the stage's own bars (sampling, rounds)
         cfg.train.progress = progress
     device = resolve_device(cfg.train.device)
+    cfg, dtype_reason = resolve_training_dtype(cfg, device)
     check_backends(cfg, device)  # before anything is written
     run_dir = prepare_run_dir(cfg.train.run_dir, resume, overwrite)
+    if dtype_reason and rank() == 0:
+        print(f"[{run_dir.name}] {dtype_reason}", flush=True)
     finished = latest_checkpoint(run_dir) if resume and cfg.train.steps else None
     if finished is not None and saved_step(finished) >= cfg.train.steps:
         if rank() == 0:

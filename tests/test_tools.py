@@ -94,3 +94,25 @@ def test_bench_dpo_compares_ours_with_trl_on_the_same_tokens(tmp_path):
         assert record[name]["tokens_per_s"] > 0 and record[name]["peak_rss_gb"] > 0, record[name]
         assert abs(record[name]["final_loss"] - 0.6931) < 0.01  # lr 1e-6: both stay at log 2
     assert record["ratios"]["ours/trl"]["tokens_per_s"] > 0
+
+
+def test_bench_profile_breaks_the_step_down():
+    """tools/bench.py --profile on a tiny model: each implementation's forward / backward /
+    optimizer times, its matmul share and top ops by self time, sorted, shares adding below 1."""
+    pytest.importorskip("transformers")
+    run = subprocess.run([sys.executable, "tools/bench.py", "--preset", "tiny-test", "--batch", "2", "--seq", "32",
+                          "--steps", "1", "--warmup", "1", "--profile", "--profile-top", "5"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = json.loads(run.stdout.strip().splitlines()[-1])
+    assert_machine_recorded(line)
+    for impl in ("ours", "hf"):
+        profile = line[f"{impl}_profile"]
+        assert set(profile["phase_ms_per_step"]) == {"forward", "backward", "optimizer"}
+        assert all(ms > 0 for ms in profile["phase_ms_per_step"].values())
+        top = profile["top_ops"]
+        assert len(top) == 5 and [o["self_ms_per_step"] for o in top] == sorted((o["self_ms_per_step"] for o in top),
+                                                                                reverse=True)
+        assert 0 < profile["matmul_share"] < 1 and sum(o["share"] for o in top) <= 1 + 1e-9
+        assert any(o["op"] == "aten::mm" for o in top)
+    assert "profile of ours" in run.stderr and "Self CPU" in run.stderr

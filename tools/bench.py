@@ -6,9 +6,14 @@ LlamaForCausalLM with the same shapes, optimizer (torch AdamW) and dtype, in one
     python tools/bench.py --steps 20 --preset bench-20m --batch 4 --seq 512 --dtype bf16
     python tools/bench.py --dtype bf16 --compile --fused-ce      # a GPU: ours as the engine runs it there
     python tools/bench.py --parallel tp=2 --parallel pp=2     # engine: 1 process vs each layout
+    python tools/bench.py --dtype bf16 --profile                 # + torch.profiler: top ops, fwd/bwd/optimizer
 
 Each implementation runs in its own subprocess (clean peak-memory numbers, no shared caches);
 the parent prints one JSON line: tokens/s, MFU and peak memory of each, and the speed ratio.
+`--profile` then runs `--profile-steps` more steps of each under torch.profiler and adds, per
+implementation, the time of forward / backward / optimizer (wall time of each phase), the
+share of the step in matrix multiplies, and the top ops by self time (the table is also printed
+to stderr).
 
 With `--parallel`, the whole engine (`mdt train`: data pipeline, parallel model, optimizer)
 runs under torchrun on a synthetic corpus, once as a single process and once per layout
@@ -117,14 +122,56 @@ def run_one(args) -> dict:
             times.append(time.perf_counter() - start)
     tokens_per_step = args.batch * args.seq
     tokens_per_s = tokens_per_step * len(times) / sum(times)
+    profile = profile_steps(args, model, forward_loss, optimizer, tokens, autocast) if args.profile else None
     peak = args.peak_flops or peak_flops(device, dtype=dtype)
     if device.type == "cuda":
         peak_mem = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
     return {"impl": args.impl, "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
-            "peak_memory_gb": peak_mem, "step_time_s": sum(times) / len(times), "final_loss": float(loss),
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+            "peak_memory_gb": peak_mem, "step_time_s": sum(times) / len(times), "final_loss": float(loss.detach()),
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6, **({"profile": profile} if profile else {})}
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm")
+PHASES = ("forward", "backward", "optimizer")
+
+
+def profile_steps(args, model, forward_loss, optimizer, tokens, autocast) -> dict:
+    """`args.profile_steps` training steps under torch.profiler: per-phase wall time (ms per
+    step), the matmul share of all ops' self time, and the top `args.profile_top` ops by self
+    time (device time on CUDA); the table goes to stderr."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    device = torch.device(args.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile_steps):
+            with record_function("forward"), autocast:
+                loss = forward_loss(tokens)
+            with record_function("backward"):
+                loss.backward()
+            with record_function("optimizer"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    averages = prof.key_averages()
+    on_gpu = device.type == "cuda"
+
+    def self_us(event) -> float:
+        return event.self_device_time_total if on_gpu else event.self_cpu_time_total
+    ops = [e for e in averages if e.key not in PHASES and self_us(e) > 0]
+    total = sum(self_us(e) for e in ops)
+    phases = {e.key: e.cpu_time_total / 1e3 / args.profile_steps for e in averages if e.key in PHASES}
+    top = sorted(ops, key=self_us, reverse=True)[: args.profile_top]
+    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    print(averages.table(sort_by=sort_by, row_limit=args.profile_top), file=sys.stderr)
+    return {"steps": args.profile_steps, "phase_ms_per_step": phases,
+            "matmul_share": sum(self_us(e) for e in ops if e.key in MATMUL_OPS) / total if total else 0.0,
+            "top_ops": [{"op": e.key, "self_ms_per_step": self_us(e) / 1e3 / args.profile_steps,
+                         "share": self_us(e) / total, "calls_per_step": e.count / args.profile_steps} for e in top]}
 
 
 def make_bench_data(root: Path, vocab_limit: int, num_docs: int = 400, seed: int = 0) -> dict:
@@ -230,6 +277,9 @@ def main() -> None:
                         "(default: all cores)")
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile each decoder layer")
     parser.add_argument("--fused-ce", action="store_true", help="ours: cross-entropy fused into the output layer")
+    parser.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown of each")
+    parser.add_argument("--profile-steps", type=int, default=2)
+    parser.add_argument("--profile-top", type=int, default=15, help="ops listed by self time")
     parser.add_argument("--peak-flops", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -253,7 +303,10 @@ def main() -> None:
     peak = peak_flops(torch.device(args.device), dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     for impl in impls:
         cmd = [sys.executable, __file__, "--impl", impl, "--peak-flops", str(peak)] + sys.argv[1:]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
+        proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
+        if args.profile:
+            sys.stderr.write(f"--- profile of {impl} ({args.dtype}) ---\n{proc.stderr}")
+        out = proc.stdout
         results[impl] = json.loads(out.strip().splitlines()[-1])
     from megatron_domain.metrics import machine_record
 

@@ -31,7 +31,7 @@ from megatron_domain.parallel.tensor import is_tensor_parallel_sharded
 
 def _activation_bytes_per_layer(cfg: Config, mode: str, tp: int) -> float:
     m = cfg.model
-    e = 2 if cfg.train.dtype == "bf16" else 4
+    e = 2 if cfg.train.dtype in ("bf16", "auto") else 4  # auto: bf16 on the GPUs a plan is for
     tokens = cfg.data.seq_len * cfg.train.micro_batch_size
     kv = m.num_kv_heads * m.resolved_head_dim
     widths = {"none": 7 * m.hidden_size + 2 * kv + 4 * m.intermediate_size,
@@ -48,7 +48,7 @@ def plan_layout(cfg: Config, world_size: int) -> dict:
     schedule = cfg.parallel.pp_schedule if dims.pp > 1 else "none"
     num_stages = dims.pp * virtual
     split = layer_split(cfg.model.num_layers, num_stages, cfg.parallel.pp_layers or None)
-    e = 2 if cfg.train.dtype == "bf16" else 4
+    e = 2 if cfg.train.dtype in ("bf16", "auto") else 4
     num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dims.dp)
     in_flight = num_micro if schedule == "gpipe" else min(num_micro, dims.pp)
     ac = cfg.train.activation_checkpointing
