@@ -48,7 +48,9 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     if report.get("stopped_by_gate"):
         stop = report["stopped_by_gate"]
         print(f"error: the pipeline stopped after stage {stop['stage']}: " + "; ".join(stop["failures"]), file=sys.stderr)
-    return 1 if any(not g["passed"] for g in gates) else 0
+    # a failed stopping gate is an error even when --continue-on-gate-failure ran the rest; a
+    # missed target (stop: false) is reported above and does not change the exit status
+    return 1 if any(not g["passed"] and g["stop"] for g in gates) else 0
 
 
 def _dry_run_world_size(cfg, requested: int) -> int:

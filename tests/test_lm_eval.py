@@ -302,7 +302,8 @@ def pipeline_file(tmp_path: Path, corpora: dict, gates: list[dict], extra: str =
 
 def test_a_failed_gate_stops_the_pipeline_with_a_message(tmp_path, corpora):
     """An impossible gate stops the pipeline after its stage, naming the stage, metric and
-    values; the report marks it; --continue-on-gate-failure runs every stage (exit 1)."""
+    values; the report marks it; --continue-on-gate-failure runs every stage (exit 1); the same
+    gate as a target (stop: false) is reported as MISSED and the pipeline exits 0."""
     path = pipeline_file(tmp_path, corpora, [{"metric": "ppl/alpha", "max": 1.0}, {"metric": "ppl/beta", "max": 1e9}])
     command = [sys.executable, "-m", "megatron_domain.cli", "pipeline", str(path), "--no-progress"]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
@@ -322,6 +323,14 @@ def test_a_failed_gate_stops_the_pipeline_with_a_message(tmp_path, corpora):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [s["name"] for s in report["stages"]] == ["one", "two"] and "stopped_by_gate" not in report
     assert report["stages"][1]["tokens"] == 4 * 4 * 64 and report["stages"][1]["tokens_per_s"] > 0
+    target = tmp_path / "target"
+    target.mkdir()
+    path = pipeline_file(target, corpora, [{"metric": "ppl/alpha", "max": 1.0, "stop": False}])
+    missed = subprocess.run([sys.executable, "-m", "megatron_domain.cli", "pipeline", str(path), "--no-progress"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert missed.returncode == 0, missed.stderr[-2000:]
+    assert "MISSED (target): one: ppl/alpha: max 1 (target, does not stop)" in missed.stdout
+    assert [s["name"] for s in json.loads((target / "out" / "report.json").read_text())["stages"]] == ["one", "two"]
 
 
 def test_gate_config_errors(tmp_path, corpora):
