@@ -77,8 +77,12 @@ setup(
         # next to the project's pins without changing them)
         # tensorboard, wandb: the experiment-tracking sinks (tracking.*), tested offline
         # lm-eval: the evaluation suites (eval/suites.py) and its parity tests against lm-eval's hf / vllm models
+        # datatrove (+ spacy for its word tokenizer, trafilatura for HTML, pypdf for PDF text):
+        # mdt data curate (megatron_domain/curate)
         "test": ["pytest>=8", "torchao>=0.18", "peft>=0.21", "triton>=3.2", "trl==1.16.0", "datasets>=4",
-                 "tensorboard>=2.16", "wandb>=0.19", "lm-eval==0.4.13"],
+                 "tensorboard>=2.16", "wandb>=0.19", "lm-eval==0.4.13", "datatrove==0.10.1", "spacy>=3.8",
+                 "trafilatura>=2.3", "lxml_html_clean", "pypdf>=5"],
+        "curate": ["datatrove==0.10.1", "spacy>=3.8", "trafilatura>=2.3", "lxml_html_clean", "pypdf>=5"],
         "eval": ["lm-eval==0.4.13"],
         "track": ["tensorboard>=2.16", "wandb>=0.19"],
         "qlora": ["torchao>=0.18"],

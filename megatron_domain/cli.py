@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from megatron_domain.config import ConfigError, DemoDataConfig, load_config, load_pipeline
 
@@ -109,6 +110,20 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     stats = preprocess(args.input, tokenizer, args.output_prefix, json_key=args.json_key,
                        progress=not args.no_progress)
     print(json.dumps({"output_prefix": args.output_prefix, **stats}))
+    return 0
+
+
+def _cmd_curate(args: argparse.Namespace) -> int:
+    from megatron_domain.curate.config import load_curate_config
+    from megatron_domain.curate.pipeline import run_curation
+
+    cfg = load_curate_config(args.config, args.overrides)
+    report = run_curation(cfg, progress=not args.no_progress)
+    phases = report["phases"]
+    last = phases[list(phases)[-1]]
+    print(json.dumps({"output_dir": cfg.output_dir, "documents_read": report["read"]["documents"],
+                      "documents_out": last["documents_out"], "report": str(Path(cfg.output_dir) / "curation_report.md"),
+                      **({"indexed_dataset": report["tokenized"]["prefix"]} if report.get("tokenized") else {})}))
     return 0
 
 
@@ -243,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json-key", default="text")
     q.add_argument("--eod-token", default="", help="end-of-document token (default: auto-detect)")
     q.set_defaults(func=_cmd_preprocess)
+    q = data_sub.add_parser("curate", help="raw documents -> extracted, deduplicated, redacted, filtered corpus")
+    q.add_argument("config", help="curation YAML (megatron_domain/curate/config.py)")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set workers=4 (repeatable)")
+    q.set_defaults(func=_cmd_curate)
     q = data_sub.add_parser("demo-corpus", help="extract and tokenize the embedded demo corpora")
     q.add_argument("--out-dir", required=True)
     q.add_argument("--vocab-size", type=int, default=2048)

@@ -670,6 +670,16 @@ KEY_ALIASES = {"learning_rate": "lr", "chat_template": "chat.template", "max_ste
                "max_length": "seq_len", "tensor_parallel": "tp", "pipeline_parallel": "pp"}
 
 
+def build_dataclass(cls: type, data: Any, source: str = "") -> Any:
+    """`cls` (a dataclass tree) from a mapping; ConfigError naming every unknown key or bad
+    type (and `source`, the file) at once. For configs other than the training Config."""
+    problems: list[str] = []
+    built = _build(cls, data, "", problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return built
+
+
 def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
     """Construct dataclass `cls` from a mapping, recording unknown keys and type errors."""
     if data is None:
