@@ -21,7 +21,7 @@ from megatron_domain.data.demo_sft import build_demo_sft
 from megatron_domain.engine import check_backends, train
 from megatron_domain.eval.gates import evaluate_gates, failure_message, verdict
 from megatron_domain.eval.harness import evaluate_model, load_eval_model
-from megatron_domain.eval.perplexity import write_json_atomic
+from megatron_domain.files import write_json_atomic
 from megatron_domain.eval.report import write_report
 from megatron_domain.metrics import read_metrics
 from megatron_domain.parallel.distributed import ensure_process_group, resolve_device

@@ -280,7 +280,7 @@ def bench_training(device: torch.device, dry: bool, fp8: str, steps: int, compil
 
 def main() -> None:
     """Parse arguments, run every section, write the JSON summary atomically and print it."""
-    from megatron_domain.eval.perplexity import write_json_atomic
+    from megatron_domain.files import write_json_atomic
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: test the script itself")

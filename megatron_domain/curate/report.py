@@ -6,21 +6,12 @@ and `curation_report.md` in the output folder."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from megatron_domain.files import write_json_atomic, write_text_atomic
 
 EXAMPLES = 3  # removed documents shown per step
 CLUSTERS = 20  # near-duplicate clusters listed
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def total(value) -> float:
@@ -124,8 +115,8 @@ def write_report(cfg, phases, logs: Path, tokenized: dict | None) -> dict:
     report["pii_documents"] = int(total(redact.get("documents_with_pii", 0)))
     if tokenized:
         report["tokenized"] = tokenized
-    write_atomic(out / "curation_report.json", json.dumps(report, indent=2))
-    write_atomic(out / "curation_report.md", markdown(report))
+    write_json_atomic(out / "curation_report.json", report)
+    write_text_atomic(out / "curation_report.md", markdown(report))
     return report
 
 

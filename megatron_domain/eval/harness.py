@@ -10,7 +10,8 @@ import torch
 from megatron_domain.checkpoint import check_checkpoint_model, load_initial_weights, load_model_weights
 from megatron_domain.config import CHAT_MODES, Config
 from megatron_domain.data.tokenizer import load_tokenizer
-from megatron_domain.eval.perplexity import evaluate_sets, write_json_atomic
+from megatron_domain.eval.perplexity import evaluate_sets
+from megatron_domain.files import write_json_atomic
 from megatron_domain.eval.rubric import evaluate_generation
 from megatron_domain.models.llama import build_model, materialize
 from megatron_domain.models.lora import apply_lora, init_lora_weights

@@ -7,10 +7,7 @@ masked per document as in training, and the tail row is padded with masked posit
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,12 +66,3 @@ def evaluate_sets(model: torch.nn.Module, sets: list[EvalSetConfig], seq_len: in
         out["ppl"][s.name] = result["ppl"]
         out["tokens"][s.name] = result["tokens"]
     return out
-
-
-def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
-    """Write JSON to a temporary name, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)

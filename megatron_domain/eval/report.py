@@ -12,7 +12,7 @@ from megatron_domain.config import GENERATION_METRICS
 PLOTTED_GENERATION_METRICS = ("format_adherence", "citation_accuracy", "refusal_in_scope", "refusal_out_of_scope",
                               "qa_f1")
 from megatron_domain.eval.gates import flat_eval, verdict
-from megatron_domain.eval.perplexity import write_json_atomic
+from megatron_domain.files import write_json_atomic, write_text_atomic
 from megatron_domain.metrics import read_metrics
 
 
@@ -241,6 +241,4 @@ def write_report(report: dict, out_dir: str | os.PathLike, plots: bool = True) -
         for stage in report["stages"]:
             if "dialogues" in stage["eval_after"]:
                 plot_retention(stage, out / f"{stage['name']}_retention.png")
-    tmp = out / "report.md.tmp"
-    tmp.write_text(render_markdown(report))
-    os.replace(tmp, out / "report.md")
+    write_text_atomic(out / "report.md", render_markdown(report))

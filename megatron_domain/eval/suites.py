@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from megatron_domain.config import EvalSuiteConfig
-from megatron_domain.eval.perplexity import write_json_atomic
+from megatron_domain.files import write_json_atomic
 
 
 @dataclass(frozen=True)

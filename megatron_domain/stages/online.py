@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import torch.distributed as dist
 from tqdm import tqdm
 
+from megatron_domain.files import write_jsonl_atomic
 from megatron_domain.data.chat import ChatTemplate
 from megatron_domain.data.preference import PreferencePair, fit_pair
 from megatron_domain.judges import JudgeResult, build_judge, merge_stats, score_all
@@ -65,14 +65,6 @@ def round_record(round_index: int, record: PromptRecord, prompt_ids: list[int], 
                             for c, s, r in zip(samples, judged.scores, judged.rationales)],
             "pair": {"chosen": pair[0], "rejected": pair[1]} if isinstance(pair, tuple) else None,
             "dropped": pair if isinstance(pair, str) else None}
-
-
-def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    """All lines at once under a temporary name, then renamed (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
 
 
 def read_round(path: Path, seq_len: int) -> list[PreferencePair]:

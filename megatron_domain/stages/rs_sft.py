@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from megatron_domain.data.chat import load_template
 from megatron_domain.data.seeds import Seed, read_seeds
-from megatron_domain.eval.perplexity import write_json_atomic
+from megatron_domain.files import write_json_atomic
 from megatron_domain.judges import build_judge
 from megatron_domain.judges.dialogue import DialogueScore, score_dialogues
 from megatron_domain.parallel.apply import reshard_fsdp
@@ -42,7 +42,7 @@ from megatron_domain.rollout.policy import PolicyRollout, on_rank0, sampling_fro
 from megatron_domain.rollout.prompts import stop_conditions
 from megatron_domain.rollout.user_simulator import EndpointUser, ModelUser, UserSimulator
 from megatron_domain.stages import StageContext
-from megatron_domain.stages.online import write_jsonl_atomic
+from megatron_domain.files import write_jsonl_atomic
 from megatron_domain.stages.selection import collapse_problems, diversity, select
 from megatron_domain.stages.sft import SftStage
 
