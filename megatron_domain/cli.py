@@ -114,8 +114,8 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_curate(args: argparse.Namespace) -> int:
-    from megatron_domain.curate.config import load_curate_config
-    from megatron_domain.curate.pipeline import run_curation
+    from megatron_domain.data.curate.config import load_curate_config
+    from megatron_domain.data.curate.pipeline import run_curation
 
     cfg = load_curate_config(args.config, args.overrides)
     report = run_curation(cfg, progress=not args.no_progress)
@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eod-token", default="", help="end-of-document token (default: auto-detect)")
     q.set_defaults(func=_cmd_preprocess)
     q = data_sub.add_parser("curate", help="raw documents -> extracted, deduplicated, redacted, filtered corpus")
-    q.add_argument("config", help="curation YAML (megatron_domain/curate/config.py)")
+    q.add_argument("config", help="curation YAML (megatron_domain/data/curate/config.py)")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set workers=4 (repeatable)")
     q.set_defaults(func=_cmd_curate)

@@ -19,7 +19,7 @@ pytest.importorskip("datatrove")
 pytest.importorskip("trafilatura")
 pytest.importorskip("pypdf")
 
-from megatron_domain.curate.pii import iban_valid, luhn_valid, redact  # noqa: E402
+from megatron_domain.data.curate.pii import iban_valid, luhn_valid, redact  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the of and to in is that for it as with was on be by this are from or at which an have not but printer "
@@ -193,7 +193,7 @@ def test_pii_patterns_and_checksums():
 
 def test_config_errors_name_the_key(tmp_path):
     from megatron_domain.config import ConfigError
-    from megatron_domain.curate.config import load_curate_config
+    from megatron_domain.data.curate.config import load_curate_config
 
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps({"inputs": [str(tmp_path / "missing")], "exact_dedup": {"unit": "words"},

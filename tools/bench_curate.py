@@ -121,8 +121,8 @@ def write_corpus(folder: Path, megabytes: float, seed: int, with_pairs: bool) ->
 
 def curate(inputs: Path, out: Path, workers: int, near_only: bool, bands: int, rows: int) -> tuple[float, dict]:
     """(seconds, report) of one curation run."""
-    from megatron_domain.curate.config import CurateConfig, NearDedupConfig
-    from megatron_domain.curate.pipeline import run_curation
+    from megatron_domain.data.curate.config import CurateConfig, NearDedupConfig
+    from megatron_domain.data.curate.pipeline import run_curation
 
     cfg = CurateConfig(inputs=[str(inputs)], output_dir=str(out), workers=workers,
                        near_dedup=NearDedupConfig(bands=bands, rows=rows))

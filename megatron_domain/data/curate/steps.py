@@ -22,7 +22,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.readers.base import BaseDiskReader
 
-from megatron_domain.curate.pii import PII_TYPES, redact
+from megatron_domain.data.curate.pii import PII_TYPES, redact
 
 TEXT_EXTENSIONS = (".txt", ".md")
 HTML_EXTENSIONS = (".html", ".htm")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_domain.config import ConfigError, build_dataclass, load_yaml
-from megatron_domain.curate.pii import PII_TYPES
+from megatron_domain.data.curate.pii import PII_TYPES
 
 
 @dataclass

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_domain.curate.config import CurateConfig
+from megatron_domain.data.curate.config import CurateConfig
 
 
 @dataclass
@@ -58,7 +58,7 @@ def build_phases(cfg: CurateConfig) -> list[Phase]:
     from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
     from datatrove.utils.hashing import HashConfig
 
-    from megatron_domain.curate.steps import PiiRedactor, RawDocumentReader, TextCleaner
+    from megatron_domain.data.curate.steps import PiiRedactor, RawDocumentReader, TextCleaner
 
     # sha1, not datatrove's default xxhash: datatrove 0.10 hands str to xxhash, which xxhash >= 4
     # refuses ("Strings must be encoded before hashing")
@@ -144,7 +144,7 @@ def run_curation(cfg: CurateConfig, progress: bool = True) -> dict:
     each phase prints one line with its documents and documents/s."""
     from datatrove.executor import LocalPipelineExecutor
 
-    from megatron_domain.curate.report import flow, phase_stats, write_report
+    from megatron_domain.data.curate.report import flow, phase_stats, write_report
 
     out = Path(cfg.output_dir)
     logs = out / "work" / "logs"
