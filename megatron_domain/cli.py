@@ -325,7 +325,25 @@ def run_lm_eval_cli(argv: list[str]) -> int:
             parser.execute(parser.parse_args())
         finally:
             sys.argv = saved
+            stop_child_processes()
     return 0
+
+
+def stop_child_processes(timeout_s: float = 30.0) -> None:
+    """Terminate (then kill) this process's multiprocessing children. With `--model vllm`
+    lm-eval leaves vLLM's engine process running after the results are written (its model
+    object is never released), and at interpreter exit multiprocessing joins that non-daemon
+    process forever: measured, `mdt lm-eval --model vllm` wrote its results and then hung."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout_s)
+        if child.is_alive():
+            child.kill()
+            child.join(timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:
