@@ -73,6 +73,15 @@ def machine_record(device: torch.device | str = "cpu") -> dict:
     return record
 
 
+def emit_json_line(record: dict, out: str = "") -> None:
+    """A benchmark's result: one JSON line on stdout and, with `out`, appended to that file."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as handle:
+            handle.write(line + "\n")
+
+
 class MetricsLog:
     """Appends one JSON object per line to `<run_dir>/metrics.jsonl` (rank 0 only), and hands
     the same record to `trackers` (tracking.Trackers: TensorBoard, W&B) when given."""

@@ -145,7 +145,7 @@ def removed_source_ids(out: Path) -> set[int]:
 
 def main(argv: list[str] | None = None) -> dict:
     """Generate, curate, measure, print the JSON line."""
-    from megatron_domain.metrics import machine_record
+    from megatron_domain.metrics import emit_json_line, machine_record
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=100.0, help="size of the throughput corpus")
@@ -183,11 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
                                            max((p["jaccard"] for p in corpus["positives"]), default=None)],
                 "negative_jaccard_range": [min((p["jaccard"] for p in corpus["negatives"]), default=None),
                                            max((p["jaccard"] for p in corpus["negatives"]), default=None)]}
-    line = json.dumps(record)
-    print(line)
-    if args.out:
-        with open(args.out, "a") as handle:
-            handle.write(line + "\n")
+    emit_json_line(record, args.out)
     return record
 
 

@@ -177,7 +177,7 @@ def server_log_summary(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse arguments, start (or reach) the server, run every concurrency level, print JSON."""
-    from megatron_domain.metrics import machine_record
+    from megatron_domain.metrics import emit_json_line, machine_record
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", nargs="?", help="checkpoint or run (mdt serve) or HF folder (--server vllm)")
@@ -225,11 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
               "device": args.device, "max_tokens": args.max_tokens, "duration_s": args.duration,
               "prompts": len(prompts), "server_start_s": startup, "levels": results, **machine_record(args.device),
               "date": time.strftime("%Y-%m-%d")}
-    line = json.dumps(record)
-    print(line)
-    if args.out:
-        with open(args.out, "a") as handle:
-            handle.write(line + "\n")
+    emit_json_line(record, args.out)
     return record
 
 
