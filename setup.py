@@ -48,6 +48,11 @@ def kernel_extension() -> dict:
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 
 
+# datatrove (+ spacy for its word tokenizer, trafilatura for HTML, pypdf for PDF text, the
+# fastText build datatrove itself requires for the quality classifier)
+CURATE = ["datatrove==0.10.1", "spacy>=3.8", "trafilatura>=2.3", "lxml_html_clean", "pypdf>=5",
+          "fasttext-numpy2-wheel>=0.9.2"]
+
 setup(
     name="megatron-domain",
     version="0.1.0",
@@ -77,12 +82,12 @@ setup(
         # next to the project's pins without changing them)
         # tensorboard, wandb: the experiment-tracking sinks (tracking.*), tested offline
         # lm-eval: the evaluation suites (eval/suites.py) and its parity tests against lm-eval's hf / vllm models
-        # datatrove (+ spacy for its word tokenizer, trafilatura for HTML, pypdf for PDF text):
-        # mdt data curate (megatron_domain/curate)
+        # curate: mdt data curate (megatron_domain/data/curate) and the demo's curation step
+        # ray: curation on a Ray cluster (`--executor ray`; tested with a local Ray)
         "test": ["pytest>=8", "torchao>=0.18", "peft>=0.21", "triton>=3.2", "trl==1.16.0", "datasets>=4",
-                 "tensorboard>=2.16", "wandb>=0.19", "lm-eval==0.4.13", "datatrove==0.10.1", "spacy>=3.8",
-                 "trafilatura>=2.3", "lxml_html_clean", "pypdf>=5"],
-        "curate": ["datatrove==0.10.1", "spacy>=3.8", "trafilatura>=2.3", "lxml_html_clean", "pypdf>=5"],
+                 "tensorboard>=2.16", "wandb>=0.19", "lm-eval==0.4.13", *CURATE, "ray>=2.40"],
+        "curate": CURATE,
+        "ray": ["ray>=2.40"],
         "eval": ["lm-eval==0.4.13"],
         "track": ["tensorboard>=2.16", "wandb>=0.19"],
         "qlora": ["torchao>=0.18"],

@@ -25,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from megatron_domain.config import ConfigError, DemoDataConfig, load_config, load_pipeline
+from megatron_domain.config import ConfigError, DemoDataConfig, load_config, load_pipeline, stage_names
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -117,13 +117,50 @@ def _cmd_curate(args: argparse.Namespace) -> int:
     from megatron_domain.data.curate.config import load_curate_config
     from megatron_domain.data.curate.pipeline import run_curation
 
-    cfg = load_curate_config(args.config, args.overrides)
+    overrides = args.overrides + ([f"executor={args.executor}"] if args.executor else [])
+    cfg = load_curate_config(args.config, overrides)
     report = run_curation(cfg, progress=not args.no_progress)
+    if "submitted" in report:
+        print(json.dumps({"output_dir": cfg.output_dir, "executor": "slurm", **report,
+                          "report": str(Path(cfg.output_dir) / "curation_report.md")}))
+        return 0
     phases = report["phases"]
     last = phases[list(phases)[-1]]
     print(json.dumps({"output_dir": cfg.output_dir, "documents_read": report["read"]["documents"],
                       "documents_out": last["documents_out"], "report": str(Path(cfg.output_dir) / "curation_report.md"),
                       **({"indexed_dataset": report["tokenized"]["prefix"]} if report.get("tokenized") else {})}))
+    return 0
+
+
+def _cmd_train_quality(args: argparse.Namespace) -> int:
+    from megatron_domain.data.curate.quality_model import read_labeled_texts, train_quality_classifier
+
+    record = train_quality_classifier(read_labeled_texts(args.in_domain, args.text_key),
+                                      read_labeled_texts(args.out_of_domain, args.text_key), args.output,
+                                      heldout_fraction=args.heldout_fraction, epochs=args.epochs, lr=args.lr,
+                                      word_ngrams=args.word_ngrams, dim=args.dim, seed=args.seed)
+    print(json.dumps(record))
+    return 0
+
+
+def _cmd_tune_mixture(args: argparse.Namespace) -> int:
+    from megatron_domain.data.mixture import parse_candidates, parse_targets, simplex_grid, tune_mixture
+
+    if args.stage:
+        pipe, stages = load_pipeline(args.config, args.overrides)
+        names = stage_names(pipe)
+        if args.stage not in names:
+            raise ValueError(f"--stage {args.stage!r}: not a stage of {args.config}; choose from {', '.join(names)}")
+        cfg = stages[names.index(args.stage)]
+    else:
+        cfg = load_config(args.config, args.overrides)
+    if len(cfg.data.corpora) < 2:
+        raise ValueError(f"data.corpora: {len(cfg.data.corpora)} corpus in {args.config}; a mixture needs two or more")
+    corpora = len(cfg.data.corpora)
+    candidates = parse_candidates(args.candidates, corpora) if args.candidates else simplex_grid(corpora, args.grid)
+    summary = tune_mixture(cfg, candidates, parse_targets(args.target, cfg), args.out_dir, args.steps,
+                           progress=not args.no_progress)
+    print(json.dumps({"best": summary["best"], "snippet": summary["snippet"], "plot": summary["plot"]}))
     return 0
 
 
@@ -262,7 +299,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("config", help="curation YAML (megatron_domain/data/curate/config.py)")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set workers=4 (repeatable)")
+    q.add_argument("--executor", choices=["local", "slurm", "ray"], default="",
+                   help="where the phases run (default: the config's `executor`, else local worker processes)")
     q.set_defaults(func=_cmd_curate)
+    q = data_sub.add_parser("train-quality", help="train the fastText in-domain quality classifier curation uses")
+    q.add_argument("--in-domain", nargs="+", required=True, help="JSONL files (or folders of them) of in-domain text")
+    q.add_argument("--out-of-domain", nargs="+", required=True, help="JSONL files (or folders) of out-of-domain text")
+    q.add_argument("--output", required=True, help="the model file (its held-out record goes to OUTPUT.json)")
+    q.add_argument("--text-key", default="text")
+    q.add_argument("--heldout-fraction", type=float, default=0.2)
+    q.add_argument("--epochs", type=int, default=10)
+    q.add_argument("--lr", type=float, default=0.5)
+    q.add_argument("--word-ngrams", type=int, default=2)
+    q.add_argument("--dim", type=int, default=64)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_cmd_train_quality)
+    q = data_sub.add_parser("tune-mixture", help="pick data.corpora weights by short proxy trainings")
+    q.add_argument("config", help="a run config, or a pipeline YAML with --stage")
+    q.add_argument("--stage", default="", help="the stage of a pipeline YAML whose corpora are weighted")
+    q.add_argument("--grid", type=int, default=4, help="weights in steps of 1/N, none at zero (default 4)")
+    q.add_argument("--candidates", nargs="+", default=[], metavar="W1,W2,...", help="explicit weightings instead")
+    q.add_argument("--target", action="append", default=[], metavar="SET=WEIGHT",
+                   help="eval set and its weight in the objective (repeatable; default every set, weight 1)")
+    q.add_argument("--steps", type=int, default=0, help="proxy training steps (default: the config's train.steps)")
+    q.add_argument("--out-dir", default="runs/mixture")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    q.set_defaults(func=_cmd_tune_mixture)
     q = data_sub.add_parser("demo-corpus", help="extract and tokenize the embedded demo corpora")
     q.add_argument("--out-dir", required=True)
     q.add_argument("--vocab-size", type=int, default=2048)

@@ -565,6 +565,9 @@ class DemoDataConfig:
     max_general_docs: int = 0
     max_domain_docs: int = 0
     seed: int = 0
+    # the domain training documents go through `mdt data curate` (with injected duplicates,
+    # near-duplicates, PII, low-quality and off-topic documents) before they are tokenized
+    curate: bool = False
     sft_heldout_fraction: float = 0.5
     sft_refusal_topics: int = 6  # out-of-scope topics whose refusal sentence the SFT data shows
     rs_seeds: int = 32  # multi-turn seeds for an rs_sft stage (rs_seeds.jsonl)

@@ -52,11 +52,16 @@ def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = Tr
     if pipe.demo_data.enabled:
         if progress:
             tqdm.write(f"preparing the demo corpora in {out / 'data'} ...")
-        prepare_demo_data(out / "data", pipe.demo_data, progress=progress)
+        manifest = prepare_demo_data(out / "data", pipe.demo_data, progress=progress)
+        if "curation" in manifest and progress:
+            curation = manifest["curation"]
+            print(f"[curate] domain corpus: {curation['summary']}; report: {curation['report']}", flush=True)
         d = pipe.demo_data
         build_demo_sft(out / "data", d.sft_heldout_fraction, d.seed, d.sft_refusal_topics, d.rs_seeds,
                        d.rs_heldout_seeds, d.dialogue_turns)
     report: dict = {"out_dir": str(out), "stages": []}
+    if pipe.demo_data.enabled and "curation" in manifest:
+        report["curation"] = manifest["curation"]
     earlier_rerun = ""
     for name, cfg in zip(stage_names(pipe), stages):
         action, reason = stage_action(cfg, resume, earlier_rerun)

@@ -189,6 +189,10 @@ def test_pii_patterns_and_checksums():
                     "total += 3 * 14")
     assert counts == {"email": 1, "ip": 1, "phone": 1}
     assert redact("a.b@c.io", ["phone"]) == ("a.b@c.io", {})  # only the enabled types
+    # numbers in the Python docs that once read as phones: a signed float, a zero-padded field
+    kept = "'{:+f}'.format(3.14) gives '+3.140000'; in the form '+000000120'"
+    assert redact(kept) == (kept, {})
+    assert redact("call +14155552671 or +44 20 7946 0958") == ("call <PHONE> or <PHONE>", {"phone": 2})
 
 
 def test_config_errors_name_the_key(tmp_path):

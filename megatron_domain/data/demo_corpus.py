@@ -102,7 +102,8 @@ def prepare_demo_data(out_dir: str | os.PathLike, cfg: DemoDataConfig, progress:
     out = Path(out_dir)
     manifest_file = out / "manifest.json"
     settings = {"version": MANIFEST_VERSION, "vocab_size": cfg.vocab_size, "heldout_fraction": cfg.heldout_fraction,
-                "max_general_docs": cfg.max_general_docs, "max_domain_docs": cfg.max_domain_docs, "seed": cfg.seed}
+                "max_general_docs": cfg.max_general_docs, "max_domain_docs": cfg.max_domain_docs, "seed": cfg.seed,
+                "curate": cfg.curate}
     if manifest_file.is_file():
         manifest = json.loads(manifest_file.read_text())
         if manifest.get("settings") == settings:
@@ -118,14 +119,25 @@ def prepare_demo_data(out_dir: str | os.PathLike, cfg: DemoDataConfig, progress:
     # the chat markers of the SFT stage's chatml template are special tokens (as in Qwen's tokenizer),
     # so a chat turn ends at one token and the exported model stops there
     tokenizer = train_bpe_tokenizer(train_texts, cfg.vocab_size, out / "tokenizer.json", CHATML_SPECIALS)
-    stats = {}
+    stats, curation = {}, None
+    if cfg.curate:  # the domain training documents go through `mdt data curate` (data/demo_curation.py)
+        from megatron_domain.data.demo_curation import curate_demo_domain, curation_summary
+
+        report = curate_demo_domain(out, splits["domain"][0], splits["general"][0], str(out / "tokenizer.json"),
+                                    cfg.seed, progress=progress)
+        stats["domain_train"] = {k: report["tokenized"][k] for k in ("documents", "tokens")}
+        curation = {"summary": curation_summary(report), "injected": report["injected"],
+                    "report": str(out / "curated_domain" / "curation_report.md")}
     for name, (train, heldout) in splits.items():
         for split, texts in (("train", train), ("heldout", heldout)):
+            if curation and (name, split) == ("domain", "train"):
+                continue
             docs = tokenize_documents(iter(texts), tokenizer, progress=progress, desc=f"{name}_{split}")
             stats[f"{name}_{split}"] = write_indexed_dataset(out / f"{name}_{split}", docs, tokenizer.vocab_size)
     for name, (_, heldout) in splits.items():  # the lm-eval suites (eval/suites.py: demo_general_mc, ...)
         write_continuation_mc(heldout, out / "mc" / f"{name}_mc.jsonl", cfg.seed)
-    manifest = {"settings": settings, "tokenizer": str(out / "tokenizer.json"), "datasets": stats}
+    manifest = {"settings": settings, "tokenizer": str(out / "tokenizer.json"), "datasets": stats,
+                **({"curation": curation} if curation else {})}
     tmp = manifest_file.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, manifest_file)

@@ -175,6 +175,11 @@ def render_markdown(report: dict) -> str:
     """One table of every metric before/after every stage, stage costs, gates, then each stage
     in detail, and the plots."""
     lines = ["# Pipeline report", "", f"Output directory: `{report['out_dir']}`", ""]
+    if report.get("curation"):
+        curation = report["curation"]
+        injected = ", ".join(f"{k} {v}" for k, v in curation["injected"].items())
+        lines += ["## Data curation (domain corpus)", "", f"{curation['summary']} (injected: {injected}). "
+                  f"Full report: `{curation['report']}`.", ""]
     if report["stages"]:
         lines += ["## Every metric, stage by stage", "", *summary_table(report["stages"]), "",
                   "## Cost per stage", "", *timing_table(report["stages"]), ""]

@@ -8,7 +8,9 @@
     exact_dedup: {enabled: true, unit: lines, span: 1, min_span_words: 10}
     near_dedup: {enabled: true, n_grams: 5, bands: 30, rows: 10}
     pii: {enabled: true, types: [email, phone, ip, credit_card, iban, national_id]}
-    quality: {enabled: true, min_words: 50, max_words: 100000, max_symbol_word_ratio: 0.1, ...}
+    quality: {enabled: true, min_words: 50, max_words: 100000, max_symbol_word_ratio: 0.1, ...,
+              classifier: quality.bin, drop_fraction: 0.25}     # `mdt data train-quality`
+    executor: local                                # or slurm (slurm: {...}) or ray (ray: {...})
 """
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ from dataclasses import dataclass, field
 
 from megatron_domain.config import ConfigError, build_dataclass, load_yaml
 from megatron_domain.data.curate.pii import PII_TYPES
+
+EXECUTORS = ("local", "slurm", "ray")
+
+
+@dataclass
+class CleanupConfig:
+    """Unicode NFC and whitespace cleanup (curate/steps.py clean_text): `collapse_spaces` turns
+    runs of spaces inside a line into one (false keeps aligned code and tables as they are)."""
+
+    collapse_spaces: bool = True
 
 
 @dataclass
@@ -53,10 +65,15 @@ class NearDedupConfig:
 
 @dataclass
 class PiiConfig:
-    """Pattern-based PII redaction (curate/pii.py): typed placeholders for the listed types."""
+    """Pattern-based PII redaction (curate/pii.py): typed placeholders for the listed types;
+    with `ner_model` (an installed spaCy pipeline or a saved one's folder, curate/ner.py) also
+    the named entities whose spaCy label `ner_labels` maps to a placeholder type."""
 
     enabled: bool = True
     types: list[str] = field(default_factory=lambda: list(PII_TYPES))
+    ner_model: str = ""
+    ner_labels: dict = field(default_factory=lambda: {"PERSON": "PERSON", "GPE": "LOCATION", "LOC": "LOCATION",
+                                                      "FAC": "ADDRESS"})
 
 
 @dataclass
@@ -77,6 +94,34 @@ class QualityConfig:
     min_alpha_words_ratio: float = 0.8
     min_stop_words: int = 2
     repetition: bool = True
+    # the fastText classifier (`mdt data train-quality`): when set, every document the heuristics
+    # kept is scored with P(in-domain) and the lowest `drop_fraction` of them are dropped
+    classifier: str = ""
+    drop_fraction: float = 0.25
+
+
+@dataclass
+class SlurmConfig:
+    """datatrove's SlurmPipelineExecutor: one job array per phase, each phase depending on the
+    one before; `env_command` activates the environment on the nodes (e.g. `source .venv/bin/activate`)."""
+
+    partition: str = ""
+    time: str = "04:00:00"
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: int = 2
+    qos: str = ""
+    env_command: str = ""
+    sbatch_args: dict = field(default_factory=dict)
+
+
+@dataclass
+class RayConfig:
+    """datatrove's RayPipelineExecutor: `address` of a running cluster ("" = start a local one,
+    `auto` = the cluster this machine belongs to)."""
+
+    address: str = ""
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: float = 2.0
 
 
 @dataclass
@@ -88,8 +133,17 @@ class CurateConfig:
     text_key: str = "text"
     tokenizer: str = ""
     eod_token: str = ""
+    output_prefix: str = ""  # the indexed dataset (with `tokenizer`); default <output_dir>/corpus
     workers: int = 2
     tasks: int = 0  # shards per step (0 = workers); a killed run skips the finished ones
+    executor: str = "local"  # local (worker processes), slurm or ray
+    # words for dedup and the Gopher filters: `regex` (fast, for space-separated languages) or
+    # `spacy` (datatrove's per-language tokenizer for `language`; ~5-10x slower here)
+    word_tokenizer: str = "regex"
+    language: str = "en"
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    cleanup: CleanupConfig = field(default_factory=CleanupConfig)
     exact_dedup: ExactDedupConfig = field(default_factory=ExactDedupConfig)
     near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
     pii: PiiConfig = field(default_factory=PiiConfig)
@@ -120,6 +174,23 @@ def validate_curate(cfg: CurateConfig) -> list[str]:
     unknown = [t for t in cfg.pii.types if t not in PII_TYPES]
     if unknown:
         problems.append(f"pii.types: unknown {', '.join(unknown)}; choose from {', '.join(PII_TYPES)}")
+    if cfg.word_tokenizer not in ("regex", "spacy"):
+        problems.append(f"word_tokenizer: {cfg.word_tokenizer!r}; choose regex or spacy")
+    if cfg.executor not in EXECUTORS:
+        problems.append(f"executor: {cfg.executor!r}; choose from {', '.join(EXECUTORS)}")
+    if cfg.executor == "slurm" and not cfg.slurm.partition:
+        problems.append("slurm.partition: empty; name the partition the jobs go to")
+    if cfg.quality.classifier and not Path(cfg.quality.classifier).is_file():
+        problems.append(f"quality.classifier: {cfg.quality.classifier!r} is not a file; train one with "
+                        "`mdt data train-quality` or leave it empty")
+    if not 0 <= cfg.quality.drop_fraction < 1:
+        problems.append(f"quality.drop_fraction: must be in [0, 1), got {cfg.quality.drop_fraction}")
+    if cfg.pii.enabled and cfg.pii.ner_model:
+        from megatron_domain.data.curate.ner import check_ner_model
+
+        problem = check_ner_model(cfg.pii.ner_model)
+        if problem:
+            problems.append(f"pii.ner_model: {problem}")
     if cfg.quality.min_words > cfg.quality.max_words:
         problems.append(f"quality.min_words ({cfg.quality.min_words}) > quality.max_words ({cfg.quality.max_words})")
     return problems

@@ -15,7 +15,7 @@ from typing import Callable
 EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 # international (+country code), North American 3-3-4, or national with a trunk 0 (030 1234 5678);
 # never inside a longer run of digit groups (a card number, a table of figures)
-PHONE = re.compile(r"(?<![\w.+-])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?\(?\d{1,4}\)?(?:[ .-]?\d{2,4}){2,4}"
+PHONE = re.compile(r"(?<![\w.+-])(?<!\d[ .-])(?:\+[1-9]\d{0,2}[ .-]?\(?\d{1,4}\)?(?:[ .-]?\d{2,4}){2,4}"
                    r"|\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}|\(?0\d{1,4}\)?[ .-]?\d{3,4}[ .-]?\d{3,4})(?![\w-])(?![ .-]?\d)")
 IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])")
 IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])")
@@ -48,6 +48,11 @@ def iban_valid(text: str) -> bool:
     return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
 
 
+def phone_valid(text: str) -> bool:
+    """8-15 digits (E.164 allows at most 15; shorter runs are numbers in text, e.g. '+3.140000')."""
+    return 8 <= sum(c.isdigit() for c in text) <= 15
+
+
 def ip_valid(text: str) -> bool:
     """A syntactically valid IPv4 or IPv6 address (not a version number like 1.2.3.400)."""
     try:
@@ -65,7 +70,7 @@ RULES: tuple[tuple[str, re.Pattern, Callable[[str], bool] | None], ...] = (
     ("national_id", US_SSN, None),
     ("ip", IPV6, ip_valid),
     ("ip", IPV4, ip_valid),
-    ("phone", PHONE, None),
+    ("phone", PHONE, phone_valid),
 )
 
 

@@ -20,9 +20,19 @@ def total(value) -> float:
 
 
 def phase_stats(folder: Path) -> list[dict]:
-    """datatrove's merged stats of one executor: [{name, stats}] per step ([] if it did not run)."""
+    """datatrove's merged stats of one executor: [{name, stats}] per step ([] if it did not run).
+    Without `stats.json` (under Slurm a separate job merges it, which the report's job does not
+    wait for) the per-task files under `stats/` are merged here, as datatrove's merge_stats does."""
     path = folder / "stats.json"
-    return json.loads(path.read_text()) if path.is_file() else []
+    if path.is_file():
+        return json.loads(path.read_text())
+    tasks = sorted((folder / "stats").glob("*.json"))
+    if not tasks:
+        return []
+    from datatrove.utils.stats import PipelineStats
+
+    merged = sum((PipelineStats.from_json(json.loads(t.read_text())) for t in tasks), start=PipelineStats())
+    return json.loads(merged.to_json())
 
 
 def flow(steps: list[dict]) -> dict:
@@ -76,13 +86,56 @@ def problems(folder: Path) -> list[dict]:
             (json.loads(line) for line in path.read_text().splitlines() if line.strip())]
 
 
-def write_report(cfg, phases, logs: Path, tokenized: dict | None) -> dict:
+def classifier_summary(cfg, out: Path) -> dict:
+    """The classifier's held-out record, the threshold, the score distribution (and its PNG)."""
+    import numpy as np
+
+    from megatron_domain.data.curate.quality_model import classifier_record
+    from megatron_domain.data.curate.steps import read_scores
+
+    work = out / "work"
+    threshold = json.loads((work / "quality_threshold.json").read_text())
+    scores = np.asarray(read_scores(work / "quality_scores"))  # [documents]
+    counts, edges = np.histogram(scores, bins=10, range=(0.0, 1.0))
+    record = classifier_record(cfg.quality.classifier)
+    summary = {"model": cfg.quality.classifier, "heldout": record.get("heldout", {}),
+               "threshold": threshold["threshold"], "drop_fraction": threshold["drop_fraction"],
+               "documents_scored": int(scores.size), "dropped": int((scores < threshold["threshold"]).sum()),
+               "histogram": {"edges": [round(float(e), 2) for e in edges], "counts": counts.tolist()}}
+    summary["plot"] = str(plot_scores(scores, threshold["threshold"], out / "quality_scores.png"))
+    return summary
+
+
+def plot_scores(scores, threshold: float, path: Path) -> Path:
+    """A histogram of the quality scores with the drop threshold, as PNG (written atomically)."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(scores, bins=40, range=(0.0, 1.0), color="tab:blue")
+    ax.axvline(threshold, color="tab:red", linestyle="--", label=f"drop below {threshold:.3f}")
+    ax.set_xlabel("P(in-domain), fastText quality classifier")
+    ax.set_ylabel("documents")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(cfg, phases, logs: Path, tokenized: dict | None, seconds: dict[str, float] | None = None) -> dict:
     """Collect, write (JSON and Markdown, each atomically) and return the report."""
     out = Path(cfg.output_dir)
     stats = {p.name: phase_stats(logs / f"{i:02d}_{p.name}") for i, p in enumerate(phases, 1)}
     skipped = problems(out / "work" / "problems")
     report: dict = {"output_dir": str(out), "inputs": list(cfg.inputs), "phases": {}, "removed": {}}
-    for name in ("read", "exact_filter", "near_filter", "redact_filter"):
+    for name in ("read", "exact_filter", "near_filter", "redact_filter", "quality_classifier"):
         if stats.get(name):
             report["phases"][name] = flow(stats[name])
     readers = [s["stats"] for s in stats.get("read", []) if "input_files" in s["stats"]]
@@ -96,7 +149,7 @@ def write_report(cfg, phases, logs: Path, tokenized: dict | None) -> dict:
                       "skipped": skipped_counts, "skipped_inputs": skipped}
     cleaner = stats["read"][-2]["stats"] if len(stats.get("read", [])) >= 2 else {}
     report["read"]["dropped_empty_after_cleanup"] = int(total(cleaner.get("dropped_empty", 0)))
-    for step in ("exact_dedup", "near_dedup", "quality", "repetition"):
+    for step in ("exact_dedup", "near_dedup", "quality", "repetition", "quality_classifier"):
         if (out / "removed" / step).is_dir():
             report["removed"][step] = removed_summary(out / "removed" / step)
     exact = report["removed"].get("exact_dedup")
@@ -113,8 +166,14 @@ def write_report(cfg, phases, logs: Path, tokenized: dict | None) -> dict:
     redact = {k: v for s in stats.get("redact_filter", []) for k, v in s["stats"].items()}
     report["pii"] = {k[len("pii_"):]: int(total(v)) for k, v in redact.items() if k.startswith("pii_")}
     report["pii_documents"] = int(total(redact.get("documents_with_pii", 0)))
+    report["pii_detector"] = (f"patterns + spaCy NER ({cfg.pii.ner_model})" if cfg.pii.ner_model else
+                              "patterns only (regex; no pii.ner_model set)") if cfg.pii.enabled else "off"
+    if cfg.quality.classifier:
+        report["quality_classifier"] = classifier_summary(cfg, out)
     if tokenized:
         report["tokenized"] = tokenized
+    if seconds:
+        report["seconds"] = {name: round(value, 3) for name, value in seconds.items()}
     write_json_atomic(out / "curation_report.json", report)
     write_text_atomic(out / "curation_report.md", markdown(report))
     return report
@@ -142,9 +201,21 @@ def markdown(report: dict) -> str:
         lines += ["", f"Near-duplicate clusters: {nd['clusters']} ({nd['documents_removed']} documents removed).", "",
                   "| cluster | size | removed |", "|---:|---:|---|"]
         lines += [f"| {c['cluster']} | {c['size']} | {', '.join(c['removed'][:5])} |" for c in nd["largest"]]
+    lines += ["", f"PII detector: {report['pii_detector']}."]
     if report["pii"]:
         lines += ["", f"PII redacted in {report['pii_documents']} documents:", "", "| type | spans |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in sorted(report["pii"].items())]
+    if report.get("quality_classifier"):
+        qc = report["quality_classifier"]
+        held = qc["heldout"]
+        accuracy = f"held-out accuracy {held['accuracy']:.3f} on {held['documents']} documents" if held else \
+            "no training record next to the model"
+        lines += ["", f"Quality classifier `{qc['model']}` ({accuracy}): {qc['documents_scored']} documents scored, "
+                      f"the lowest {qc['drop_fraction']:.0%} (P(in-domain) < {qc['threshold']:.3f}) dropped: "
+                      f"{qc['dropped']}. Histogram: `{Path(qc['plot']).name}`.", "",
+                  "| P(in-domain) | documents |", "|---|---:|"]
+        edges = qc["histogram"]["edges"]
+        lines += [f"| {edges[i]:.1f}-{edges[i + 1]:.1f} | {c} |" for i, c in enumerate(qc["histogram"]["counts"])]
     for step, summary in report["removed"].items():
         lines += ["", f"## Removed by {step}: {summary['count']}", ""]
         lines += [f"- {reason}: {count}" for reason, count in summary["by_reason"].items()]

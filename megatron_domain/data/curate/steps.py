@@ -7,8 +7,12 @@ parallelise and resume them like its own):
   read, an empty document, a PDF without a text layer or an unsupported extension is counted and
   written, with the reason, to `<problems_dir>/<rank>.jsonl`; the other documents go on.
 - `TextCleaner`: Unicode NFC normalization and whitespace cleanup (trailing spaces, runs of
-  spaces and tabs, more than two newlines); a document left empty is dropped and counted.
+  spaces and tabs inside lines unless `cleanup.collapse_spaces: false`, more than two newlines;
+  indentation is kept); a document left empty is dropped and counted.
 - `PiiRedactor`: curate/pii.py's typed placeholders, counted per type.
+- `QualityScorer`, `QualityThreshold`, `QualityClassifierFilter`: the fastText classifier's
+  P(in-domain) per document (curate/quality_model.py), the score below which the lowest
+  `drop_fraction` lie (over every shard's scores), and the filter that drops them.
 """
 
 from __future__ import annotations
@@ -20,9 +24,40 @@ from pathlib import Path
 
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.readers.base import BaseDiskReader
+from datatrove.utils.word_tokenizers import WordTokenizer, simple_span_tokenize
 
 from megatron_domain.data.curate.pii import PII_TYPES, redact
+
+WORD = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]+")
+SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)]*\s+")
+
+
+class RegexWordTokenizer(WordTokenizer):
+    """Words (letters/digits with inner apostrophes or hyphens) and runs of punctuation by
+    one regular expression; sentences end at . ! ? before whitespace. datatrove's English
+    tokenizer is spaCy's, which created a vocabulary entry per new word form and made MinHash
+    and the Gopher filters run at ~0.05 MB/s per process here (tools/bench_curate.py); this one
+    is ~50x faster and splits English text the same way for these counts (word n-grams, word
+    lengths, stop words). `word_tokenizer: spacy` in the config brings datatrove's back (for
+    languages where words are not separated by spaces, use it)."""
+
+    def __init__(self):
+        super().__init__("en")
+
+    def word_tokenize(self, text: str) -> list[str]:
+        """The words and punctuation marks of `text`."""
+        return WORD.findall(text)
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        """The sentences of `text`, stripped, empty ones dropped."""
+        return [s.strip() for s in SENTENCE_END.split(text) if s.strip()]
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) of each sentence."""
+        return list(simple_span_tokenize(text, self.sent_tokenize(text)))
+
 
 TEXT_EXTENSIONS = (".txt", ".md")
 HTML_EXTENSIONS = (".html", ".htm")
@@ -125,15 +160,23 @@ class RawDocumentReader(BaseDiskReader):
             yield from super().run(data, rank, world_size)
 
 
-SPACES = re.compile(r"[ \t\u00a0]+")
+SPACES = re.compile(r"[ \t]+")
 BLANK_LINES = re.compile(r"\n{3,}")
 
 
-def clean_text(text: str) -> str:
-    """NFC, no carriage returns, single spaces, no trailing spaces, at most one blank line."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    lines = [SPACES.sub(" ", line).strip() for line in text.split("\n")]
-    return BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+def clean_text(text: str, collapse_spaces: bool = True) -> str:
+    """NFC, no carriage returns or no-break spaces, no trailing spaces, at most one blank line;
+    with `collapse_spaces` each run of spaces and tabs inside a line becomes one space (a line's
+    leading indentation is kept either way: code keeps its structure)."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n").replace("\u00a0", " ")
+    lines = []
+    for line in text.split("\n"):
+        line = line.rstrip()
+        if collapse_spaces:
+            body = line.lstrip(" \t")
+            line = line[:len(line) - len(body)] + SPACES.sub(" ", body)
+        lines.append(line)
+    return BLANK_LINES.sub("\n\n", "\n".join(lines)).strip("\n")
 
 
 class TextCleaner(PipelineStep):
@@ -142,11 +185,15 @@ class TextCleaner(PipelineStep):
     name = "🧹 clean text"
     type = "✂️ - FORMAT"
 
+    def __init__(self, collapse_spaces: bool = True):
+        super().__init__()
+        self.collapse_spaces = collapse_spaces
+
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         """Clean every document."""
         for doc in data:
             with self.track_time():
-                doc.text = clean_text(doc.text)
+                doc.text = clean_text(doc.text, self.collapse_spaces)
             if not doc.text:
                 self.stat_update("dropped_empty")
                 continue
@@ -155,23 +202,122 @@ class TextCleaner(PipelineStep):
 
 
 class PiiRedactor(PipelineStep):
-    """Typed placeholders for the enabled PII types; counts per type (`pii_<type>`) and the
-    number of documents with any PII (`documents_with_pii`)."""
+    """Typed placeholders for the enabled PII types, then (with `ner_model`) for the named
+    entities of a spaCy pipeline (curate/ner.py); counts per type (`pii_<type>`) and the number
+    of documents with any PII (`documents_with_pii`)."""
 
     name = "🔒 PII redaction"
     type = "✂️ - FORMAT"
 
-    def __init__(self, types: list[str] | tuple[str, ...] = PII_TYPES):
+    def __init__(self, types: list[str] | tuple[str, ...] = PII_TYPES, ner_model: str = "",
+                 ner_labels: dict[str, str] | None = None):
         super().__init__()
         self.types = tuple(types)
+        self.ner_model = ner_model
+        self.ner_labels = ner_labels
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         """Redact every document."""
+        ner = None
+        if self.ner_model:
+            from megatron_domain.data.curate.ner import NerRedactor
+
+            ner = NerRedactor(self.ner_model, self.ner_labels)
         for doc in data:
             with self.track_time():
                 doc.text, counts = redact(doc.text, self.types)
+                if ner is not None:
+                    doc.text, entities = ner.redact(doc.text)
+                    counts = {**counts, **entities}
             for kind, count in counts.items():
                 self.stat_update(f"pii_{kind}", value=count)
             if counts:
                 self.stat_update("documents_with_pii")
             yield doc
+
+
+class QualityScorer(PipelineStep):
+    """Sets `metadata["quality_score"]` = the classifier's P(in-domain) and writes this rank's
+    scores, one per line, to `<scores_dir>/<rank>.txt` (rewritten whole when a shard reruns)."""
+
+    name = "🤖 quality score"
+    type = "📊 - STATS"
+
+    def __init__(self, classifier: str, scores_dir: str, batch_size: int = 256):
+        super().__init__()
+        self.classifier = classifier
+        self.scores_dir = Path(scores_dir)
+        self.batch_size = batch_size
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        """Score every document, in batches."""
+        from datatrove.utils.batching import batched
+
+        from megatron_domain.data.curate.quality_model import QualityModel
+
+        model = QualityModel(self.classifier)
+        self.scores_dir.mkdir(parents=True, exist_ok=True)
+        final = self.scores_dir / f"{rank:05d}.txt"
+        partial = final.with_suffix(".txt.tmp")
+        with partial.open("w") as scores:
+            for batch in batched(data, self.batch_size):
+                with self.track_time():
+                    values = model.score([doc.text for doc in batch])
+                for doc, value in zip(batch, values):
+                    doc.metadata["quality_score"] = value
+                    scores.write(f"{value:.6f}\n")
+                    self.stat_update("scored")
+                    yield doc
+        partial.replace(final)
+
+
+def read_scores(scores_dir: Path) -> list[float]:
+    """Every score the QualityScorer shards wrote."""
+    return [float(line) for path in sorted(scores_dir.glob("*.txt")) for line in path.read_text().split()]
+
+
+class QualityThreshold(PipelineStep):
+    """One task: the `drop_fraction` quantile of all scores, written to `threshold_file` as
+    {threshold, drop_fraction, documents}."""
+
+    name = "📏 quality threshold"
+    type = "📊 - STATS"
+
+    def __init__(self, scores_dir: str, drop_fraction: float, threshold_file: str):
+        super().__init__()
+        self.scores_dir = Path(scores_dir)
+        self.drop_fraction = drop_fraction
+        self.threshold_file = threshold_file
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        """Compute and write the threshold (no documents flow through this step)."""
+        import numpy as np
+
+        from megatron_domain.files import write_json_atomic
+
+        scores = read_scores(self.scores_dir)
+        threshold = float(np.quantile(scores, self.drop_fraction)) if scores and self.drop_fraction > 0 else 0.0
+        write_json_atomic(self.threshold_file, {"threshold": threshold, "drop_fraction": self.drop_fraction,
+                                                "documents": len(scores)})
+        return
+        yield
+
+
+class QualityClassifierFilter(BaseFilter):
+    """Drops the documents whose `quality_score` lies below the threshold in `threshold_file`
+    (reason `below_quality_threshold`)."""
+
+    name = "🤖 quality classifier"
+
+    def __init__(self, threshold_file: str, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.threshold_file = threshold_file
+        self._threshold: float | None = None
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        """Keep a document scored at or above the threshold."""
+        if self._threshold is None:
+            self._threshold = json.loads(Path(self.threshold_file).read_text())["threshold"]
+        if doc.metadata["quality_score"] < self._threshold:
+            return False, "below_quality_threshold"
+        return True
