@@ -213,3 +213,22 @@ def test_config_errors_name_the_key(tmp_path):
     text = str(info.value)
     assert "inputs[0]:" in text and "is not a folder" in text
     assert "exact_dedup.unit: 'words'; choose lines or sentences" in text and "pii.types: unknown dna" in text
+
+
+def test_regex_word_tokenizer_agrees_with_datatrove_spacy_on_prose():
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
+    from datatrove.utils.word_tokenizers import load_word_tokenizer
+
+    from megatron_domain.data.curate.steps import RegexWordTokenizer
+
+    ours, spacy_words = RegexWordTokenizer(), load_word_tokenizer("en")
+    texts = [prose(i) for i in range(5)] + [
+        "Reset the printer, then wait (about 30 seconds) before you print again. Is the tray closed? Yes!",
+        "The error code E-42 means: the toner cartridge is empty... Replace it; the manual says so."]
+    for text in texts:
+        assert ours.word_tokenize(text) == spacy_words.word_tokenize(text), text
+    docs = [Document(text=t, id=str(i)) for i, t in enumerate(texts + ["buy now " * 60, "# ## ### " * 40])]
+    for make in (lambda lang: GopherQualityFilter(language=lang, min_doc_words=10),
+                 lambda lang: GopherRepetitionFilter(language=lang)):
+        assert [make(ours).filter(d) for d in docs] == [make("en").filter(d) for d in docs]

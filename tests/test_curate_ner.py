@@ -76,3 +76,18 @@ def test_unknown_ner_model_is_a_config_error(tmp_path):
     path.write_text(json.dumps({"inputs": [str(tmp_path)], "pii": {"ner_model": "xx_no_such_pipeline"}}))
     with pytest.raises(ConfigError, match="pii.ner_model: 'xx_no_such_pipeline' is neither an installed spaCy"):
         load_curate_config(str(path))
+
+
+def test_rule_based_entities_and_placeholders_left_alone(tmp_path):
+    from megatron_domain.data.curate.ner import NerRedactor
+
+    nlp = spacy.blank("en")
+    ruler = nlp.add_pipe("entity_ruler")
+    ruler.add_patterns([{"label": "PERSON", "pattern": "Ada Lovelace"}, {"label": "PERSON", "pattern": "EMAIL"},
+                        {"label": "EMPLOYEE", "pattern": [{"TEXT": {"REGEX": "^EMP-\\d{5}$"}}]}])
+    nlp.to_disk(tmp_path / "rules")
+    redactor = NerRedactor(str(tmp_path / "rules"), {"PERSON": "PERSON", "EMPLOYEE": "EMPLOYEE_ID"})
+    text, counts = redactor.redact("Ada Lovelace (EMP-12345) wrote to <EMAIL> about EMAIL routing.")
+    # "EMAIL" inside the e-mail placeholder is not an entity; the bare word is (the rules say so)
+    assert text == "<PERSON> (<EMPLOYEE_ID>) wrote to <EMAIL> about <PERSON> routing."
+    assert counts == {"person": 2, "employee_id": 1}

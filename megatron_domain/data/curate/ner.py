@@ -4,7 +4,7 @@ become typed placeholders, after the patterns of curate/pii.py have run.
 `pii.ner_model` names an installed spaCy pipeline package (e.g. `en_core_web_sm`, installed from
 spaCy's model releases: `pip install https://github.com/explosion/spacy-models/releases/...`)
 or a folder a pipeline was saved to (`nlp.to_disk`, e.g. one fine-tuned on your own
-identifiers). Nothing is downloaded at run time; PyPI has no official spaCy model package, so
+identifiers, or with an `entity_ruler` of patterns for them: employee ids, ticket numbers). Nothing is downloaded at run time; PyPI has no official spaCy model package, so
 none is a dependency and, without `pii.ner_model`, the report says redaction was regex only.
 spaCy rather than Presidio: Presidio's name and address recognizers are this same spaCy NER
 behind another layer, and spaCy is already installed for datatrove's word tokenizer.
@@ -38,8 +38,9 @@ class NerRedactor:
 
         self.labels = dict(labels or DEFAULT_LABELS)
         self.nlp = spacy.load(model, exclude=["lemmatizer", "textcat"])
-        if "ner" not in self.nlp.pipe_names:
-            raise ValueError(f"pii.ner_model {model!r}: the pipeline has no `ner` component ({self.nlp.pipe_names})")
+        if not {"ner", "entity_ruler"} & set(self.nlp.pipe_names):
+            raise ValueError(f"pii.ner_model {model!r}: the pipeline has no `ner` or `entity_ruler` component "
+                             f"({self.nlp.pipe_names})")
 
     def chunks(self, text: str) -> list[tuple[int, str]]:
         """(offset, chunk) pieces of at most MAX_CHUNK_CHARS, cut at paragraph breaks."""

@@ -224,7 +224,7 @@ class PhaseProgress:
 
         unit = "doc" if self.output is not None else "task"
         with tqdm(desc=f"[curate] {self.desc}", unit=unit, total=None if self.output is not None else self.tasks,
-                  dynamic_ncols=True, leave=False, file=self.stream) as bar:
+                  dynamic_ncols=True, leave=False, file=self.stream, disable=None) as bar:  # None: off when not a terminal
             while not self.stop.wait(self.interval):
                 bar.update(self.count() - bar.n)
             bar.update(self.count() - bar.n)

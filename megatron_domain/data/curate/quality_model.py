@@ -22,6 +22,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from megatron_domain.data.chat import jsonl_records
 from megatron_domain.files import write_json_atomic
 
 LABEL_IN = "__label__in_domain"
@@ -46,20 +47,13 @@ def read_labeled_texts(paths: list[str], text_key: str = "text") -> list[str]:
         else:
             raise FileNotFoundError(f"{path}: no such file or folder (give JSONL files or folders of them)")
     texts = []
-    for file in files:
-        with file.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{file}:{number}: invalid JSON ({exc.msg})") from exc
-                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                    raise ValueError(f"{file}:{number}: expected an object with a string {text_key!r} "
-                                     "(set --text-key for another field)")
-                if record[text_key].strip():
-                    texts.append(record[text_key])
+    for file in files:  # ChatDataError (a ValueError) names the file and line of bad JSON
+        for where, record in jsonl_records(file, f"a document with a string {text_key!r}"):
+            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                raise ValueError(f"{where}: expected an object with a string {text_key!r} "
+                                 "(set --text-key for another field)")
+            if record[text_key].strip():
+                texts.append(record[text_key])
     if not texts:
         raise ValueError(f"no documents in {', '.join(paths)}")
     return texts

@@ -172,6 +172,13 @@ def write_report(cfg, phases, logs: Path, tokenized: dict | None, seconds: dict[
         report["quality_classifier"] = classifier_summary(cfg, out)
     if tokenized:
         report["tokenized"] = tokenized
+        # tokens in and out of every phase, at the output's characters per token (tokenizing each
+        # phase's text again would cost as much as the whole run)
+        last = list(report["phases"].values())[-1]
+        per_char = tokenized["tokens"] / max(1, last["characters_out"])
+        for f in report["phases"].values():
+            f["tokens_in_est"] = round(f["characters_in"] * per_char)
+            f["tokens_out_est"] = round(f["characters_out"] * per_char)
     if seconds:
         report["seconds"] = {name: round(value, 3) for name, value in seconds.items()}
     write_json_atomic(out / "curation_report.json", report)
@@ -186,13 +193,15 @@ def markdown(report: dict) -> str:
              f"Read {read['documents']} documents from {read['files']} files; skipped: "
              + (", ".join(f"{k} {v}" for k, v in read["skipped"].items()) or "none")
              + f"; empty after cleanup: {read['dropped_empty_after_cleanup']}.", "",
-             "| phase | documents in | documents out | characters in | characters out |", "|---|---:|---:|---:|---:|"]
+             "| phase | documents in | documents out | characters in | characters out | tokens in | tokens out |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, f in report["phases"].items():
         lines.append(f"| {name} | {f['documents_in']} | {f['documents_out']} | {f['characters_in']} | "
-                     f"{f['characters_out']} |")
+                     f"{f['characters_out']} | {f.get('tokens_in_est', '-')} | {f.get('tokens_out_est', '-')} |")
     if report.get("tokenized"):
         t = report["tokenized"]
-        lines += ["", f"Tokenized: {t['documents']} documents, {t['tokens']} tokens -> `{t['prefix']}.bin/.idx`."]
+        lines += ["", f"Tokenized: {t['documents']} documents, {t['tokens']} tokens -> `{t['prefix']}.bin/.idx` "
+                      "(the tokens of earlier phases are estimated at the output's characters per token)."]
     if read["skipped_inputs"]:
         lines += ["", "| skipped input | line | reason |", "|---|---:|---|"]
         lines += [f"| {p['path']} | {p.get('line', '')} | {p['reason']} |" for p in read["skipped_inputs"][:50]]
