@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
             record["throughput"] = {"documents": corpus["documents"], "megabytes": corpus["bytes"] / 1e6,
                                     "seconds": seconds, "documents_per_s": corpus["documents"] / seconds,
                                     "mb_per_s": corpus["bytes"] / 1e6 / seconds,
-                                    "documents_out": list(report["phases"].values())[-1]["documents_out"]}
+                                    "documents_out": list(report["phases"].values())[-1]["documents_out"],
+                                    "phase_seconds": report.get("seconds", {})}
         if args.dedup_mb > 0:
             corpus = write_corpus(root / "pairs", args.dedup_mb, args.seed + 1, with_pairs=True)
             seconds, _ = curate(root / "pairs", root / "pairs_out", args.workers, True, args.bands, args.rows)
