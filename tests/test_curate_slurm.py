@@ -65,7 +65,7 @@ def write_inputs(folder: Path) -> None:
 def curate(tmp: Path, name: str, env: dict | None = None, *extra: str) -> subprocess.CompletedProcess:
     config = tmp / f"{name}.yaml"
     config.write_text(json.dumps({"inputs": [str(tmp / "raw")], "output_dir": str(tmp / name), "workers": 2,
-                                  "quality": {"min_words": 20},
+                                  "quality": {"min_words": 20}, "near_dedup": {"bands": 4, "rows": 8},
                                   "slurm": {"partition": "cpu-small", "env_command": "export CURATE_ENV=ok"}}))
     return subprocess.run([sys.executable, "-m", "megatron_domain.cli", "data", "curate", str(config), *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
