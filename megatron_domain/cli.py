@@ -144,7 +144,7 @@ def _cmd_train_quality(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune_mixture(args: argparse.Namespace) -> int:
-    from megatron_domain.data.mixture import parse_candidates, parse_targets, simplex_grid, tune_mixture
+    from megatron_domain.data.curate.mixture import parse_candidates, parse_targets, simplex_grid, tune_mixture
 
     if args.stage:
         pipe, stages = load_pipeline(args.config, args.overrides)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from megatron_domain.cli import main
-from megatron_domain.data.mixture import objective, parse_candidates, simplex_grid
+from megatron_domain.data.curate.mixture import objective, parse_candidates, simplex_grid
 from conftest import tiny_config_dict
 
 

@@ -211,7 +211,7 @@ MUTATIONS = (
     Mutation("regex-words-split-hyphens", "megatron_domain/data/curate/steps.py",
              """WORD = re.compile(r"\\w+(?:['’-]\\w+)*|[^\\w\\s]+")""", """WORD = re.compile(r"\\w+|[^\\w\\s]+")""",
              ("tests/test_curate.py::test_regex_word_tokenizer_agrees_with_datatrove_spacy_on_prose",)),
-    Mutation("mixture-picks-the-worst", "megatron_domain/data/mixture.py",
+    Mutation("mixture-picks-the-worst", "megatron_domain/data/curate/mixture.py",
              'best = min(records, key=lambda r: r["objective"])', 'best = max(records, key=lambda r: r["objective"])',
              ("tests/test_mixture.py",)),
     Mutation("ner-ignores-placeholders", "megatron_domain/data/curate/ner.py",
