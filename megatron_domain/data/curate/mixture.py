@@ -151,9 +151,9 @@ def snippet(cfg: Config, best: dict, targets: dict[str, float], count: int) -> s
 
 def plot_mixture(records: list[dict], names: list[str], best: dict, path: Path) -> None:
     """Held-out perplexity of every target set per candidate weighting (PNG, written atomically)."""
-    import os
-
     import matplotlib
+
+    from megatron_domain.eval.report import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -167,8 +167,4 @@ def plot_mixture(records: list[dict], names: list[str], best: dict, path: Path) 
     ax.set_xlabel("weights (" + " / ".join(names) + ")")
     ax.set_ylabel("perplexity")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)

@@ -108,9 +108,9 @@ def classifier_summary(cfg, out: Path) -> dict:
 
 def plot_scores(scores, threshold: float, path: Path) -> Path:
     """A histogram of the quality scores with the drop threshold, as PNG (written atomically)."""
-    import os
-
     import matplotlib
+
+    from megatron_domain.eval.report import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -121,11 +121,7 @@ def plot_scores(scores, threshold: float, path: Path) -> Path:
     ax.set_xlabel("P(in-domain), fastText quality classifier")
     ax.set_ylabel("documents")
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
     return path
 
 
