@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from megatron_domain.checkpoint import latest_checkpoint, prepare_run_dir
-from megatron_domain.config import GENERATION_METRICS, Config, PipelineConfig, stage_gates, stage_names, to_dict
+from megatron_domain.config import CHAT_MODES, GENERATION_METRICS, Config, PipelineConfig, stage_gates, stage_names, to_dict
 from megatron_domain.data.demo_corpus import prepare_demo_data
 from megatron_domain.data.demo_sft import build_demo_sft
 from megatron_domain.engine import check_backends, train
@@ -28,11 +29,111 @@ from megatron_domain.parallel.distributed import ensure_process_group, resolve_d
 from megatron_domain.tracking import Trackers
 
 
-def evaluate_stage_input(cfg: Config, device: torch.device) -> dict:
-    """The eval of the model a stage starts from (its init_from, or its random init)."""
+def evaluate_stage_input(cfg: Config, device: torch.device, previous: PreviousStage | None = None,
+                         stage: str = "") -> dict:
+    """The eval of the model a stage starts from (its init_from, or its random init). Held-out
+    perplexity is always measured; the generation, dialogue and suite sections are taken from
+    the previous stage's eval of its final weights where this stage starts from those weights
+    and would compute them with the same settings (see `reusable_sections`), and the perplexity
+    measured here agrees with that eval's. The result's "reused" entry says what was taken."""
     model = load_eval_model(cfg, None, device)
-    return evaluate_model(cfg, model, device, model if cfg.eval.generation.kl_samples else None,
-                          suites_dir=Path(cfg.train.run_dir) / "lm_eval_before")
+    run_dir = Path(cfg.train.run_dir)
+    sections = reusable_sections(cfg, previous)
+    if not sections:
+        return evaluate_model(cfg, model, device, model if cfg.eval.generation.kl_samples else None,
+                              suites_dir=run_dir / "lm_eval_before")
+    everything = frozenset({"generation", "dialogues"})
+    result = evaluate_model(cfg, model, device, suites=[], skip=everything)  # perplexity first
+    mismatch = ppl_mismatch(result["ppl"], previous.eval_after["ppl"])
+    if mismatch:
+        print(f"[{stage}] not reusing {previous.name}'s eval of its final weights: {mismatch}", flush=True)
+        sections = set()
+    reference = model if cfg.eval.generation.kl_samples and "generation" not in sections else None
+    rest_suites = [s.name for s in cfg.eval.suites if f"suite:{s.name}" not in sections]
+    result.update(evaluate_model(cfg, model, device, reference, suites_dir=run_dir / "lm_eval_before",
+                                 suites=rest_suites, skip=frozenset({"ppl"}) | (everything & sections)))
+    reused = sorted(everything & sections)
+    if "generation" in sections:
+        result["generation"] = {k: v for k, v in previous.eval_after["generation"].items() if k != "kl_to_reference"}
+        if cfg.eval.generation.kl_samples:
+            result["generation"]["kl_to_reference"] = 0.0  # KL(pi || pi): the start is its own reference
+    if "dialogues" in sections:
+        result["dialogues"] = previous.eval_after["dialogues"]
+    for suite in cfg.eval.suites:
+        if f"suite:{suite.name}" not in sections:
+            continue
+        result.setdefault("suites", {})[suite.name] = previous.eval_after["suites"][suite.name]
+        reused.append(f"suite:{suite.name}")
+        source = Path(previous.run_dir) / "lm_eval_after" / f"lm_eval_{suite.name}.json"
+        if source.is_file():  # lm-eval's full results beside this stage's, as if run here
+            (run_dir / "lm_eval_before").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, run_dir / "lm_eval_before" / f"lm_eval_{suite.name}.json")
+    if reused:
+        result["reused"] = {"from": previous.name, "sections": reused}
+    return result
+
+
+@dataclass
+class PreviousStage:
+    """What the next stage may reuse of the stage before it: its config, run dir and eval_after."""
+
+    name: str
+    cfg: Config
+    run_dir: str
+    eval_after: dict
+
+
+def starts_from(cfg: Config, checkpoint: str) -> bool:
+    """Whether `cfg.model.init_from` names `checkpoint` (itself, or the run dir whose latest
+    checkpoint it is)."""
+    if not cfg.model.init_from or not checkpoint or cfg.model.init_from.startswith("hf:"):
+        return False
+    init = Path(cfg.model.init_from)
+    if init.is_dir() and not (init / "model.yaml").is_file() and latest_checkpoint(init) is not None:
+        init = latest_checkpoint(init)
+    return init.resolve() == Path(checkpoint).resolve()
+
+
+def reusable_sections(cfg: Config, previous: PreviousStage | None) -> set[str]:
+    """The eval sections ("generation", "dialogues", "suite:<name>") of `previous.eval_after`
+    that this stage's eval of its start would compute again: it starts from the previous
+    stage's final checkpoint, with the same model, tokenizer and section settings (the KL
+    sample count aside: the start's KL to itself is 0)."""
+    if previous is None or not starts_from(cfg, previous.eval_after.get("checkpoint", "")):
+        return set()
+    before, now = previous.cfg, cfg
+    model_a, model_b = to_dict(before.model), to_dict(now.model)
+    model_a.pop("init_from", None)
+    model_b.pop("init_from", None)
+    if model_a != model_b or before.data.tokenizer != now.data.tokenizer or before.data.eod_token != now.data.eod_token:
+        return set()
+    sections = set()
+    gen_a, gen_b = to_dict(before.eval.generation), to_dict(now.eval.generation)
+    gen_a.pop("kl_samples")
+    gen_b.pop("kl_samples")
+    if now.eval.generation.path and gen_a == gen_b and "generation" in previous.eval_after:
+        sections.add("generation")
+    if (now.eval.dialogues.seeds and to_dict(before.eval.dialogues) == to_dict(now.eval.dialogues)
+            and before.data.seq_len == now.data.seq_len and "dialogues" in previous.eval_after):
+        sections.add("dialogues")
+    template = [c.data.chat.template if c.mode in CHAT_MODES else "" for c in (before, now)]
+    old_suites = {s.name: to_dict(s) for s in before.eval.suites}
+    for suite in now.eval.suites:
+        if (old_suites.get(suite.name) == to_dict(suite) and template[0] == template[1]
+                and suite.name in previous.eval_after.get("suites", {})):
+            sections.add(f"suite:{suite.name}")
+    return sections
+
+
+def ppl_mismatch(measured: dict, previous: dict, rtol: float = 1e-3) -> str:
+    """Why a stage's start is not the previous stage's end by held-out perplexity ("" when the
+    shared sets agree within `rtol`, as merged LoRA weights do)."""
+    shared = [k for k in measured if k in previous]
+    if not shared:
+        return "no held-out set in common to compare"
+    off = [f"{k} {measured[k]:.4g} vs {previous[k]:.4g}" for k in shared
+           if abs(measured[k] - previous[k]) > rtol * abs(previous[k])]
+    return f"perplexity differs ({', '.join(off)})" if off else ""
 
 
 def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = True, overwrite: bool = False,
@@ -63,6 +164,7 @@ def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = Tr
     if pipe.demo_data.enabled and "curation" in manifest:
         report["curation"] = manifest["curation"]
     earlier_rerun = ""
+    previous = None
     for name, cfg in zip(stage_names(pipe), stages):
         action, reason = stage_action(cfg, resume, earlier_rerun)
         if resume:
@@ -72,13 +174,14 @@ def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = Tr
         else:
             if action == "rerun":
                 earlier_rerun = name
-            entry = run_stage(name, cfg, out, progress, overwrite or action == "rerun", action == "resume")
+            entry = run_stage(name, cfg, out, progress, overwrite or action == "rerun", action == "resume", previous)
         if entry is None:
             report["preempted"] = name
             write_report(report, out, plots=False)
             print(f"[{name}] preempted: the finished stages and this stage's checkpoint are kept; continue with "
                   "`mdt pipeline CONFIG --resume`", flush=True)
             return report
+        previous = PreviousStage(name, cfg, entry["run_dir"], entry["eval_after"])
         entry["gates"] = evaluate_gates(name, stage_gates(pipe, name), entry["eval_before"], entry["eval_after"])
         report["stages"].append(entry)
         if progress:
@@ -140,9 +243,11 @@ def stage_action(cfg: Config, resume: bool, earlier_rerun: str) -> tuple[str, st
     return "rerun", "interrupted before its first checkpoint"
 
 
-def run_stage(name: str, cfg: Config, out: Path, progress: bool, overwrite: bool, resume: bool) -> dict | None:
-    """Evaluate the stage's input, train, evaluate the result; returns the report entry (also
-    written to `<run_dir>/stage.json`), or None when the stage was preempted."""
+def run_stage(name: str, cfg: Config, out: Path, progress: bool, overwrite: bool, resume: bool,
+              previous: PreviousStage | None = None) -> dict | None:
+    """Evaluate the stage's input (reusing what it can of `previous`'s final eval), train,
+    evaluate the result; returns the report entry (also written to `<run_dir>/stage.json`), or
+    None when the stage was preempted."""
     stage_start = time.perf_counter()
     run_dir = Path(cfg.train.run_dir)
     device = resolve_device(cfg.train.device)
@@ -154,7 +259,10 @@ def run_stage(name: str, cfg: Config, out: Path, progress: bool, overwrite: bool
     if resume and (run_dir / "eval_before.json").is_file():
         before = json.loads((run_dir / "eval_before.json").read_text())
     else:
-        before = evaluate_stage_input(cfg, device)
+        before = evaluate_stage_input(cfg, device, previous, name)
+        if "reused" in before and progress:
+            tqdm.write(f"[{name}] eval of its start: {', '.join(before['reused']['sections'])} taken from "
+                       f"{previous.name}'s final eval (same weights by held-out perplexity, same settings)")
         write_json_atomic(run_dir / "eval_before.json", before)
     start = time.perf_counter()
     result = train(cfg, resume=resume, progress=progress)

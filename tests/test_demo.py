@@ -75,6 +75,7 @@ def test_reduced_demo_pipeline_meets_its_criteria(tmp_path):
     before, after = dacpt["eval_before"]["ppl"], dacpt["eval_after"]["ppl"]
     # DACPT starts from the base stage's final weights
     assert before == pytest.approx(report["stages"][0]["eval_after"]["ppl"])
+    assert (out / "dacpt" / "lm_eval_before" / "lm_eval_mc.json").is_file()  # copied beside the reused numbers
     assert after["domain"] <= 0.70 * before["domain"]
     assert after["general"] <= 1.05 * before["general"]
     sft = report["stages"][2]
@@ -91,8 +92,17 @@ def test_reduced_demo_pipeline_meets_its_criteria(tmp_path):
     generation = dpo["eval_after"]["generation"]
     assert set(generation) >= {"format_adherence", "citation_accuracy", "refusal_in_scope", "refusal_out_of_scope",
                                "kl_to_reference"}
-    assert dpo["eval_before"]["generation"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-4)  # pi == pi_ref
-    # DPO starts from the SFT model (its merged weights): the same greedy answers
+    assert dpo["eval_before"]["generation"]["kl_to_reference"] == 0.0  # pi == pi_ref
+    # each stage's start is measured to be the stage before's end (perplexity, LoRA merged or
+    # not); the sections evaluated with the same settings are taken from that stage's eval
+    # (tests/test_pipeline_eval.py: reused == evaluated afresh), the rest evaluated
+    expected_reuse = {"dacpt": ["suite:mc"], "sft": None, "dpo": ["generation", "suite:mc"],
+                      "rs_sft": ["generation", "suite:mc"]}  # sft: new generation eval, suites under its chat template
+    for earlier, stage in zip(report["stages"], report["stages"][1:]):
+        for name, value in stage["eval_before"]["ppl"].items():
+            assert value == pytest.approx(earlier["eval_after"]["ppl"][name], rel=1e-3), (stage["name"], name)
+        reused = stage["eval_before"].get("reused")
+        assert (reused and reused["sections"]) == expected_reuse[stage["name"]], stage["name"]
     for metric in ("format_adherence", "citation_accuracy"):
         assert dpo["eval_before"]["generation"][metric] == sft["eval_after"]["generation"][metric]
     rounds = [json.loads(line) for line in (out / "dpo" / "rounds" / "summary.jsonl").read_text().splitlines()]

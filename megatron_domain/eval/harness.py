@@ -38,24 +38,25 @@ def load_eval_model(cfg: Config, checkpoint: str | None, device: torch.device) -
 
 def evaluate_model(cfg: Config, model: torch.nn.Module, device: torch.device,
                    reference: torch.nn.Module | None = None, suites_dir: str | Path | None = None,
-                   suites: list[str] | None = None) -> dict:
+                   suites: list[str] | None = None, skip: frozenset[str] = frozenset()) -> dict:
     """Perplexity on every `eval.sets` entry with the config's tokenizer and sequence length;
     the generation eval when `eval.generation.path` is set (`reference`: the model the KL is
     measured against); the multi-turn eval when `eval.dialogues.seeds` is set; the lm-eval
     suites of `eval.suites` (only those named in `suites`, when given), their full results
-    written to `suites_dir` (default: the run directory)."""
+    written to `suites_dir` (default: the run directory). `skip`: sections not to compute
+    ("ppl", "generation", "dialogues")."""
     if not cfg.eval.sets:
         raise ValueError("eval.sets: no held-out sets configured; add entries {name, path}")
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
     seq_len = cfg.eval.seq_len or cfg.data.seq_len
-    result = evaluate_sets(model, cfg.eval.sets, seq_len, tokenizer.eod_id, cfg.eval.batch_size, device,
-                           cfg.eval.max_rows)
+    result = {} if "ppl" in skip else evaluate_sets(model, cfg.eval.sets, seq_len, tokenizer.eod_id,
+                                                    cfg.eval.batch_size, device, cfg.eval.max_rows)
     gen = cfg.eval.generation
-    if gen.path:
+    if gen.path and "generation" not in skip:
         result["generation"] = evaluate_generation(model, tokenizer, gen.path, gen.template, gen.max_new_tokens,
                                                    device, gen.max_examples, gen.refusal, reference, gen.kl_samples,
                                                    gen.refusal_patterns)
-    if cfg.eval.dialogues.seeds:
+    if cfg.eval.dialogues.seeds and "dialogues" not in skip:
         from megatron_domain.eval.dialogues import evaluate_dialogues
 
         result["dialogues"] = evaluate_dialogues(model, tokenizer, cfg.eval.dialogues, device, cfg.data.seq_len)
