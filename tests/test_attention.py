@@ -14,8 +14,8 @@ from conftest import tiny_config_dict
 from megatron_domain.config import config_from_dict
 from megatron_domain.engine import train
 from megatron_domain.models.attention import (
-    ATTENTION_BACKENDS, AttentionContext, dense_document_attention, from_packed_heads, to_packed_heads,
-    varlen_boundaries)
+    ATTENTION_BACKENDS, AttentionContext, dense_document_attention, from_packed_heads, sdpa_native_gqa,
+    to_packed_heads, varlen_boundaries)
 
 TOLERANCE = 1e-5  # fp32 backends vs the float64 reference
 
@@ -43,6 +43,24 @@ def test_sdpa_matches_dense_reference(single_document):
         document_ids = torch.zeros_like(document_ids)
     out = ATTENTION_BACKENDS["sdpa"](q, k, v, AttentionContext.build(document_ids, "sdpa"))
     torch.testing.assert_close(out.double(), dense_reference(q, k, v, document_ids), atol=TOLERANCE, rtol=TOLERANCE)
+
+
+@pytest.mark.parametrize("single_document", [False, True])
+def test_sdpa_gradients_match_dense_reference_with_grouped_kv_heads(single_document):
+    """The backward of the sdpa backend (the CPU flash kernel with `enable_gqa`: KV heads not
+    repeated) gives the reference's gradients for q and for the shared k and v heads."""
+    q, k, v, document_ids = packed_qkv()
+    if single_document:
+        document_ids = torch.zeros_like(document_ids)
+    ctx = AttentionContext.build(document_ids, "sdpa")
+    assert sdpa_native_gqa(q, ctx.mask)  # the path under test on a CPU
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))  # [B, Hq, S, D]
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    ATTENTION_BACKENDS["sdpa"](*ours, ctx).backward(grad_out)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    dense_reference(*ref, document_ids).backward(grad_out.double())
+    for name, a, b in zip("qkv", ours, ref):
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-5, rtol=1e-5, msg=f"d{name}")
 
 
 def test_flex_forward_matches_dense_reference_on_cpu():

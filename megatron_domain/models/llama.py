@@ -68,6 +68,15 @@ def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torc
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 
+def rope_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of cos / sin: the one q and k have when RoPE is applied. Under autocast the
+    projections return the autocast dtype while the residual stream `x` stays fp32; fp32
+    cos / sin would promote q and k back to fp32 (a cast per layer, elementwise work at twice
+    the bytes, and a cast back inside attention)."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """[..., D] -> [..., D] with halves (a, b) -> (-b, a)."""
     half = x.shape[-1] // 2
@@ -172,7 +181,7 @@ class Transformer(nn.Module):
         positions, `document_ids` unused) every layer reads and extends the cache, and the
         last chunk returns the logits of the last position only, [B, 1, V]."""
         x = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs  # [B, S, H]
-        cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)  # [B, 1, S, D]
+        cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, rope_dtype(x))  # [B, 1, S, D]
         if kv_cache is not None:
             ctx = AttentionContext(kv_cache=kv_cache)
         else:
