@@ -457,7 +457,13 @@ class DpoConfig:
     initial weights), `precomputed` (reference log-probs computed once, stored with the run);
     `auto` = adapters with LoRA, else copy. `shared_prompt`: score both completions after one
     pass over the prompt (sdpa/flex attention), else the two-document layout. `sft_weight` > 0
-    adds that times the chosen completion's mean NLL to each pair's loss (RPO)."""
+    adds that times the chosen completion's mean NLL to each pair's loss (RPO).
+
+    `anchors` (online): fixed completions judged with every prompt's samples, e.g. the house
+    refusal sentence. The judge decides per prompt whether an anchor is the best answer (an
+    out-of-scope question: the refusal becomes chosen, even before the policy samples one) or
+    the worst (an answerable one: the refusal becomes rejected), so the pairs teach both sides
+    of a rule that sampling alone shows only one side of."""
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
@@ -472,6 +478,7 @@ class DpoConfig:
     samples_per_prompt: int = 2
     steps_per_round: int = 1
     min_score_margin: float = 0.0
+    anchors: list[str] = field(default_factory=list)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
@@ -1096,10 +1103,17 @@ def validate_dpo(cfg: Config, prefix: str = "") -> list[str]:
                             f"{d.rounds * d.steps_per_round} steps, got {cfg.train.steps}; set train.steps to that")
         if d.min_score_margin < 0:
             problems.append(f"{p('dpo.min_score_margin')}: must be >= 0, got {d.min_score_margin}")
+        for i, anchor in enumerate(d.anchors):
+            if not isinstance(anchor, str) or not anchor.strip():
+                problems.append(f"{p(f'dpo.anchors[{i}]')}: must be a non-empty completion text, got {anchor!r}")
         problems.extend(validate_judge(d.judge, _join(prefix, "dpo.judge")))
-    elif not cfg.data.chat.path:
-        problems.append(f"{p('data.chat.path')}: offline DPO needs a JSONL file of preference pairs "
-                        "(or set dpo.online: true)")
+    else:
+        if not cfg.data.chat.path:
+            problems.append(f"{p('data.chat.path')}: offline DPO needs a JSONL file of preference pairs "
+                            "(or set dpo.online: true)")
+        if d.anchors:
+            problems.append(f"{p('dpo.anchors')}: anchors are judged with online samples; offline pairs are fixed "
+                            "(add the anchor to your pairs file, or set dpo.online: true)")
     return problems
 
 

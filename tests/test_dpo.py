@@ -431,6 +431,53 @@ def test_online_margin_drops_close_pairs(chat_run, tmp_path):
     assert result.losses == [0.0]
 
 
+def test_anchor_completions_are_judged_with_the_samples(chat_run, tmp_path):
+    """dpo.anchors: a fixed refusal joins every prompt's samples as the chat template renders
+    it (end-of-turn token included) and gives a second pair: the chosen answer of each
+    out-of-scope prompt (the policy never refuses) against the worst sample, the rejected one
+    of each answerable prompt against its best sample; the sampled pair stays among the
+    samples; the summary counts both sides; offline DPO refuses anchors."""
+    refusal = "I cannot answer."
+    rules = [{**rule, "when": "source"} for rule in HOUSE_RULES] + [
+        {"name": "refusal", "pattern": r"^I cannot answer\.$", "when": "!source"}]
+    cfg = online_config(chat_run, tmp_path, "anchors", rounds=1, steps_per_round=1, anchors=[refusal],
+                        judge={"kind": "rubric", "rules": rules})
+    write_jsonl(Path(cfg["dpo"]["prompts"]), [{"prompt": f"what is {w}?", "source": w} for w in ALPHA_WORDS[:4]]
+                + [{"prompt": f"who wrote {w}?", "source": None} for w in ALPHA_WORDS[:4]])
+    cfg["train"]["steps"] = 1
+    result = train(config_from_dict(cfg))
+    assert len(result.losses) == 1 and result.losses[0] > 0
+    tokenizer = load_tokenizer(chat_run["tokenizer"])
+    expected_ids = tokenizer.tokenizer.encode(refusal, add_special_tokens=False).ids + [
+        tokenizer.tokenizer.token_to_id("<|im_end|>")]
+    lines = round_lines(tmp_path / "anchors", 0)
+    chosen = rejected = 0
+    for line in lines:
+        *samples, anchor = line["completions"]
+        assert len(samples) == 4 and anchor["finish_reason"] == "anchor" and anchor["text"] == refusal
+        assert anchor["token_ids"] == expected_ids and anchor["logprobs"] == []
+        scores = [c["score"] for c in samples]
+        if line["pair"] is not None:
+            assert scores[line["pair"]["chosen"]] == max(scores) > min(scores) == scores[line["pair"]["rejected"]]
+        if line["fields"].get("source") is None:
+            assert anchor["score"] == 1.0 and max(scores) == 0.0 and line["pair"] is None  # samples tie
+            assert line["anchor_pair"] == {"chosen": 4, "rejected": 0}
+            chosen += 1
+        else:
+            assert anchor["score"] == 0.0
+            if max(scores) > 0:
+                assert line["anchor_pair"] == {"chosen": scores.index(max(scores)), "rejected": 4}
+                rejected += 1
+            else:
+                assert line["anchor_pair"] is None
+    summary = json.loads((tmp_path / "anchors" / "rounds" / "summary.jsonl").read_text())
+    assert chosen == 4 and rejected > 0
+    assert (summary["anchor_chosen"], summary["anchor_rejected"]) == (chosen, rejected)
+    offline = {**cfg, "dpo": {"anchors": [refusal]}, "data": {**cfg["data"], "chat": {"path": "pairs.jsonl"}}}
+    with pytest.raises(ValueError, match=r"dpo.anchors: anchors are judged with online samples"):
+        config_from_dict(offline)
+
+
 def test_init_from_a_lora_run_starts_from_its_merged_weights(chat_run, tmp_path):
     """model.init_from = a LoRA run (adapters only in its checkpoints): the base it names plus
     its adapters, merged, so a DPO stage can start from a LoRA SFT stage."""

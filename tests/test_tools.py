@@ -56,7 +56,6 @@ def test_gpu_check_budget_skips_the_rest_and_still_writes_json(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-@pytest.mark.slow
 def assert_machine_recorded(line: dict) -> None:
     """A benchmark JSON line says where it ran: torch, CPU model, threads and vector/matrix flags."""
     import torch

@@ -2,7 +2,11 @@
 `dpo.prompts_per_round` prompts from the current policy (rollout.*: temperature, top-p, max new
 tokens, stop at the end of turn), scores them with the judge (`dpo.judge`), and pairs the best
 against the worst completion of each prompt. Ties and pairs whose scores differ by less than
-`dpo.min_score_margin` are dropped (counted in the round's summary).
+`dpo.min_score_margin` are dropped (counted in the round's summary). `dpo.anchors` (fixed
+completions such as the house refusal) are judged with every prompt's samples and give a
+second pair per prompt: the anchor against the sample farthest from it in score. A rule's
+right answer is then chosen before the policy ever samples it, and rejected where it is wrong,
+while the sampled pair keeps teaching what separates the samples (e.g. the right citation).
 
 Everything a round generates is written, before training on it, to
 `<run_dir>/rounds/<n>.jsonl` (one line per prompt: messages, fields, every completion with its
@@ -33,7 +37,7 @@ from megatron_domain.data.chat import ChatTemplate
 from megatron_domain.data.preference import PreferencePair, fit_pair
 from megatron_domain.judges import JudgeResult, build_judge, merge_stats, score_all
 from megatron_domain.rollout.policy import PolicyRollout, on_rank0, sampling_from_config
-from megatron_domain.rollout.prompts import PromptRecord, chat_prompt_ids, read_prompts
+from megatron_domain.rollout.prompts import PromptRecord, chat_prompt_ids, read_prompts, stop_conditions
 from megatron_domain.rollout.sampling import Completion
 from megatron_domain.stages import StageContext
 
@@ -54,17 +58,63 @@ def best_and_worst(scores: list[float], min_margin: float) -> tuple[int, int] | 
     return scores.index(top), len(scores) - 1 - scores[::-1].index(bottom)
 
 
+def anchor_pair(scores: list[float], sampled: int, min_margin: float) -> tuple[int, int] | None:
+    """(chosen, rejected) pairing an anchor (index >= `sampled`) with the sample whose score is
+    farthest from it, the higher one chosen: the best sample against an anchor the judge ranks
+    low, an anchor the judge ranks high against the worst sample. Over several anchors the
+    widest gap; None when no gap reaches max(min_margin, >0)."""
+    best = None
+    for a in range(sampled, len(scores)):
+        for s in (max(range(sampled), key=lambda i: (scores[i], -i)), min(range(sampled), key=lambda i: (scores[i], i))):
+            gap = abs(scores[a] - scores[s])
+            if gap > 0 and gap >= min_margin and (best is None or gap > best[0]):
+                best = (gap, (a, s) if scores[a] > scores[s] else (s, a))
+    return None if best is None else best[1]
+
+
 def round_record(round_index: int, record: PromptRecord, prompt_ids: list[int], samples: list[Completion],
-                 judged: JudgeResult, min_margin: float) -> dict:
-    """One prompt's line of a round file."""
-    pair = best_and_worst([float(s) for s in judged.scores], min_margin)
-    return {"round": round_index, "prompt_id": record.id, "messages": prompt_messages(record), "fields": record.fields,
+                 judged: JudgeResult, min_margin: float, sampled: int | None = None) -> dict:
+    """One prompt's line of a round file: the sampled pair (best vs worst of the first
+    `sampled` completions, default all) and, when anchors follow them, the anchor pair."""
+    sampled = len(samples) if sampled is None else sampled
+    scores = [float(s) for s in judged.scores]
+    pair = best_and_worst(scores[:sampled], min_margin)
+    line = {"round": round_index, "prompt_id": record.id, "messages": prompt_messages(record), "fields": record.fields,
             "prompt_ids": prompt_ids,
             "completions": [{"text": c.text, "token_ids": c.token_ids, "logprobs": c.logprobs,
                              "finish_reason": c.finish_reason, "score": s, "rationale": r}
                             for c, s, r in zip(samples, judged.scores, judged.rationales)],
             "pair": {"chosen": pair[0], "rejected": pair[1]} if isinstance(pair, tuple) else None,
             "dropped": pair if isinstance(pair, str) else None}
+    if sampled < len(samples):
+        extra = anchor_pair(scores, sampled, min_margin)
+        line["anchor_pair"] = {"chosen": extra[0], "rejected": extra[1]} if extra else None
+    return line
+
+
+ANCHOR = "anchor"  # the finish_reason of an anchor completion in a round file
+
+
+def anchor_completion(messages: list[dict], prompt_ids: list[int], text: str, template: ChatTemplate,
+                      tokenizer, prompt_index: int, sample_index: int) -> Completion:
+    """`text` as a completion of the prompt: its tokens as the chat template renders the
+    finished turn (up to and including the end-of-turn token, as a sampled completion that
+    stopped there), no sampling log-probs."""
+    full = tokenizer.tokenizer.encode(template.render(messages + [{"role": "assistant", "content": text}]),
+                                      add_special_tokens=False).ids
+    if full[:len(prompt_ids)] != prompt_ids:  # the template renders a finished turn differently
+        raise ValueError(f"dpo.anchors: {text!r} does not continue the rendered prompt under chat template "
+                         f"{template.name!r}; anchors need a template whose prompt is a prefix of the full turn")
+    token_ids = full[len(prompt_ids):]
+    stops = set(stop_conditions(template, tokenizer)[0])
+    end = next((i + 1 for i, t in enumerate(token_ids) if t in stops), len(token_ids))
+    return Completion(prompt_index, sample_index, token_ids[:end], text, [], ANCHOR)
+
+
+def anchor_pairs(lines: list[dict], side: str) -> int:
+    """How many of a round's anchor pairs have the anchor as their `side` ("chosen" or "rejected")."""
+    return sum(line.get("anchor_pair") is not None
+               and line["completions"][line["anchor_pair"][side]]["finish_reason"] == ANCHOR for line in lines)
 
 
 def read_round(path: Path, seq_len: int) -> list[PreferencePair]:
@@ -72,14 +122,15 @@ def read_round(path: Path, seq_len: int) -> list[PreferencePair]:
     pairs = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         record = json.loads(line)
-        if record["pair"] is None:
-            continue
         completions = record["completions"]
-        pair = PreferencePair(np.asarray(record["prompt_ids"], dtype=np.int64),
-                              np.asarray(completions[record["pair"]["chosen"]]["token_ids"], dtype=np.int64),
-                              np.asarray(completions[record["pair"]["rejected"]]["token_ids"], dtype=np.int64),
-                              f"{path}:{number} (prompt {record['prompt_id']})")
-        pairs.append(fit_pair(pair, seq_len, "truncate"))
+        for built in (record["pair"], record.get("anchor_pair")):
+            if built is None:
+                continue
+            pair = PreferencePair(np.asarray(record["prompt_ids"], dtype=np.int64),
+                                  np.asarray(completions[built["chosen"]]["token_ids"], dtype=np.int64),
+                                  np.asarray(completions[built["rejected"]]["token_ids"], dtype=np.int64),
+                                  f"{path}:{number} (prompt {record['prompt_id']})")
+            pairs.append(fit_pair(pair, seq_len, "truncate"))
     return pairs
 
 
@@ -165,14 +216,20 @@ class OnlineRounds:
         prompt_ids = [chat_prompt_ids(prompt_messages(r), self.template, self.ctx.tokenizer) for r in records]
         completions = self._generate(index, prompt_ids, records)
         by_prompt = [[c for c in completions if c.prompt_index == i] for i in range(len(records))]
+        for i, (record, ids) in enumerate(zip(records, prompt_ids)):
+            by_prompt[i] += [anchor_completion(prompt_messages(record), ids, text, self.template, self.ctx.tokenizer,
+                                               i, self.params.n + j)
+                             for j, text in enumerate(self.cfg.dpo.anchors)]
         generated = time.perf_counter()
         judged = on_rank0(lambda: self._judge(records, [[c.text for c in group] for group in by_prompt]))
-        lines = [round_record(index, r, ids, group, result, self.cfg.dpo.min_score_margin)
+        lines = [round_record(index, r, ids, group, result, self.cfg.dpo.min_score_margin, self.params.n)
                  for r, ids, group, result in zip(records, prompt_ids, by_prompt, judged)]
         scores = [c["score"] for line in lines for c in line["completions"]]
         summary = {"round": index, "prompts": len(lines), "pairs": sum(line["pair"] is not None for line in lines),
                    "dropped_ties": sum(line["dropped"] == "tie" for line in lines),
                    "dropped_margin": sum(line["dropped"] == "margin" for line in lines),
+                   **({"anchor_chosen": anchor_pairs(lines, "chosen"), "anchor_rejected": anchor_pairs(lines, "rejected")}
+                      if self.cfg.dpo.anchors else {}),
                    "mean_score": float(np.mean(scores)),
                    "mean_best_score": float(np.mean([max(c["score"] for c in line["completions"]) for line in lines])),
                    "completion_tokens": sum(len(c.token_ids) for c in completions),
