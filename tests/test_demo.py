@@ -54,6 +54,9 @@ REDUCED = [  # ~2 minutes on 2 cores: a quarter of the general corpus, a 64-wide
     "stages.sft.gates=[{metric: format_adherence, min: 0.90, min_gain: 0.30}, {metric: citation_accuracy, min_gain: 0.05}]",
     "stages.dpo.gates=[]",
     "stages.rs_sft.gates=[]",
+    # the lm-eval MC suite on 100 of each set's 200 items (it runs 7 times: ~10 s saved each)
+    "defaults.eval.suites=[{name: mc, tasks: [demo_general_mc, demo_domain_mc], data_dir: '{out_dir}/data/mc', "
+    "batch_size: 32, limit: 100}]",
 ]
 
 

