@@ -460,10 +460,10 @@ class DpoConfig:
     adds that times the chosen completion's mean NLL to each pair's loss (RPO).
 
     `anchors` (online): fixed completions judged with every prompt's samples, e.g. the house
-    refusal sentence. The judge decides per prompt whether an anchor is the best answer (an
-    out-of-scope question: the refusal becomes chosen, even before the policy samples one) or
-    the worst (an answerable one: the refusal becomes rejected), so the pairs teach both sides
-    of a rule that sampling alone shows only one side of."""
+    refusal sentence, each prompt getting a second pair: the anchor against the sample farthest
+    from it in score. Where the judge ranks the anchor high (an out-of-scope question) the
+    refusal is chosen, even before the policy samples one; where low (an answerable one) it is
+    rejected, so the pairs teach both sides of a rule that sampling alone shows one side of."""
 
     beta: float = 0.1
     loss_type: str = "sigmoid"

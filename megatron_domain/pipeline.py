@@ -42,8 +42,8 @@ def evaluate_stage_input(cfg: Config, device: torch.device, previous: PreviousSt
     if not sections:
         return evaluate_model(cfg, model, device, model if cfg.eval.generation.kl_samples else None,
                               suites_dir=run_dir / "lm_eval_before")
-    everything = frozenset({"generation", "dialogues"})
-    result = evaluate_model(cfg, model, device, suites=[], skip=everything)  # perplexity first
+    model_sections = frozenset({"generation", "dialogues"})  # computed on the model itself
+    result = evaluate_model(cfg, model, device, suites=[], skip=model_sections)  # perplexity first
     mismatch = ppl_mismatch(result["ppl"], previous.eval_after["ppl"])
     if mismatch:
         print(f"[{stage}] not reusing {previous.name}'s eval of its final weights: {mismatch}", flush=True)
@@ -51,8 +51,8 @@ def evaluate_stage_input(cfg: Config, device: torch.device, previous: PreviousSt
     reference = model if cfg.eval.generation.kl_samples and "generation" not in sections else None
     rest_suites = [s.name for s in cfg.eval.suites if f"suite:{s.name}" not in sections]
     result.update(evaluate_model(cfg, model, device, reference, suites_dir=run_dir / "lm_eval_before",
-                                 suites=rest_suites, skip=frozenset({"ppl"}) | (everything & sections)))
-    reused = sorted(everything & sections)
+                                 suites=rest_suites, skip=frozenset({"ppl"}) | (model_sections & sections)))
+    reused = sorted(model_sections & sections)
     if "generation" in sections:
         result["generation"] = {k: v for k, v in previous.eval_after["generation"].items() if k != "kl_to_reference"}
         if cfg.eval.generation.kl_samples:

