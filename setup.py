@@ -84,7 +84,8 @@ setup(
         # lm-eval: the evaluation suites (eval/suites.py) and its parity tests against lm-eval's hf / vllm models
         # curate: mdt data curate (megatron_domain/data/curate) and the demo's curation step
         # ray: curation on a Ray cluster (`--executor ray`; tested with a local Ray)
-        "test": ["pytest>=8", "torchao>=0.18", "peft>=0.21", "triton>=3.2", "trl==1.16.0", "datasets>=4",
+        # pytest-xdist: the suite runs as two workers (pytest.ini), one test module per worker at a time
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "torchao>=0.18", "peft>=0.21", "triton>=3.2", "trl==1.16.0", "datasets>=4",
                  "tensorboard>=2.16", "wandb>=0.19", "lm-eval==0.4.13", *CURATE, "ray>=2.40"],
         "curate": CURATE,
         "ray": ["ray>=2.40"],

