@@ -214,7 +214,7 @@ def two_stage_pipeline(corpora: dict, out: Path) -> dict:
     return {"out_dir": str(out), "defaults": defaults,
             "stages": [{"name": "first", "mode": "pretrain"},
                        {"name": "second", "mode": "pretrain", "model": {"init_from": "{out_dir}/first"},
-                        "train": {"steps": 60, "checkpoint_every": 2}}]}
+                        "train": {"steps": 24, "checkpoint_every": 2}}]}
 
 
 @pytest.mark.slow

@@ -34,8 +34,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert summary["attention"]["sdpa"]["ok"] and summary["attention"]["flex"]["ok"]
     assert summary["fp8"]["float8"]["relative_error"] < 0.1  # e4m3 keeps ~3 significant bits
     assert summary["bench_losses"]["vocab"]["4096"]["loss_diff"] < 1e-4
-    for variant in ("eager", "compiled_fused_ce"):
-        assert summary["bench_vs_transformers"][variant]["speedup_vs_hf"] > 0, summary["bench_vs_transformers"]
+    assert summary["bench_vs_transformers"]["compiled_fused_ce"]["speedup_vs_hf"] > 0, summary["bench_vs_transformers"]
+    assert "skipped" in summary["bench_vs_transformers"]["eager"]  # (the same tool, run by the bench tests below)
     assert summary["bench_bf16"]["tokens_per_s"] > 0 and summary["fp8_speedup"] > 0
     rollout = summary["bench_rollout"]  # the generation benchmark: same prompts, lengths and sampling for both
     assert rollout["results"]["native"]["new_tokens"] == rollout["results"]["hf"]["new_tokens"] == 2 * 2 * 4
