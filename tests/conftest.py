@@ -24,6 +24,12 @@ SLOWEST_MODULES = ("test_parallel", "test_demo", "test_rollout_vllm", "test_clus
                    "test_curate_quality", "test_rs_sft", "test_curate")
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pytest.ini): one worker per core, at most 4 (each peaks at ~2 GB and several
+    tests start 2-8 processes of their own), at least 2."""
+    return min(4, max(2, os.cpu_count() or 1))
+
+
 def pytest_configure(config) -> None:
     """Under xdist, share the cores between the workers: each worker's torch (and every process
     it starts, through OMP_NUM_THREADS) gets cores / workers threads, instead of every process
