@@ -17,7 +17,7 @@ from megatron_domain.data.preprocess import tokenize_documents
 from megatron_domain.data.tokenizer import train_bpe_tokenizer
 
 # Test modules by their measured time on 2 cores (one process, 2026-12-03), slowest first:
-# the two xdist workers (pytest.ini) take whole modules in this order, so that no long module is
+# the xdist workers (pytest.ini) take whole modules in this order, so that no long module is
 # left to run alone at the end; modules not named here follow in their usual order.
 SLOWEST_MODULES = ("test_parallel", "test_demo", "test_rollout_vllm", "test_cluster", "test_lm_eval", "test_tools",
                    "test_dpo", "test_launch", "test_curate_slurm", "test_rollout_native", "test_fp8", "test_kernels",
