@@ -26,7 +26,11 @@ SLOWEST_MODULES = ("test_parallel", "test_demo", "test_rollout_vllm", "test_clus
 
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto` (pytest.ini): one worker per core, at most 4 (each peaks at ~2 GB and several
-    tests start 2-8 processes of their own), at least 2."""
+    tests start 2-8 processes of their own), at least 2; none (run in this process, with every
+    core) when the command names tests of one module only, which one worker would take whole."""
+    modules = {str(arg).split("::")[0] for arg in config.args}
+    if len(modules) == 1 and next(iter(modules)).endswith(".py"):
+        return 0
     return min(4, max(2, os.cpu_count() or 1))
 
 
