@@ -202,9 +202,9 @@ def bench_vs_transformers(dry: bool) -> dict:
         ["--steps", "30", "--warmup", "5", "--dtype", "bf16"]
     out = {}
     variants = {"eager": [], "compiled_fused_ce": ["--compile", "--fused-ce"]}
-    if dry:  # no inductor compile on CPU; the eager command line runs in tests/test_tools.py's bench tests
+    if dry:  # no inductor compile on CPU; the eager bench.py path runs in tests/test_tools.py (--profile --rounds 2)
         variants = {"compiled_fused_ce": ["--fused-ce"]}
-        out["eager"] = {"skipped": "dry run: tools/bench.py without flags is tested on its own"}
+        out["eager"] = {"skipped": "dry run: the eager tools/bench.py path runs in tests/test_tools.py (profile test)"}
     for name, extra in variants.items():
         try:
             out[name] = run_tool("bench.py", base + extra)
