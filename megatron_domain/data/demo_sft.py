@@ -9,7 +9,8 @@ token sequence as the question's mention (the demo tokenizer splits ` assert` an
 differently; measured: with a bare `[source: assert]` a 1M-parameter model learned the format but
 cited the right topic for <10% of held-out questions).
 
-A few conversations have two question/answer turns. The held-out questions use phrasings the
+Each topic is asked in the four QUESTIONS phrasings and in two of MID_QUESTIONS, which name the
+topic before a few more words. A few conversations have two question/answer turns. The held-out questions use phrasings the
 SFT data never shows (HELDOUT_QUESTIONS), about every topic, so they measure whether the model
 answers new questions in the house format and cites the right section.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 from pathlib import Path
 
@@ -33,6 +35,17 @@ from megatron_domain.data.demo_corpus import is_heldout
 
 QUESTIONS = ("What does the language reference say about `{name}`?", "Explain `{name}` in Python.",
              "Tell me about `{name}`.", "How does Python define `{name}`?")
+# phrasings that name the topic before a few more words: two per topic (chosen per topic) join the
+# four above in the SFT data. With the four alone (the topic at or next to the end) the model
+# learned where to look, not what: measured on the held-out "Summarize `x` in one sentence."
+# it cited the right topic for 5 of 38 questions (What is `x`?: 24 of 34), and online DPO on
+# prompts with such tails left their citation at 16-18% over 32 rounds.
+MID_QUESTIONS = ("Describe `{name}` in a few words.", "Explain `{name}` briefly, please.",
+                 "Give me the reference entry for `{name}` in plain words.", "Outline `{name}` for a newcomer.",
+                 "Define `{name}` in one line.", "Recap `{name}` concisely.",
+                 "Can you explain `{name}` in simple terms?", "Tell me about `{name}` in short.",
+                 "Characterize `{name}` in a nutshell.", "Sketch `{name}` for me, quickly.")
+MID_PER_TOPIC = 2
 HELDOUT_QUESTIONS = ("Summarize `{name}` in one sentence.", "What is `{name}`?")
 # the DPO prompts add phrasings of their own (none of them held out), so that the topic, not the
 # wording, is what tells an in-scope question from an out-of-scope one
@@ -78,6 +91,12 @@ def house_answer(sentence: str, topic: str) -> str:
     return f"{sentence} [source: `{topic}`]"
 
 
+def mid_questions(topic: str, seed: int) -> tuple[str, ...]:
+    """The MID_PER_TOPIC phrasings of MID_QUESTIONS the SFT data asks about `topic` (fixed by
+    topic and seed)."""
+    return tuple(random.Random(f"{seed}:{topic}").sample(MID_QUESTIONS, MID_PER_TOPIC))
+
+
 def out_of_scope_split(heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """(training, held-out) out-of-scope topics: the held-out ones never appear in any training data."""
     heldout = [t for t in OUT_OF_SCOPE_TOPICS if is_heldout(f"oos:{t}", max(heldout_fraction, 0.4), seed)]
@@ -100,7 +119,7 @@ def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: in
             pairs.append((topic, sentence))
     conversations = []
     for i, (topic, sentence) in enumerate(pairs):
-        for template in QUESTIONS:
+        for template in QUESTIONS + mid_questions(topic, seed):
             conversations.append({"messages": [
                 {"role": "user", "content": template.format(name=topic_name(topic))},
                 {"role": "assistant", "content": house_answer(sentence, topic)}]})

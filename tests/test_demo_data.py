@@ -1,0 +1,56 @@
+"""The demo's chat data (data/demo_sft.py): the held-out questions stay held out, and the SFT
+data asks about every topic in phrasings that put the topic before the end of the question."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megatron_domain.data.demo_sft import (HELDOUT_QUESTIONS, MID_PER_TOPIC, MID_QUESTIONS, QUESTIONS,
+                                           build_demo_sft, mid_questions)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def user_turns(conversations: list[dict]) -> list[str]:
+    """Every user message of the SFT conversations."""
+    return [m["content"] for c in conversations for m in c["messages"] if m["role"] == "user"]
+
+
+def test_heldout_questions_and_topics_never_appear_in_training_data(tmp_path):
+    counts = build_demo_sft(tmp_path, heldout_fraction=0.5, seed=0, refusal_topics=20, rs_seeds=8,
+                            rs_heldout_seeds=4, turns=4)
+    heldout = read_jsonl(tmp_path / "sft_heldout.jsonl")
+    assert len(heldout) == counts["sft_heldout"] and any(q["source"] is None for q in heldout)
+    training_prompts = set(user_turns(read_jsonl(tmp_path / "sft_train.jsonl")))
+    training_prompts |= {r["prompt"] for r in read_jsonl(tmp_path / "dpo_prompts.jsonl")}
+    for seed in read_jsonl(tmp_path / "rs_seeds.jsonl"):
+        training_prompts |= {seed["user"]} | {f["content"] for f in seed["follow_ups"]}
+    assert not training_prompts & {q["prompt"] for q in heldout}
+    training_text = "\n".join(sorted(training_prompts))
+    for question in heldout:
+        if question["source"] is None:  # an out-of-scope topic used in no training file at all
+            topic = question["prompt"].split("`")[1]
+            assert f"`{topic}`" not in training_text, topic
+    for template in HELDOUT_QUESTIONS:  # the held-out phrasings are not training phrasings
+        assert template not in QUESTIONS + MID_QUESTIONS
+
+
+def test_sft_asks_every_topic_with_the_topic_inside_the_question(tmp_path):
+    build_demo_sft(tmp_path, heldout_fraction=0.5, seed=0, refusal_topics=0, rs_seeds=2, rs_heldout_seeds=1,
+                   turns=2)
+    asked = user_turns(read_jsonl(tmp_path / "sft_train.jsonl"))
+    topics = {q.split("`")[1] for q in asked}
+    assert len(topics) > 50
+    for topic in topics:
+        mid = mid_questions(topic, seed=0)
+        assert len(set(mid)) == MID_PER_TOPIC and set(mid) <= set(MID_QUESTIONS)
+        assert mid == mid_questions(topic, seed=0)  # fixed by topic and seed
+        for template in mid:
+            question = template.format(name=topic)
+            assert question in asked
+            assert question.split(f"`{topic}`")[1].strip(" .?!,")  # words after the topic
+    assert len({mid_questions(t, seed=0) for t in topics}) > 10  # the phrasings vary between topics
