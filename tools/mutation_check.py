@@ -49,14 +49,6 @@ CLUSTER = "tests/test_cluster.py"
 TP_TESTS = ("tests/test_kernels.py::test_fused_cross_entropy_under_tensor_parallel_and_fsdp",)
 
 MUTATIONS = (
-    Mutation("demo-heldout-phrasing-trained", "megatron_domain/data/demo_sft.py",
-             "for template in QUESTIONS + mid_questions(topic, seed):",
-             "for template in QUESTIONS + HELDOUT_QUESTIONS[:1] + mid_questions(topic, seed):",
-             ("tests/test_demo_data.py",)),
-    Mutation("demo-mid-phrasings-same-for-every-topic", "megatron_domain/data/demo_sft.py",
-             'return tuple(random.Random(f"{seed}:{topic}").sample(MID_QUESTIONS, MID_PER_TOPIC))',
-             "return tuple(MID_QUESTIONS[:MID_PER_TOPIC])",
-             ("tests/test_demo_data.py",)),
     # packing metadata and attention masks
     Mutation("pack-loss-crosses-documents", "megatron_domain/kernels/pack.py",
              "cu_seqlens=cu_seqlens, loss_mask=~is_eod)", "cu_seqlens=cu_seqlens, loss_mask=torch.ones_like(is_eod))",
@@ -255,6 +247,15 @@ MUTATIONS = (
              "return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=native)",
              "return F.scaled_dot_product_attention(q, k.flip(1) if native else k, v, attn_mask=ctx.mask, "
              "enable_gqa=native)", ("tests/test_attention.py",)),
+    # the demo's held-out split and phrasings
+    Mutation("demo-heldout-phrasing-trained", "megatron_domain/data/demo_sft.py",
+             "for template in QUESTIONS + mid_questions(topic, seed):",
+             "for template in QUESTIONS + HELDOUT_QUESTIONS[:1] + mid_questions(topic, seed):",
+             ("tests/test_demo_data.py",)),
+    Mutation("demo-mid-phrasings-same-for-every-topic", "megatron_domain/data/demo_sft.py",
+             'return tuple(random.Random(f"{seed}:{topic}").sample(MID_QUESTIONS, MID_PER_TOPIC))',
+             "return tuple(MID_QUESTIONS[:MID_PER_TOPIC])",
+             ("tests/test_demo_data.py",)),
 )
 
 

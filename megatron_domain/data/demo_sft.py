@@ -10,9 +10,9 @@ differently; measured: with a bare `[source: assert]` a 1M-parameter model learn
 cited the right topic for <10% of held-out questions).
 
 Each topic is asked in the four QUESTIONS phrasings and in two of MID_QUESTIONS, which name the
-topic before a few more words. A few conversations have two question/answer turns. The held-out questions use phrasings the
-SFT data never shows (HELDOUT_QUESTIONS), about every topic, so they measure whether the model
-answers new questions in the house format and cites the right section.
+topic before a few more words. A few conversations have two question/answer turns. The held-out
+questions use phrasings the SFT data never shows (HELDOUT_QUESTIONS), about every topic, so they
+measure whether the model answers new questions in the house format and cites the right section.
 
 Out-of-scope questions ask the same way about topics the reference does not contain
 (OUT_OF_SCOPE_TOPICS: cooking, geography, music, ...); the house rule is to answer them with the
