@@ -508,7 +508,10 @@ class RsSftConfig:
     `dedup_similarity`), check the kept set's diversity (`collapse`), and train an SFT pass on
     the survivors: every generated assistant turn (`train_on: all`), or only the turns the rubric
     passed in full (`passing`: failed turns stay as context). train.steps: 0 = `epochs` over
-    the kept rows."""
+    the kept rows. `rounds` > 1 repeats generate -> judge -> keep -> train (as ReST's grow and
+    improve steps): each round trains train.steps / rounds steps (train.steps 0: `epochs` over round
+    0's kept rows), and the next round samples from the policy as trained so far; round k > 0
+    keeps its files in `<run_dir>/rounds/<k>/`."""
 
     seeds: str = ""
     dialogues_per_seed: int = 8
@@ -524,6 +527,7 @@ class RsSftConfig:
     min_score: float = 0.0
     dedup_similarity: float = 0.9
     epochs: float = 1.0
+    rounds: int = 1
     train_on: str = "all"
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     collapse: CollapseGuardConfig = field(default_factory=CollapseGuardConfig)
@@ -1140,6 +1144,12 @@ def validate_rs_sft(cfg: Config, prefix: str = "") -> list[str]:
                         f"got {r.dedup_similarity}")
     if r.epochs <= 0:
         problems.append(f"{p('epochs')}: must be > 0, got {r.epochs}")
+    if r.rounds < 1:
+        problems.append(f"{p('rounds')}: must be >= 1 (generate -> judge -> keep -> train, repeated), got {r.rounds}")
+    elif cfg.train.steps % r.rounds:
+        problems.append(f"{_join(prefix, 'train.steps')}: {cfg.train.steps} steps do not split into "
+                        f"rs_sft.rounds={r.rounds} equal rounds; use a multiple of {r.rounds}, or 0 (rs_sft.epochs "
+                        "over round 0's kept rows, per round)")
     if r.train_on not in ("all", "passing"):
         problems.append(f"{p('train_on')}: unknown {r.train_on!r}; choose all or passing")
     elif r.train_on == "passing" and r.judge.kind != "rubric":

@@ -87,7 +87,9 @@ def test_demo_pipeline_config_is_valid():
     rs = stages[4]
     assert rs.model.init_from.endswith("dpo") and rs.train.steps == 0 and rs.rs_sft.keep_fraction == 0.5
     assert rs.rs_sft.train_on == "passing"
-    assert [r.constraint for r in rs.rs_sft.judge.rules] == [False, True]
+    assert [(r.name, r.constraint, r.when) for r in rs.rs_sft.judge.rules] == [
+        ("format", False, "source"), ("citation", True, "source"), ("refusal", False, "!source")]
+    assert all(s.eval.seq_len == 256 for s in stages)  # perplexity comparable across the stages
     assert rs.eval.dialogues.judge == rs.rs_sft.judge and rs.eval.dialogues.late_turn == 6
 
 

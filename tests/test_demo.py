@@ -116,7 +116,9 @@ def test_reduced_demo_pipeline_meets_its_criteria(tmp_path):
     for when in ("eval_before", "eval_after"):
         dialogues = rs[when]["dialogues"]
         assert dialogues["dialogues"] == 3 and len(dialogues["retention_by_turn"]) >= 1
-        assert 0.0 <= dialogues["dialogue_score"] <= 1.0 and set(dialogues["late_rules"]) == {"format", "citation"}
+        assert 0.0 <= dialogues["dialogue_score"] <= 1.0
+        # held-out seed 1 asks out of scope in turn 2, a late turn here: the refusal rule applies
+        assert set(dialogues["late_rules"]) == {"format", "citation", "refusal"}
     # rs_sft starts from the DPO model: the same single-turn greedy answers
     assert rs["eval_before"]["generation"]["citation_accuracy"] == dpo["eval_after"]["generation"]["citation_accuracy"]
     assert len((out / "rs_sft" / "dialogues.jsonl").read_text().splitlines()) == 16

@@ -1,13 +1,15 @@
-"""The demo's chat data (data/demo_sft.py): the held-out questions stay held out, and the SFT
-data asks about every topic in phrasings that put the topic before the end of the question."""
+"""The demo's chat data (data/demo_sft.py): the held-out questions stay held out, the SFT
+data asks about every topic in phrasings that put the topic before the end of the question and
+in multi-turn conversations, and the rs_sft seeds mix out-of-scope turns into the dialogues."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from megatron_domain.data.demo_sft import (HELDOUT_QUESTIONS, MID_PER_TOPIC, MID_QUESTIONS, QUESTIONS,
-                                           build_demo_sft, mid_questions)
+from megatron_domain.data.demo_sft import (DIALOGUE_RULE, HELDOUT_QUESTIONS, MID_PER_TOPIC, MID_QUESTIONS,
+                                           MULTI_TURNS, QUESTIONS, build_demo_sft, mid_questions,
+                                           out_of_scope_split)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -54,3 +56,33 @@ def test_sft_asks_every_topic_with_the_topic_inside_the_question(tmp_path):
             assert question in asked
             assert question.split(f"`{topic}`")[1].strip(" .?!,")  # words after the topic
     assert len({mid_questions(t, seed=0) for t in topics}) > 10  # the phrasings vary between topics
+
+
+def test_sft_multi_turn_conversations_cite_each_turns_topic(tmp_path):
+    build_demo_sft(tmp_path, heldout_fraction=0.1, seed=0, refusal_topics=0, rs_seeds=2, rs_heldout_seeds=1,
+                   turns=2)
+    dialogues = [c["messages"] for c in read_jsonl(tmp_path / "sft_train.jsonl") if c["messages"][0]["role"] == "system"]
+    turns = [sum(m["role"] == "assistant" for m in messages) for messages in dialogues]
+    assert set(turns) == set(MULTI_TURNS) and len(dialogues) > 50
+    for messages in dialogues:
+        assert messages[0]["content"] == DIALOGUE_RULE
+        topics = [m["content"].split("`")[1] for m in messages if m["role"] == "user"]
+        assert len(set(topics)) == len(topics)  # a new topic every turn
+        for question, answer in zip(messages[1::2], messages[2::2]):
+            assert answer["content"].endswith(f"[source: `{question['content'].split('`')[1]}`]")
+            assert question["content"] not in {t.format(name=question["content"].split("`")[1])
+                                               for t in HELDOUT_QUESTIONS}
+
+
+def test_dialogue_seeds_ask_out_of_scope_in_a_middle_turn(tmp_path):
+    build_demo_sft(tmp_path, heldout_fraction=0.1, seed=0, refusal_topics=0, rs_seeds=8, rs_heldout_seeds=6,
+                   turns=6)
+    oos_train, oos_heldout = out_of_scope_split(0.1, seed=0)
+    for name, allowed in (("rs_seeds.jsonl", oos_train), ("rs_heldout_seeds.jsonl", oos_heldout)):
+        seeds = read_jsonl(tmp_path / name)
+        for i, seed in enumerate(seeds):
+            assert seed["source"] and seed["follow_ups"][-1]["source"]  # the first and the last turn in scope
+            outside = [f for f in seed["follow_ups"] if f["source"] is None]
+            assert len(outside) == i % 2  # every other seed
+            for follow_up in outside:
+                assert follow_up["content"].split("`")[1] in allowed

@@ -205,6 +205,46 @@ def test_rs_sft_run_resumes_a_killed_generation_and_trains_every_assistant_turn(
                 RsSftStage().setup(context)
 
 
+def test_rs_sft_rounds_sample_from_the_trained_policy_and_resume_exactly(chat_run, tmp_path):
+    """rs_sft.rounds=3, 2 steps each: every round writes its dialogues, kept set, summary and
+    histogram (round k > 0 under rounds/<k>/) and rs_sft.json lists the three rounds. A run
+    halted at the end of round 0 generates round 1 from its checkpoint, i.e. from the policy
+    after round 0's training, and ends with the same dialogues and losses as the straight run."""
+    def config(name: str) -> dict:
+        cfg = rs_config(chat_run, tmp_path, name, rounds=3)
+        cfg["train"]["steps"] = 6
+        return cfg
+
+    straight = train(config_from_dict(config("straight")))
+    run_dir = tmp_path / "straight"
+    summary = json.loads((run_dir / "rs_sft.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2] and len(straight.losses) == 6
+
+    def dialogues(run: Path, index: int) -> list[str]:
+        folder = run / "rounds" / str(index) if index else run
+        return (folder / "dialogues.jsonl").read_text().splitlines()
+
+    for index in (1, 2):
+        folder = run_dir / "rounds" / str(index)
+        assert len(dialogues(run_dir, index)) == 12 and (folder / "rs_sft_scores.png").is_file()
+        kept = json.loads((folder / "rs_sft.json").read_text())["kept"]
+        assert kept == len((folder / "kept.jsonl").read_text().splitlines()) == summary["rounds"][index]["kept"]
+        assert dialogues(run_dir, index) != dialogues(run_dir, 0)
+    halted = config("resumed")
+    halted["train"]["exit_at_step"] = 2  # round 0 trained, round 1 not generated yet
+    train(config_from_dict(halted))
+    assert not (tmp_path / "resumed" / "rounds").exists()
+    halted["train"]["exit_at_step"] = 0
+    resumed = train(config_from_dict(halted), resume=True)
+    assert resumed.losses == straight.losses[2:]
+    for index in range(3):
+        assert dialogues(tmp_path / "resumed", index) == dialogues(run_dir, index)
+    with pytest.raises(ConfigError, match=r"train.steps: 5 steps do not split into rs_sft.rounds=3"):
+        bad = config("bad")
+        bad["train"]["steps"] = 5
+        config_from_dict(bad)
+
+
 def test_bad_seeds_and_settings_name_the_line_or_key(chat_run, tmp_path):
     with pytest.raises(ChatDataError, match=r"seeds.jsonl:2: a seed needs its opening user message"):
         bad = tmp_path / "seeds.jsonl"

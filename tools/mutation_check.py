@@ -256,6 +256,19 @@ MUTATIONS = (
              'return tuple(random.Random(f"{seed}:{topic}").sample(MID_QUESTIONS, MID_PER_TOPIC))',
              "return tuple(MID_QUESTIONS[:MID_PER_TOPIC])",
              ("tests/test_demo_data.py",)),
+    Mutation("demo-multi-turn-repeats-the-topic", "megatron_domain/data/demo_sft.py",
+             "follow_ups = rng.sample([j for j in range(len(pairs)) if j != index], turns - 1)",
+             "follow_ups = [index] * (turns - 1)", ("tests/test_demo_data.py",)),
+    Mutation("demo-seeds-never-out-of-scope", "megatron_domain/data/demo_sft.py",
+             "if oos_topics and i % 2 and turns > 2:", "if oos_topics and i % 2 and turns > 99:",
+             ("tests/test_demo_data.py",)),
+    # rs_sft rounds
+    Mutation("rs-sft-rounds-never-regenerate", "megatron_domain/stages/rs_sft.py",
+             "        if index != self.round:\n", "        if index != self.round and False:\n",
+             ("tests/test_rs_sft.py::test_rs_sft_rounds_sample_from_the_trained_policy_and_resume_exactly",)),
+    Mutation("rs-sft-round-steps-not-split", "megatron_domain/stages/rs_sft.py",
+             "self.steps_per_round = (cfg.train.steps // r.rounds if", "self.steps_per_round = (cfg.train.steps if",
+             ("tests/test_rs_sft.py::test_rs_sft_rounds_sample_from_the_trained_policy_and_resume_exactly",)),
 )
 
 

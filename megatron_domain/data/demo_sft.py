@@ -10,7 +10,8 @@ differently; measured: with a bare `[source: assert]` a 1M-parameter model learn
 cited the right topic for <10% of held-out questions).
 
 Each topic is asked in the four QUESTIONS phrasings and in two of MID_QUESTIONS, which name the
-topic before a few more words. A few conversations have two question/answer turns. The held-out
+topic before a few more words. One conversation per topic has two to four question/answer turns
+(MULTI_TURNS) under the dialogue rule. The held-out
 questions use phrasings the SFT data never shows (HELDOUT_QUESTIONS), about every topic, so they
 measure whether the model answers new questions in the house format and cites the right section.
 
@@ -19,7 +20,8 @@ Out-of-scope questions ask the same way about topics the reference does not cont
 fixed REFUSAL sentence. The SFT data shows that sentence for a few such topics only
 (`demo_data.sft_refusal_topics`), so the SFT model knows it but not the rule; the DPO stage's prompts
 (dpo_prompts.jsonl: the training phrasings of every topic, with the topic id to cite as
-`source`, plus out-of-scope questions without one) teach the rule through a rubric judge, and
+`source`, plus out-of-scope questions without one, about the held-in out-of-scope topics and
+EXTRA_OUT_OF_SCOPE_TOPICS in OOS_DPO_PHRASINGS phrasings each, mid phrasings included) teach the rule through a rubric judge, and
 the held-out questions (sft_heldout.jsonl) include out-of-scope topics never used in training.
 """
 
@@ -54,6 +56,11 @@ DPO_QUESTIONS = QUESTIONS + ("Describe `{name}`.", "Give me the reference entry 
                              "Explain `{name}` in one line.", "Tell me about `{name}` in a few words.",
                              "Define `{name}`.", "What do we know about `{name}`?")
 MAX_WORDS = 14
+# question/answer turns of the SFT data's multi-turn conversations (one per topic, cycling): the
+# rs_sft stage's dialogues have six, and a model trained on two-turn conversations only lost the
+# citation after turn 2 (measured on the DPO checkpoint, held-out dialogues: turns 1-6 cited right
+# 75/54/21/0/0/0%); four turns (~230 tokens) still fit the SFT stage's 256-token rows
+MULTI_TURNS = (2, 3, 4)
 REFUSAL = "I cannot answer that from the reference."
 DIALOGUE_RULE = "Answer in one sentence and cite the reference topic."  # also the SFT data's multi-turn system prompt
 OUT_OF_SCOPE_TOPICS = (
@@ -65,6 +72,21 @@ OUT_OF_SCOPE_TOPICS = (
     "coral-reefs", "falconry", "pastry", "rowing", "tulips", "comets", "weaving", "bagpipes",
     "fjords", "gardening", "sailing", "mosaics", "avalanches", "bread-baking", "canoes", "harvests",
     "lanterns", "meadows", "pianos", "quilting", "reindeer", "savannas", "typhoons", "walnuts")
+# more out-of-scope topics for training only (never held out): with the held-in share of the
+# list above alone (~38 topics) online DPO learned to refuse those topics rather than topics
+# the reference lacks (in its rounds it refused ~half of its samples on them; held-out
+# out-of-scope questions: 16%)
+EXTRA_OUT_OF_SCOPE_TOPICS = tuple("""
+    astronomy badminton bicycles botany calligraphy camping candles caravans cathedrals ceramics cherries
+    chocolate cinnamon cricket crochet dinosaurs diving dragonflies drums eclipses embroidery fencing ferns
+    fireworks fishing flamingos flutes fossils foxes gemstones geysers giraffes gliders gondolas granite harps
+    hedgehogs herbs hiking honey horses icebergs jellyfish juggling kangaroos kayaks lavender lemons lichens
+    lobsters maple-syrup marbles meteors mountains nebulas oak-trees olives orangutans ostriches owls pandas
+    parrots peaches pearls pelicans peppers pineapples puffins quartz rabbits raccoons redwoods rhubarb rivers
+    rugby saddles salmon sandcastles scarecrows seahorses seashells skiing sloths snails sparrows spices
+    squirrels starfish strawberries sunflowers swans telescopes thunderstorms tigers tortoises trumpets tundra
+    turtles umbrellas volleyball waterfalls whales wheat windmills wolves yoga zebras""".split())
+OOS_DPO_PHRASINGS = 4  # DPO_QUESTIONS per out-of-scope topic (chosen per topic, seeded)
 SENTENCE = re.compile(r"^(.{20,220}?[.!?:])(\s|$)", re.S)
 
 
@@ -97,10 +119,27 @@ def mid_questions(topic: str, seed: int) -> tuple[str, ...]:
     return tuple(random.Random(f"{seed}:{topic}").sample(MID_QUESTIONS, MID_PER_TOPIC))
 
 
+def multi_turn_conversation(pairs: list[tuple[str, str]], index: int, seed: int) -> dict:
+    """One SFT conversation of MULTI_TURNS[index % len] question/answer turns under the dialogue
+    rule, opening with topic `index` of `pairs` ((topic, sentence)) and following up on others, each
+    asked in one of its training phrasings (QUESTIONS or its mid_questions; never a held-out one)."""
+    turns = MULTI_TURNS[index % len(MULTI_TURNS)]
+    rng = random.Random(f"{seed}:multi:{index}")
+    messages = [{"role": "system", "content": DIALOGUE_RULE}]
+    follow_ups = rng.sample([j for j in range(len(pairs)) if j != index], turns - 1)
+    for j in [index] + follow_ups:
+        topic, sentence = pairs[j]
+        template = rng.choice(QUESTIONS + mid_questions(topic, seed))
+        messages += [{"role": "user", "content": template.format(name=topic_name(topic))},
+                     {"role": "assistant", "content": house_answer(sentence, topic)}]
+    return {"messages": messages}
+
+
 def out_of_scope_split(heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """(training, held-out) out-of-scope topics: the held-out ones never appear in any training data."""
+    """(training, held-out) out-of-scope topics: the held-out ones (a share of OUT_OF_SCOPE_TOPICS)
+    never appear in any training data; training gets the rest, then EXTRA_OUT_OF_SCOPE_TOPICS."""
     heldout = [t for t in OUT_OF_SCOPE_TOPICS if is_heldout(f"oos:{t}", max(heldout_fraction, 0.4), seed)]
-    return [t for t in OUT_OF_SCOPE_TOPICS if t not in heldout], heldout
+    return [t for t in OUT_OF_SCOPE_TOPICS if t not in heldout] + list(EXTRA_OUT_OF_SCOPE_TOPICS), heldout
 
 
 def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: int, refusal_topics: int = 6,
@@ -123,22 +162,18 @@ def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: in
             conversations.append({"messages": [
                 {"role": "user", "content": template.format(name=topic_name(topic))},
                 {"role": "assistant", "content": house_answer(sentence, topic)}]})
-        other_topic, other_sentence = pairs[(i * 7 + 3) % len(pairs)]
-        conversations.append({"messages": [  # multi-turn: two topics in one conversation
-            {"role": "system", "content": DIALOGUE_RULE},
-            {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)].format(name=topic_name(topic))},
-            {"role": "assistant", "content": house_answer(sentence, topic)},
-            {"role": "user", "content": QUESTIONS[(i + 1) % len(QUESTIONS)].format(name=topic_name(other_topic))},
-            {"role": "assistant", "content": house_answer(other_sentence, other_topic)}]})
+        conversations.append(multi_turn_conversation(pairs, i, seed))
     oos_train, oos_heldout = out_of_scope_split(heldout_fraction, seed)
     for i, topic in enumerate(oos_train[:refusal_topics]):
-        conversations.append({"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)].format(name=topic)},
+        phrasings = QUESTIONS + MID_QUESTIONS  # the refusal follows the topic, not the phrasing
+        conversations.append({"messages": [{"role": "user", "content": phrasings[i % len(phrasings)].format(name=topic)},
                                            {"role": "assistant", "content": REFUSAL}]})
     out = Path(out_dir)
     _write_jsonl(out / "sft_train.jsonl", conversations)
     dpo_prompts = [{"prompt": template.format(name=topic_name(t)), "source": t} for t, _ in pairs
-                   for template in DPO_QUESTIONS]
-    dpo_prompts += [{"prompt": template.format(name=t)} for t in oos_train for template in DPO_QUESTIONS]
+                   for template in DPO_QUESTIONS + mid_questions(t, seed)]
+    dpo_prompts += [{"prompt": template.format(name=t)} for t in oos_train for template in
+                    random.Random(f"{seed}:oos:{t}").sample(DPO_QUESTIONS + MID_QUESTIONS, OOS_DPO_PHRASINGS)]
     _write_jsonl(out / "dpo_prompts.jsonl", dpo_prompts)
     heldout = [{"prompt": template.format(name=topic_name(t)), "source": t, "answer": sentence}
                for t, sentence in pairs for template in HELDOUT_QUESTIONS]
@@ -146,7 +181,8 @@ def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: in
     heldout += [{"prompt": template.format(name=t), "source": None} for t in oos_heldout
                 for template in HELDOUT_QUESTIONS]
     _write_jsonl(out / "sft_heldout.jsonl", heldout)
-    seeds, heldout_seeds = dialogue_seeds([t for t, _ in pairs], rs_seeds, rs_heldout_seeds, turns)
+    seeds, heldout_seeds = dialogue_seeds([t for t, _ in pairs], rs_seeds, rs_heldout_seeds, turns,
+                                          (oos_train, oos_heldout))
     _write_jsonl(out / "rs_seeds.jsonl", seeds)
     _write_jsonl(out / "rs_heldout_seeds.jsonl", heldout_seeds)
     return {"sft_train": len(conversations), "sft_heldout": len(heldout), "topics": len(pairs),
@@ -154,20 +190,30 @@ def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: in
             "rs_heldout_seeds": len(heldout_seeds)}
 
 
-def dialogue_seeds(topics: list[str], count: int, heldout_count: int, turns: int) -> tuple[list[dict], list[dict]]:
+def dialogue_seeds(topics: list[str], count: int, heldout_count: int, turns: int,
+                   out_of_scope: tuple[list[str], list[str]] = ([], [])) -> tuple[list[dict], list[dict]]:
     """rs_sft seeds (training) and held-out seeds for the multi-turn eval: the house rule is
     stated in turn 1 (system prompt and constraints), the opening asks about one topic and each
-    follow-up about another, with the topic to cite as that turn's `source`. Held-out seeds use
-    other topic sequences and the held-out phrasings."""
-    def seed(i: int, phrasings: tuple[str, ...], offset: int) -> dict:
+    follow-up about another, with the topic to cite as that turn's `source`. Every other seed
+    asks one middle follow-up (turns 2 .. turns-1) about an out-of-scope topic of
+    `out_of_scope` (training, held-out) instead, with no source: the house rule there is the
+    refusal, and the turn after it is in scope again. Held-out seeds use other topic sequences,
+    the held-out phrasings and the held-out out-of-scope topics."""
+    def seed(i: int, phrasings: tuple[str, ...], offset: int, oos_topics: list[str]) -> dict:
         chosen = [topics[(offset + i * 11 + k * 7) % len(topics)] for k in range(turns)]
+        follow_ups = [{"content": phrasings[(i + k) % len(phrasings)].format(name=t), "source": t}
+                      for k, t in enumerate(chosen[1:], 1)]
+        if oos_topics and i % 2 and turns > 2:
+            k = 1 + (i // 2) % (turns - 2)  # a follow-up before the last turn
+            topic = oos_topics[(i // 2) % len(oos_topics)]
+            follow_ups[k - 1] = {"content": phrasings[(i + k) % len(phrasings)].format(name=topic), "source": None}
         return {"id": f"{'h' if offset else 's'}{i}", "system": DIALOGUE_RULE,
                 "user": phrasings[i % len(phrasings)].format(name=chosen[0]), "source": chosen[0],
-                "constraints": ["answer in one sentence", "cite the reference topic of every answer"], "turns": turns,
-                "follow_ups": [{"content": phrasings[(i + k) % len(phrasings)].format(name=t), "source": t}
-                               for k, t in enumerate(chosen[1:], 1)]}
-    return ([seed(i, QUESTIONS, 0) for i in range(count)],
-            [seed(i, HELDOUT_QUESTIONS, len(topics) // 2 + 1) for i in range(heldout_count)])
+                "constraints": ["answer in one sentence", "cite the reference topic of every answer",
+                                "refuse questions the reference does not cover"], "turns": turns,
+                "follow_ups": follow_ups}
+    return ([seed(i, QUESTIONS, 0, out_of_scope[0]) for i in range(count)],
+            [seed(i, HELDOUT_QUESTIONS, len(topics) // 2 + 1, out_of_scope[1]) for i in range(heldout_count)])
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

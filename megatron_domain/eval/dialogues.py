@@ -4,7 +4,8 @@ read gains in points as for the other generation metrics:
 
 - `dialogue_score`: mean dialogue score / 100;
 - `retention_by_turn`: constraint retention at each turn index (mean over dialogues reaching it);
-- `late_retention`: retention over turns >= late_turn; `late_rules`: each rule's pass rate there;
+- `late_retention`: retention over turns >= late_turn; `late_rules`: the pass rate there of each
+  rule that applied there (a rule with `when` may not);
 - `samples`: the first dialogue's turns.
 """
 
@@ -53,7 +54,8 @@ def evaluate_dialogues(model: torch.nn.Module, tokenizer: TextTokenizer, cfg: Di
     by_turn = [[s.retention[t] for s in scores if t < len(s.retention) and s.retention[t] is not None]
                for t in range(turns)]
     late = [v for s in scores for t, v in enumerate(s.retention, 1) if t >= cfg.late_turn and v is not None]
-    rules = sorted({name for s in scores for values in s.rule_values for name in values})
+    rules = sorted({name for s in scores for t, values in enumerate(s.rule_values, 1) if t >= cfg.late_turn
+                    for name in values})  # the rules that applied on a late turn
     late_rules = {name: mean([values[name] for s in scores for t, values in enumerate(s.rule_values, 1)
                               if t >= cfg.late_turn and name in values]) for name in rules}
     first = dialogues[0][0]

@@ -30,6 +30,7 @@ class SftStage:
 
     def __init__(self) -> None:
         self.consumed_rows = 0
+        self.first_row = 0  # the global row where the current rows' stream starts (rs_sft rounds)
         self.packed = None
         self.stats: dict = {}
 
@@ -85,7 +86,8 @@ class SftStage:
         with replay, replay_rows raw-text rows of data.corpora (loss on every token) after them;
         with a replay_loss_weight other than 1 the loss mask holds per-token weights (float)."""
         index, chat_rows = start // self.micro_batch, self.micro_batch - self.replay_rows
-        rows = [self._row(i) for i in range(index * chat_rows, (index + 1) * chat_rows)]
+        local = (start - self.first_row) // self.micro_batch  # micro-batches since the rows were set
+        rows = [self._row(i) for i in range(local * chat_rows, (local + 1) * chat_rows)]
         p = self.packed
         batch = {"tokens": torch.from_numpy(p.tokens[rows]), "labels": torch.from_numpy(p.labels[rows]),
                  "loss_mask": torch.from_numpy(p.loss_mask[rows]),
