@@ -85,12 +85,15 @@ def test_demo_pipeline_config_is_valid():
     weights = {c.name: c.weight for c in stages[1].data.corpora}
     assert weights == {"domain": 0.9, "general": 0.1}
     rs = stages[4]
-    assert rs.model.init_from.endswith("dpo") and rs.train.steps == 0 and rs.rs_sft.keep_fraction == 0.5
+    assert rs.model.init_from.endswith("dpo") and rs.train.steps == 0 and rs.rs_sft.keep_fraction == 0.25
     assert rs.rs_sft.train_on == "passing"
     assert [(r.name, r.constraint, r.when) for r in rs.rs_sft.judge.rules] == [
-        ("format", False, "source"), ("citation", True, "source"), ("refusal", False, "!source")]
+        ("format", False, "source"), ("citation", True, "source"), ("faithful", False, "answer"),
+        ("refusal", False, "!source")]
+    # the eval scores what the training judge does, less the reference-sentence rule
+    assert rs.eval.dialogues.judge.rules == [r for r in rs.rs_sft.judge.rules if r.name != "faithful"]
     assert all(s.eval.seq_len == 256 for s in stages)  # perplexity comparable across the stages
-    assert rs.eval.dialogues.judge == rs.rs_sft.judge and rs.eval.dialogues.late_turn == 6
+    assert rs.eval.dialogues.late_turn == 6
 
 
 @pytest.mark.parametrize("key, suggestion", [

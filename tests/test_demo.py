@@ -46,6 +46,7 @@ REDUCED = [  # ~2 minutes on 2 cores: a quarter of the general corpus, a 64-wide
     "stages.rs_sft.lora.rank=8",
     "stages.rs_sft.data.seq_len=256",
     "stages.rs_sft.rs_sft.dialogues_per_seed=4",
+    "stages.rs_sft.rs_sft.keep_fraction=0.5",
     "stages.rs_sft.rs_sft.epochs=1",
     "stages.rs_sft.eval.dialogues.late_turn=2",
     # the gates of the reduced run (the full demo's MC and DPO / rs_sft gates are its own);

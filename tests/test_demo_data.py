@@ -80,6 +80,9 @@ def test_dialogue_seeds_ask_out_of_scope_in_a_middle_turn(tmp_path):
     oos_train, oos_heldout = out_of_scope_split(0.1, seed=0)
     for name, allowed in (("rs_seeds.jsonl", oos_train), ("rs_heldout_seeds.jsonl", oos_heldout)):
         seeds = read_jsonl(tmp_path / name)
+        in_scope = [{seed["source"]} | {f["source"] for f in seed["follow_ups"] if f["source"]} for seed in seeds]
+        for a, first in enumerate(in_scope):  # every seed its own topics, not a rerun of another's
+            assert not any(first <= other for b, other in enumerate(in_scope) if b != a)
         for i, seed in enumerate(seeds):
             assert seed["source"] and seed["follow_ups"][-1]["source"]  # the first and the last turn in scope
             outside = [f for f in seed["follow_ups"] if f["source"] is None]

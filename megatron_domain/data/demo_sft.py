@@ -86,7 +86,7 @@ EXTRA_OUT_OF_SCOPE_TOPICS = tuple("""
     rugby saddles salmon sandcastles scarecrows seahorses seashells skiing sloths snails sparrows spices
     squirrels starfish strawberries sunflowers swans telescopes thunderstorms tigers tortoises trumpets tundra
     turtles umbrellas volleyball waterfalls whales wheat windmills wolves yoga zebras""".split())
-OOS_DPO_PHRASINGS = 4  # DPO_QUESTIONS per out-of-scope topic (chosen per topic, seeded)
+OOS_DPO_PHRASINGS = 2  # DPO_QUESTIONS per out-of-scope topic (chosen per topic, seeded)
 SENTENCE = re.compile(r"^(.{20,220}?[.!?:])(\s|$)", re.S)
 
 
@@ -182,7 +182,7 @@ def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: in
                 for template in HELDOUT_QUESTIONS]
     _write_jsonl(out / "sft_heldout.jsonl", heldout)
     seeds, heldout_seeds = dialogue_seeds([t for t, _ in pairs], rs_seeds, rs_heldout_seeds, turns,
-                                          (oos_train, oos_heldout))
+                                          (oos_train, oos_heldout), dict(pairs))
     _write_jsonl(out / "rs_seeds.jsonl", seeds)
     _write_jsonl(out / "rs_heldout_seeds.jsonl", heldout_seeds)
     return {"sft_train": len(conversations), "sft_heldout": len(heldout), "topics": len(pairs),
@@ -191,24 +191,34 @@ def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: in
 
 
 def dialogue_seeds(topics: list[str], count: int, heldout_count: int, turns: int,
-                   out_of_scope: tuple[list[str], list[str]] = ([], [])) -> tuple[list[dict], list[dict]]:
+                   out_of_scope: tuple[list[str], list[str]] = ([], []),
+                   answers: dict[str, str] | None = None) -> tuple[list[dict], list[dict]]:
     """rs_sft seeds (training) and held-out seeds for the multi-turn eval: the house rule is
     stated in turn 1 (system prompt and constraints), the opening asks about one topic and each
     follow-up about another, with the topic to cite as that turn's `source`. Every other seed
     asks one middle follow-up (turns 2 .. turns-1) about an out-of-scope topic of
     `out_of_scope` (training, held-out) instead, with no source: the house rule there is the
-    refusal, and the turn after it is in scope again. Held-out seeds use other topic sequences,
-    the held-out phrasings and the held-out out-of-scope topics."""
+    refusal, and the turn after it is in scope again. Each seed samples its own topic sequence. With `answers` ({topic: reference
+    sentence}) every in-scope turn also carries its `answer` (a rubric rule can then require the
+    reference's words, not only the citation). Held-out seeds use other topic sequences, the
+    held-out phrasings and the held-out out-of-scope topics."""
+    answers = answers or {}
+
+    def facts(topic: str | None) -> dict:
+        return {"source": topic, **({"answer": answers.get(topic)} if answers else {})}
+
     def seed(i: int, phrasings: tuple[str, ...], offset: int, oos_topics: list[str]) -> dict:
-        chosen = [topics[(offset + i * 11 + k * 7) % len(topics)] for k in range(turns)]
-        follow_ups = [{"content": phrasings[(i + k) % len(phrasings)].format(name=t), "source": t}
+        # a seeded sample per seed (the split in the name): the earlier (offset + 11 i + 7 k) mod 77
+        # repeated every 7 seeds, so 24 held-out seeds held 7 topic sequences (and 32 training seeds 7)
+        chosen = random.Random(f"dialogue:{offset}:{i}").sample(topics, turns)
+        follow_ups = [{"content": phrasings[(i + k) % len(phrasings)].format(name=t), **facts(t)}
                       for k, t in enumerate(chosen[1:], 1)]
         if oos_topics and i % 2 and turns > 2:
             k = 1 + (i // 2) % (turns - 2)  # a follow-up before the last turn
             topic = oos_topics[(i // 2) % len(oos_topics)]
-            follow_ups[k - 1] = {"content": phrasings[(i + k) % len(phrasings)].format(name=topic), "source": None}
+            follow_ups[k - 1] = {"content": phrasings[(i + k) % len(phrasings)].format(name=topic), **facts(None)}
         return {"id": f"{'h' if offset else 's'}{i}", "system": DIALOGUE_RULE,
-                "user": phrasings[i % len(phrasings)].format(name=chosen[0]), "source": chosen[0],
+                "user": phrasings[i % len(phrasings)].format(name=chosen[0]), **facts(chosen[0]),
                 "constraints": ["answer in one sentence", "cite the reference topic of every answer",
                                 "refuse questions the reference does not cover"], "turns": turns,
                 "follow_ups": follow_ups}
