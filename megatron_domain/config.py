@@ -584,6 +584,7 @@ class DemoDataConfig:
     rs_seeds: int = 32  # multi-turn seeds for an rs_sft stage (rs_seeds.jsonl)
     rs_heldout_seeds: int = 12  # held-out seeds for the multi-turn eval (rs_heldout_seeds.jsonl)
     dialogue_turns: int = 6
+    rs_single_seeds: int = 0  # one-turn seeds without the dialogue rule among the rs_sft seeds (half out of scope)
 
 
 @dataclass

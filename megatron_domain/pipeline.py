@@ -159,7 +159,7 @@ def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = Tr
             print(f"[curate] domain corpus: {curation['summary']}; report: {curation['report']}", flush=True)
         d = pipe.demo_data
         build_demo_sft(out / "data", d.sft_heldout_fraction, d.seed, d.sft_refusal_topics, d.rs_seeds,
-                       d.rs_heldout_seeds, d.dialogue_turns)
+                       d.rs_heldout_seeds, d.dialogue_turns, d.rs_single_seeds)
     report: dict = {"out_dir": str(out), "stages": []}
     if pipe.demo_data.enabled and "curation" in manifest:
         report["curation"] = manifest["curation"]

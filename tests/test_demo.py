@@ -41,6 +41,7 @@ REDUCED = [  # ~2 minutes on 2 cores: a quarter of the general corpus, a 64-wide
     "stages.dpo.train.steps=4",
     "stages.dpo.eval.generation.kl_samples=1",
     "demo_data.rs_seeds=4",
+    "demo_data.rs_single_seeds=0",
     "demo_data.rs_heldout_seeds=3",
     "demo_data.dialogue_turns=3",
     "stages.rs_sft.lora.rank=8",

@@ -76,10 +76,20 @@ def test_sft_multi_turn_conversations_cite_each_turns_topic(tmp_path):
 
 def test_dialogue_seeds_ask_out_of_scope_in_a_middle_turn(tmp_path):
     build_demo_sft(tmp_path, heldout_fraction=0.1, seed=0, refusal_topics=0, rs_seeds=8, rs_heldout_seeds=6,
-                   turns=6)
+                   turns=6, single_seeds=6)
     oos_train, oos_heldout = out_of_scope_split(0.1, seed=0)
+    training = read_jsonl(tmp_path / "rs_seeds.jsonl")
+    single = [seed for seed in training if seed["turns"] == 1]  # one-turn seeds without the dialogue rule
+    assert len(training) == 14 and len(single) == 6 and not any("system" in seed for seed in single)
+    answers = {q["source"]: q["answer"] for q in read_jsonl(tmp_path / "sft_heldout.jsonl") if q["source"]}
+    for i, seed in enumerate(single):
+        topic = seed["user"].split("`")[1]
+        if i % 2:  # out of scope: no source, a training topic
+            assert seed["source"] is None and topic in oos_train
+        else:
+            assert seed["source"] == topic and answers.get(topic, seed["answer"]) == seed["answer"]
     for name, allowed in (("rs_seeds.jsonl", oos_train), ("rs_heldout_seeds.jsonl", oos_heldout)):
-        seeds = read_jsonl(tmp_path / name)
+        seeds = [seed for seed in read_jsonl(tmp_path / name) if seed["turns"] > 1]
         in_scope = [{seed["source"]} | {f["source"] for f in seed["follow_ups"] if f["source"]} for seed in seeds]
         for a, first in enumerate(in_scope):  # every seed its own topics, not a rerun of another's
             assert not any(first <= other for b, other in enumerate(in_scope) if b != a)

@@ -143,7 +143,7 @@ def out_of_scope_split(heldout_fraction: float, seed: int) -> tuple[list[str], l
 
 
 def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: int, refusal_topics: int = 6,
-                   rs_seeds: int = 32, rs_heldout_seeds: int = 12, turns: int = 6) -> dict:
+                   rs_seeds: int = 32, rs_heldout_seeds: int = 12, turns: int = 6, single_seeds: int = 0) -> dict:
     """Write sft_train.jsonl (conversations), dpo_prompts.jsonl ({"prompt"[, "source"]}),
     sft_heldout.jsonl ({"prompt", "source", "answer"}; source null = out of scope, no answer), rs_seeds.jsonl and
     rs_heldout_seeds.jsonl (multi-turn seeds, see `dialogue_seeds`) to `out_dir`; returns their
@@ -183,11 +183,32 @@ def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: in
     _write_jsonl(out / "sft_heldout.jsonl", heldout)
     seeds, heldout_seeds = dialogue_seeds([t for t, _ in pairs], rs_seeds, rs_heldout_seeds, turns,
                                           (oos_train, oos_heldout), dict(pairs))
+    seeds += single_turn_seeds(pairs, oos_train, single_seeds, seed)
     _write_jsonl(out / "rs_seeds.jsonl", seeds)
     _write_jsonl(out / "rs_heldout_seeds.jsonl", heldout_seeds)
     return {"sft_train": len(conversations), "sft_heldout": len(heldout), "topics": len(pairs),
             "dpo_prompts": len(dpo_prompts), "out_of_scope_heldout": len(oos_heldout), "rs_seeds": len(seeds),
             "rs_heldout_seeds": len(heldout_seeds)}
+
+
+def single_turn_seeds(pairs: list[tuple[str, str]], out_of_scope: list[str], count: int, seed: int) -> list[dict]:
+    """`count` one-turn rs_sft seeds without the dialogue rule, alternating an in-scope topic
+    (a training phrasing, its `source` and `answer`) and a training out-of-scope one (no
+    source): kept among the dialogues, they hold the single-turn answers and refusals in place,
+    which training on multi-turn dialogues alone wore down."""
+    rng = random.Random(f"{seed}:single")
+    out = []
+    for i in range(count):
+        phrasing = rng.choice(QUESTIONS + MID_QUESTIONS)
+        if i % 2 == 0:
+            topic, sentence = rng.choice(pairs)
+            out.append({"id": f"u{i}", "user": phrasing.format(name=topic), "source": topic, "answer": sentence,
+                        "turns": 1})
+        else:
+            topic = rng.choice(out_of_scope)
+            out.append({"id": f"u{i}", "user": phrasing.format(name=topic), "source": None, "answer": None,
+                        "turns": 1})
+    return out
 
 
 def dialogue_seeds(topics: list[str], count: int, heldout_count: int, turns: int,
