@@ -239,6 +239,12 @@ def test_rs_sft_rounds_sample_from_the_trained_policy_and_resume_exactly(chat_ru
     assert resumed.losses == straight.losses[2:]
     for index in range(3):
         assert dialogues(tmp_path / "resumed", index) == dialogues(run_dir, index)
+    resumed_summary = json.loads((tmp_path / "resumed" / "rs_sft.json").read_text())
+    assert [r["round"] for r in resumed_summary["rounds"]] == [0, 1, 2]
+    halted["train"]["exit_at_step"] = 5  # in round 2: a resume there reads round 1's summary back
+    train(config_from_dict(halted), overwrite=True)
+    train(config_from_dict({**halted, "train": {**halted["train"], "exit_at_step": 0}}), resume=True)
+    assert [r["round"] for r in json.loads((tmp_path / "resumed" / "rs_sft.json").read_text())["rounds"]] == [0, 1, 2]
     with pytest.raises(ConfigError, match=r"train.steps: 5 steps do not split into rs_sft.rounds=3"):
         bad = config("bad")
         bad["train"]["steps"] = 5

@@ -170,7 +170,12 @@ class RsSftStage(SftStage):
         summary["collapse_warnings"] = problems
         if index == 0:
             self.summary = summary
+        for earlier in range(1, index):  # a run resumed in a later round: the rounds it did not prepare
+            if not any(past["round"] == earlier for past in self.round_summaries):
+                past = json.loads((self.round_dir(earlier) / "rs_sft.json").read_text())
+                self.round_summaries.append({k: v for k, v in past.items() if k not in ("scores", "kept_scores")})
         self.round_summaries.append({k: v for k, v in summary.items() if k not in ("scores", "kept_scores")})
+        self.round_summaries.sort(key=lambda past: past["round"])
         if ctx.rank == 0:
             write_jsonl_atomic(out / "kept.jsonl", kept)
             write_json_atomic(out / "rs_sft.json", summary)
