@@ -84,5 +84,12 @@ class Trackers:
             self.writer.close()
             self.writer = None
         if self.wandb_run is not None:
+            import wandb
+
             self.wandb_run.finish()
             self.wandb_run = None
+            # finish() only tells the wandb service the run is over; the service writes the rest of
+            # the transaction log (run-<id>.wandb) later. teardown() waits for it to finish and exit,
+            # so the log is complete when close() returns (a reader or `wandb sync` right after saw
+            # only the file header under load) and no service outlives a worker process.
+            wandb.teardown()
