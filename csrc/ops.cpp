@@ -4,6 +4,7 @@
 
 #include <vector>
 
+#include "cpu/attention_backward.h"
 #include "kernels.h"
 
 #ifdef WITH_CUDA
@@ -137,9 +138,13 @@ torch::Tensor dpo_backward(torch::Tensor grad_losses, torch::Tensor dloss_dh, to
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "megatron-domain packing and fused DPO-loss kernels (C++ CPU; CUDA when built WITH_CUDA)";
+  m.doc() = "megatron-domain packing, fused DPO-loss and CPU attention-backward kernels (C++ CPU; CUDA when built WITH_CUDA)";
   m.def("has_cuda", &built_with_cuda, "whether this build includes the CUDA kernels");
   m.def("pack_metadata", &pack_metadata, "tokens [B, S], eod_id -> document_ids, position_ids, cu_seqlens");
   m.def("dpo_forward", &dpo_forward, "policy, reference, segment_ids, pairs, beta, label_smoothing, loss_type");
   m.def("dpo_backward", &dpo_backward, "grad_losses, dloss_dh, segment_ids -> grad_policy");
+  m.def("attention_backward_supported", &mdt::attention_backward_supported,
+        "whether attention_backward runs q's dtype / head dim on this CPU");
+  m.def("attention_backward", &mdt::attention_backward,
+        "grad_out, q, k, v, out, lse, mask (bool or None), is_causal, scale -> grad_q, grad_k, grad_v (CPU, bf16)");
 }

@@ -9,6 +9,10 @@
 device without compiling anything: the prebuilt csrc extension (never a JIT build), Triton
 on CUDA when installed, the chunked logprobs everywhere else. Choosing an implementation
 explicitly that cannot run names what is missing and the config key.
+
+Attention's backward is not in this table: the model's `sdpa` backend takes the csrc CPU
+backward by itself where it runs (bf16 training on a CPU with AMX / AVX-512-BF16, prebuilt
+extension; kernels/cpu_attention.py) and torch's everywhere else.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Backends (`model.attention_backend`), all with the same contract q [B, Hq, S, D]
 k/v [B, Hkv, S, D] -> [B, Hq, S, D] and tested against a dense masked reference:
 
 - `sdpa` (default, CPU and GPU): `scaled_dot_product_attention` with a boolean
-  document-causal mask, or `is_causal=True` when no row holds more than one document;
+  document-causal mask, or `is_causal=True` when no row holds more than one document; in bf16
+  training on a CPU with AMX / AVX-512-BF16, its fused forward with our csrc backward;
 - `flex` (GPU): FlexAttention with a document-causal BlockMask (compiled; on CPU torch has
   no FlexAttention backward, so training with it there is refused);
 - `flash_varlen` (GPU, flash-attn installed): the packed rows flattened to [B*S, H, D] with
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from megatron_domain.kernels.cpu_attention import cpu_flash_attention, runs_here
 
 BACKENDS = ("sdpa", "flex", "flash_varlen", "te")
 
@@ -76,20 +79,22 @@ class AttentionContext:
     cu_seqlens: torch.Tensor | None = None  # flash_varlen / te: [docs + 1] int32
     max_seqlen: int = 0
     kv_cache: object = None  # a models.kv_cache.KVCache during incremental decoding (mask and buffers)
+    csrc_backward: bool = False  # sdpa: bf16 training on a CPU may use the csrc backward (kernels/cpu_attention.py)
 
     @staticmethod
     def build(document_ids: torch.Tensor | None, backend: str = "sdpa", shape: tuple[int, int] | None = None,
-              prefix_ids: torch.Tensor | None = None) -> "AttentionContext":
+              prefix_ids: torch.Tensor | None = None, csrc_backward: bool = False) -> "AttentionContext":
         """The context for `backend`; `document_ids` [B, S] (None: one document per row, then
         `shape` = (B, S) is needed by the backends that take explicit boundaries); `prefix_ids`
-        [B, S] shared prefixes (sdpa and flex only)."""
+        [B, S] shared prefixes (sdpa and flex only); `csrc_backward`: `cpu_attention_ready` said
+        the sdpa backend may use the csrc backward in this forward."""
         if prefix_ids is not None and backend not in PREFIX_BACKENDS:
             raise ValueError(f"model.attention_backend={backend} cannot share a prompt between two completions "
                              f"(needs one of {', '.join(PREFIX_BACKENDS)}); set dpo.shared_prompt: false")
         if backend == "sdpa":
             if prefix_ids is None and (document_ids is None or bool((document_ids == document_ids[:, :1]).all())):
-                return AttentionContext()
-            return AttentionContext(mask=document_causal_mask(document_ids, prefix_ids))
+                return AttentionContext(csrc_backward=csrc_backward)
+            return AttentionContext(mask=document_causal_mask(document_ids, prefix_ids), csrc_backward=csrc_backward)
         if document_ids is None:
             document_ids = torch.arange(shape[0])[:, None].expand(shape)  # [B, S] one document per row
         if backend == "flex":
@@ -115,7 +120,10 @@ def sdpa_native_gqa(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
     """q [B, Hq, S, D], k/v [B, Hkv, S, D] -> [B, Hq, S, D]; GQA natively where the fused
-    kernel supports it (`sdpa_native_gqa`), else by repeating the KV heads."""
+    kernel supports it (`sdpa_native_gqa`), else by repeating the KV heads. Training in bf16 on
+    a CPU takes the csrc attention backward (kernels/cpu_attention.py) where it can run."""
+    if ctx.csrc_backward and runs_here(q):  # training in bf16 on a CPU: the same fused forward, the csrc backward
+        return cpu_flash_attention(q, k, v, ctx.mask)  # [B, Hq, S, D]
     groups = q.shape[1] // k.shape[1]
     native = groups > 1 and sdpa_native_gqa(q, ctx.mask)
     if groups > 1 and not native:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from megatron_domain.config import ModelConfig
+from megatron_domain.kernels.cpu_attention import cpu_attention_ready
 from megatron_domain.models.attention import ATTENTION_BACKENDS, AttentionContext
 from megatron_domain.models.kv_cache import KVCache, cached_attention
 
@@ -185,7 +186,9 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             ctx = AttentionContext(kv_cache=kv_cache)
         else:
-            ctx = AttentionContext.build(document_ids, self.cfg.attention_backend, tuple(x.shape[:2]), prefix_ids)
+            csrc_backward = self.cfg.attention_backend == "sdpa" and cpu_attention_ready(x)
+            ctx = AttentionContext.build(document_ids, self.cfg.attention_backend, tuple(x.shape[:2]), prefix_ids,
+                                         csrc_backward)
         for layer in self.layers.values():
             x = layer(x, cos, sin, ctx)  # [B, S, H]
         if self.norm is None:

@@ -15,6 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+import megatron_domain.kernels.cpu_attention  # noqa: F401  (registers torch.ops.megatron_domain.*)
 from megatron_domain.config import Config, Fp8Config
 from megatron_domain.models.llama import Transformer, materialize
 from megatron_domain.models.lora import apply_lora, freeze_base
@@ -31,6 +32,7 @@ _SAVED_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.megatron_domain.cpu_flash_attention.default,
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
     torch.ops._c10d_functional.all_gather_into_tensor.default,
     torch.ops._c10d_functional.all_reduce.default,
