@@ -174,7 +174,13 @@ class TrainConfig:
     `--signal=USR1@300`) every rank finishes its step, a checkpoint is written at that step and
     the run exits 0; `hang_timeout_s` > 0: a step (with its eval and checkpoint) that takes
     longer dumps every thread's Python stack (faulthandler) and exits 1 so the scheduler can
-    requeue."""
+    requeue.
+
+    `compile`: regional torch.compile, each decoder layer compiled on its own (the embedding,
+    output layer and loss stay eager), applied after activation checkpointing and before FSDP.
+    Where a combination is not safe on this torch the run stays eager and prints why: tensor
+    parallelism (DTensor layers: on torch 2.13 the compiled backward fails, and with FSDP x TP
+    the embedding gradient came out zero)."""
 
     run_dir: str = "runs/default"
     steps: int = 100
@@ -182,6 +188,7 @@ class TrainConfig:
     global_batch_size: int = 4
     dtype: str = "fp32"
     activation_checkpointing: str = "none"
+    compile: bool = False
     seed: int = 0
     device: str = "auto"
     num_threads: int = 0

@@ -35,7 +35,7 @@ from megatron_domain.metrics import MetricsLog, peak_flops
 from megatron_domain.models.llama import build_model, count_parameters, training_flops_per_token
 from megatron_domain.models.lora import init_lora_weights, quantize_frozen_linears, trainable_parameters
 from megatron_domain.optim import build_optimizer, build_scheduler
-from megatron_domain.parallel.apply import ParallelModel, build_parallel_model
+from megatron_domain.parallel.apply import ParallelModel, build_parallel_model, compile_problem
 from megatron_domain.parallel.dims import ParallelDims, resolve_parallel_dims
 from megatron_domain.parallel.distributed import ensure_process_group, rank, resolve_device, world_size
 from megatron_domain.precision import resolve_training_dtype
@@ -272,6 +272,9 @@ def build_trainer(cfg: Config, device: torch.device, run_dir: Path, tokenizer: T
     """Mesh, model, stage, optimizers (one per model part) and the pipeline schedule."""
     check_backends(cfg, device)
     dims, mesh = setup_parallel(cfg, device)
+    fallback = compile_problem(cfg, dims)
+    if fallback and rank() == 0:
+        print(f"[{run_dir.name}] {fallback}", flush=True)
     pm = prepare_model(cfg, dims, mesh, device)
     coords = dims.coordinates(rank())
     stage = create_stage(cfg.mode)

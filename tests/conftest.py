@@ -21,7 +21,7 @@ from megatron_domain.data.tokenizer import train_bpe_tokenizer
 # left to run alone at the end; modules not named here follow in their usual order.
 SLOWEST_MODULES = ("test_parallel", "test_demo", "test_rollout_vllm", "test_cluster", "test_lm_eval", "test_tools",
                    "test_dpo", "test_launch", "test_curate_slurm", "test_rollout_native", "test_fp8", "test_kernels",
-                   "test_curate_quality", "test_rs_sft", "test_curate")
+                   "test_curate_quality", "test_rs_sft", "test_compile", "test_curate")
 
 
 def pytest_xdist_auto_num_workers(config) -> int:

@@ -92,6 +92,24 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
             model.layers[key] = checkpoint_wrapper(layer, preserve_rng_state=True, context_fn=_selective_contexts)
 
 
+def compile_problem(cfg: Config, dims: ParallelDims) -> str | None:
+    """Why `train.compile` stays off for this run (None: compile). Each refusal is a measured
+    failure on torch 2.13 (CPU, gloo), not a guess."""
+    if not cfg.train.compile:
+        return None
+    if dims.tp > 1:
+        return (f"train.compile left off: parallel.tp={dims.tp} (torch.compile of DTensor tensor-parallel layers "
+                "fails in backward on torch 2.13, and with FSDP x TP it left the embedding gradient zero)")
+    return None
+
+
+def apply_compile(model: Transformer) -> None:
+    """Regional compile: each decoder layer (after activation checkpointing wrapped it) is
+    compiled on its own, so identical layers share one compiled graph."""
+    for layer in model.layers.values():
+        layer.compile()
+
+
 def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, param_dtype: torch.dtype) -> None:
     """FSDP2: shard each decoder layer, then the rest (embedding, norm, output) at the root.
     Compute in `param_dtype` (bf16 when training in bf16), reduce gradients in fp32."""
@@ -142,6 +160,8 @@ def build_parallel_model(model: Transformer, cfg: Config, dims: ParallelDims, me
             if cfg.lora.rank > 0:
                 freeze_base(part)
         apply_activation_checkpointing(part, cfg.train.activation_checkpointing)
+        if cfg.train.compile and compile_problem(cfg, dims) is None:
+            apply_compile(part)
         if dims.dp > 1:
             apply_fsdp(part, data_parallel_mesh(mesh, dims), param_dtype)
         parts.append(materialize(part, device, init_seed))
