@@ -7,6 +7,7 @@ import math
 import torch
 
 from megatron_domain.config import OptimConfig
+from megatron_domain.metrics import cpu_capabilities
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -21,9 +22,14 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def adamw_implementation(device: torch.device) -> dict:
-    """Fused AdamW on CUDA; the multi-tensor (foreach) path on CPU, where torch 2.13's fused CPU
-    kernel measured ~8x slower than foreach (1M params, 2 AVX2 cores: 280 ms vs 36 ms a step)."""
-    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+    """Fused AdamW on CUDA and on CPUs with AVX-512, where torch 2.13's fused CPU kernel is
+    vectorized (measured on a Xeon with AVX-512, 22M fp32 parameters, 2 threads: 14 ms vs 61 ms a
+    step for foreach); the multi-tensor (foreach) path on other CPUs, where the fused kernel
+    measured ~8x slower than foreach (1M params, 2 AVX2 cores: 280 ms vs 36 ms a step). The two
+    differ by float rounding only (1 ulp after 20 steps in a check)."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_capabilities()["avx512f"]):
+        return {"fused": True}
+    return {"foreach": True}
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:

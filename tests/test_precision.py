@@ -35,3 +35,28 @@ def test_auto_trains_as_the_resolved_dtype(tiny_config, capsys):
     assert auto.train.dtype == "auto"  # the caller's config is not changed
     assert json.loads((got.run_dir / "config.json").read_text())["train"]["dtype"] == expected
     assert train(tiny_config("explicit", steps=3, dtype=expected)).losses == got.losses
+
+
+def test_adamw_is_fused_where_the_cpu_has_avx512_and_matches_foreach(monkeypatch):
+    """The optimizer implementation follows the CPU (fused with AVX-512, foreach without, fused
+    on CUDA); fused and foreach take the same steps up to float rounding."""
+    from megatron_domain import optim
+
+    for avx512, expected in ((True, {"fused": True}), (False, {"foreach": True})):
+        monkeypatch.setattr(optim, "cpu_capabilities", lambda flag=avx512: {**cpu_capabilities(), "avx512f": flag})
+        assert optim.adamw_implementation(torch.device("cpu")) == expected
+    assert optim.adamw_implementation(torch.device("cuda")) == {"fused": True}
+    finals = []
+    for kind in ({"fused": True}, {"foreach": True}):
+        params = [torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+                  for shape in ((300, 64), (64,))]
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, **kind)
+        grads = torch.Generator().manual_seed(1)
+        for _ in range(20):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=grads)
+            opt.step()
+        finals.append([p.detach() for p in params])
+    for a, b in zip(*finals):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        assert not torch.equal(a, torch.randn(a.shape, generator=torch.Generator().manual_seed(0)))
