@@ -16,7 +16,7 @@ def test_unknown_key_suggests_nearest():
 def test_all_problems_reported_at_once():
     with pytest.raises(ConfigError) as err:
         config_from_dict({"model": {"preset": "tiny-test", "num_kv_heads": 3},
-                          "data": {"seq_len": 1024}, "optim": {"lr": -1, "warmupsteps": 3},
+                          "data": {"seq_len": 1024}, "optim": {"lr": -1, "warmupsteps": 3, "implementation": "apex"},
                           "train": {"micro_batch_size": 3, "global_batch_size": 8, "dtype": "fp16"}})
     text = str(err.value)
     for expected in ["model.num_kv_heads: model.num_heads (4) must be a multiple of model.num_kv_heads (3)",
@@ -25,9 +25,10 @@ def test_all_problems_reported_at_once():
                      "optim.min_lr: must be in [0, optim.lr=-1.0]",
                      "optim.warmupsteps: unknown key; did you mean 'optim.warmup_steps'?",
                      "train.global_batch_size: 8 is not a multiple of train.micro_batch_size (3)",
-                     "train.dtype: unknown 'fp16'"]:
+                     "train.dtype: unknown 'fp16'",
+                     "optim.implementation: unknown 'apex'; choose auto, fused or foreach"]:
         assert expected in text
-    assert len(err.value.problems) == 7
+    assert len(err.value.problems) == 8
 
 
 def test_type_errors_name_the_path():

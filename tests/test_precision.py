@@ -46,6 +46,7 @@ def test_adamw_is_fused_where_the_cpu_has_avx512_and_matches_foreach(monkeypatch
         monkeypatch.setattr(optim, "cpu_capabilities", lambda flag=avx512: {**cpu_capabilities(), "avx512f": flag})
         assert optim.adamw_implementation(torch.device("cpu")) == expected
     assert optim.adamw_implementation(torch.device("cuda")) == {"fused": True}
+    assert optim.adamw_implementation(torch.device("cuda"), "foreach") == {"foreach": True}
     finals = []
     for kind in ({"fused": True}, {"foreach": True}):
         params = [torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(0)))

@@ -196,7 +196,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
     std::vector<BFloat16> key_packed(padded * dim), key_t_packed(dim * padded), value_t_packed(dim * padded);
     std::vector<BFloat16> probs(kQueryBlock * padded), dscores(kQueryBlock * padded);  // [rows, span] bf16
     std::vector<BFloat16> probs_packed(kQueryBlock * padded), dscores_packed(kQueryBlock * padded);
-    std::vector<float> scores(kQueryBlock * padded), dprobs(kQueryBlock * padded), dq(kQueryBlock * dim);
+    // fp32 S and dP of one key block at a time (stays in L2), [rows, kBlock]
+    std::vector<float> scores(kQueryBlock * kBlock), dprobs(kQueryBlock * kBlock), dq(kQueryBlock * dim);
     std::vector<float> dk_t(dim * padded), dv_t(dim * padded), delta(padded), row_lse(padded);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, hk = task % kv_heads;
@@ -240,14 +241,14 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
             }
             // S = Q K^T, dP = dO V^T on rows [r0, rows) x keys [k0, k0 + kBlock)
             gemm(rows - r0, dim, query.data() + (q0 + r0) * dim, dim, key_t_packed.data() + k0 * dim,
-                 scores.data() + r0 * padded + k0, padded, false);
+                 scores.data() + r0 * kBlock, kBlock, false);
             gemm(rows - r0, dim, grad_o.data() + (q0 + r0) * dim, dim, value_t_packed.data() + k0 * dim,
-                 dprobs.data() + r0 * padded + k0, padded, false);
+                 dprobs.data() + r0 * kBlock, kBlock, false);
             const bool check_diagonal = is_causal && k0 >= q0;
             for (int64_t r = r0; r < rows; ++r) {
               const int64_t qi = q0 + r;
-              float* s_row = scores.data() + r * padded + k0;
-              float* dp_row = dprobs.data() + r * padded + k0;
+              float* s_row = scores.data() + r * kBlock;
+              float* dp_row = dprobs.data() + r * kBlock;
               if (qi >= seq || std::isinf(row_lse[qi])) {  // padding, or a row that attends nothing
                 std::fill(s_row, s_row + kBlock, 0.f);
                 std::fill(dp_row, dp_row + kBlock, 0.f);
