@@ -103,6 +103,18 @@ MDT_AVX512 void to_bf16(const float* src, BFloat16* dst) {
   }
 }
 
+// Two rows a, b of kBlock floats -> the kBlock (a_n, b_n) bf16 pairs of brgemm's VNNI B layout
+// ([K / 2][N][2], checked equal to oneDNN's pack), written without a separate pack pass
+MDT_AVX512 void to_bf16_pairs(const float* a, const float* b, BFloat16* dst) {
+  for (int64_t c = 0; c < kBlock; c += 16) {
+    const __m256bh wa = _mm512_cvtneps_pbh(_mm512_loadu_ps(a + c));
+    const __m256bh wb = _mm512_cvtneps_pbh(_mm512_loadu_ps(b + c));
+    const __m512i low = _mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(wa));
+    const __m512i high = _mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(wb)), 16);
+    _mm512_storeu_si512(dst + 2 * c, _mm512_or_si512(low, high));
+  }
+}
+
 // brgemm's B operand: the VNNI-packed copy of the row-major [K, kBlock] bf16 block `src`
 // (leading dimension ld; K even). oneDNN packs at most 64 columns at a time.
 void pack_block(const BFloat16* src, int64_t K, int64_t ld, BFloat16* dst) {
@@ -194,8 +206,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
     std::vector<BFloat16> key(padded * dim), value(padded * dim), query(padded * dim), grad_o(padded * dim);
     std::vector<BFloat16> key_t(dim * padded), value_t(dim * padded), query_t(dim * padded), grad_o_t(dim * padded);
     std::vector<BFloat16> key_packed(padded * dim), key_t_packed(dim * padded), value_t_packed(dim * padded);
-    std::vector<BFloat16> probs(kQueryBlock * padded), dscores(kQueryBlock * padded);  // [rows, span] bf16
-    std::vector<BFloat16> probs_packed(kQueryBlock * padded), dscores_packed(kQueryBlock * padded);
+    std::vector<BFloat16> dscores(kQueryBlock * padded);  // [rows, span] bf16, row-major
+    std::vector<BFloat16> probs_packed(kQueryBlock * kBlock), dscores_packed(kQueryBlock * kBlock);  // one key block
     // fp32 S and dP of one key block at a time (stays in L2), [rows, kBlock]
     std::vector<float> scores(kQueryBlock * kBlock), dprobs(kQueryBlock * kBlock), dq(kQueryBlock * dim);
     std::vector<float> dk_t(dim * padded), dv_t(dim * padded), delta(padded), row_lse(padded);
@@ -236,7 +248,6 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
             // causal: rows before k0 see none of this key block (r0 is a multiple of kBlock)
             const int64_t r0 = is_causal ? std::max<int64_t>(k0 - q0, 0) : 0;
             for (int64_t r = 0; r < r0; ++r) {
-              std::memset(probs.data() + r * padded + k0, 0, kBlock * sizeof(BFloat16));
               std::memset(dscores.data() + r * padded + k0, 0, kBlock * sizeof(BFloat16));
             }
             // S = Q K^T, dP = dO V^T on rows [r0, rows) x keys [k0, k0 + kBlock)
@@ -265,12 +276,16 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
                   }
                 }
               }
-              to_bf16(s_row, probs.data() + r * padded + k0);
-              to_bf16(dp_row, dscores.data() + r * padded + k0);
+              to_bf16(dp_row, dscores.data() + r * padded + k0);  // row-major dS: A of dQ
+            }
+            // P and dS of rows [r0, rows) as brgemm B operands (VNNI pairs of rows), written directly
+            for (int64_t r = r0; r < rows; r += 2) {
+              to_bf16_pairs(scores.data() + r * kBlock, scores.data() + (r + 1) * kBlock,
+                            probs_packed.data() + (r - r0) * kBlock);
+              to_bf16_pairs(dprobs.data() + r * kBlock, dprobs.data() + (r + 1) * kBlock,
+                            dscores_packed.data() + (r - r0) * kBlock);
             }
             // dK^T [D, keys] += Q^T [D, rows] dS [rows, keys]; dV^T [D, keys] += dO^T [D, rows] P [rows, keys]
-            pack_block(dscores.data() + r0 * padded + k0, rows - r0, padded, dscores_packed.data());
-            pack_block(probs.data() + r0 * padded + k0, rows - r0, padded, probs_packed.data());
             gemm(dim, rows - r0, query_t.data() + q0 + r0, padded, dscores_packed.data(), dk_t.data() + k0, padded,
                  true);
             gemm(dim, rows - r0, grad_o_t.data() + q0 + r0, padded, probs_packed.data(), dv_t.data() + k0, padded,
