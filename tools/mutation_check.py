@@ -276,11 +276,30 @@ MUTATIONS = (
     Mutation("rs-sft-round-steps-not-split", "megatron_domain/stages/rs_sft.py",
              "self.steps_per_round = (cfg.train.steps // r.rounds if", "self.steps_per_round = (cfg.train.steps if",
              ("tests/test_rs_sft.py::test_rs_sft_rounds_sample_from_the_trained_policy_and_resume_exactly",)),
+    # the training step's speed paths (issue 17): compile, the CPU attention backward, the optimizer
+    Mutation("compile-never-applied", "megatron_domain/parallel/apply.py",
+             "if cfg.train.compile and compile_problem(cfg, dims) is None:",
+             "if False and cfg.train.compile and compile_problem(cfg, dims) is None:",
+             ("tests/test_compile.py::test_compile_wraps_every_decoder_layer_after_checkpointing",)),
+    Mutation("compile-under-tensor-parallel", "megatron_domain/parallel/apply.py",
+             "    if dims.tp > 1:\n        return (f\"train.compile left off", "    if False:\n        return (f\"train.compile left off",
+             ("tests/test_compile.py::test_tensor_parallel_compile_falls_back_to_eager",)),
+    Mutation("cpu-attention-never-used", "megatron_domain/models/attention.py",
+             "if ctx.csrc_backward and runs_here(q):", "if False and ctx.csrc_backward and runs_here(q):",
+             ("tests/test_attention.py::test_cpu_bf16_attention_backward_matches_reference_and_torch",)),
+    Mutation("cpu-attention-forward-ignores-the-mask", "megatron_domain/kernels/cpu_attention.py",
+             "    if mask is None:\n        out, lse", "    if True:\n        out, lse",
+             ("tests/test_attention.py::test_cpu_bf16_attention_backward_matches_reference_and_torch",)),
+    Mutation("adamw-never-fused-on-cpu", "megatron_domain/optim.py",
+             'cpu_capabilities()["avx512f"])', 'cpu_capabilities()["avx512f"] and False)',
+             ("tests/test_precision.py::test_adamw_is_fused_where_the_cpu_has_avx512_and_matches_foreach",)),
 )
 
 
 def scratch_copy(dst: Path) -> None:
-    """The repository's tracked and untracked-but-not-ignored files, copied under `dst`."""
+    """The repository's tracked and untracked-but-not-ignored files, copied under `dst`, plus the
+    built csrc extension (megatron_domain/_C*.so, ignored by git) when there is one: no mutation
+    touches csrc/, and without it the tests of the code that calls the extension would skip."""
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
                             check=True, capture_output=True).stdout.decode().split("\0")
     for name in filter(None, listed):
@@ -289,6 +308,8 @@ def scratch_copy(dst: Path) -> None:
             target = dst / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+    for built in (REPO / "megatron_domain").glob("_C*.so"):
+        shutil.copy2(built, dst / "megatron_domain" / built.name)
 
 
 def run_tests(scratch: Path, tests: tuple[str, ...], timeout: int) -> tuple[int, str]:

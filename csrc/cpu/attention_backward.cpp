@@ -141,6 +141,14 @@ void transpose(const S* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst,
     }
 }
 
+// brgemm's B operand for X^T [D, kBlock keys], X = the row-major [kBlock, D] bf16 rows at `x`:
+// a VNNI pair of X^T's rows (d, d + 1) is two adjacent elements of one row of X, so the packed
+// block is X's rows transposed as 32-bit words ([D / 2][kBlock] pairs): no 16-bit transpose and
+// no pack pass
+void pack_transposed_block(const BFloat16* x, int64_t dim, BFloat16* dst) {
+  transpose(reinterpret_cast<const uint32_t*>(x), kBlock, dim / 2, dim / 2, reinterpret_cast<uint32_t*>(dst), kBlock);
+}
+
 // the same for bf16 -> bf16, moved as 16-bit words
 void transpose_bf16(const BFloat16* src, int64_t rows, int64_t cols, int64_t ld_src, BFloat16* dst, int64_t ld_dst) {
   transpose(reinterpret_cast<const uint16_t*>(src), rows, cols, ld_src, reinterpret_cast<uint16_t*>(dst), ld_dst);
@@ -204,7 +212,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
     // per-thread buffers
     std::vector<BFloat16> key(padded * dim), value(padded * dim), query(padded * dim), grad_o(padded * dim);
-    std::vector<BFloat16> key_t(dim * padded), value_t(dim * padded), query_t(dim * padded), grad_o_t(dim * padded);
+    std::vector<BFloat16> query_t(dim * padded), grad_o_t(dim * padded);
     std::vector<BFloat16> key_packed(padded * dim), key_t_packed(dim * padded), value_t_packed(dim * padded);
     std::vector<BFloat16> dscores(kQueryBlock * padded);  // [rows, span] bf16, row-major
     std::vector<BFloat16> probs_packed(kQueryBlock * kBlock), dscores_packed(kQueryBlock * kBlock);  // one key block
@@ -215,13 +223,11 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
       const int64_t b = task / kv_heads, hk = task % kv_heads;
       copy_rows_padded(k_data + b * kc.stride(0) + hk * kc.stride(1), seq, dim, kc.stride(2), padded, key.data());
       copy_rows_padded(v_data + b * vc.stride(0) + hk * vc.stride(1), seq, dim, vc.stride(2), padded, value.data());
-      transpose_bf16(key.data(), padded, dim, dim, key_t.data(), padded);
-      transpose_bf16(value.data(), padded, dim, dim, value_t.data(), padded);
       for (int64_t c = 0; c < dim; c += kBlock)  // B of dQ = dS K: [L, D]
         pack_block(key.data() + c, padded, dim, key_packed.data() + c * padded);
       for (int64_t c = 0; c < padded; c += kBlock) {  // B of S = Q K^T and of dP = dO V^T: [D, L]
-        pack_block(key_t.data() + c, dim, padded, key_t_packed.data() + c * dim);
-        pack_block(value_t.data() + c, dim, padded, value_t_packed.data() + c * dim);
+        pack_transposed_block(key.data() + c * dim, dim, key_t_packed.data() + c * dim);
+        pack_transposed_block(value.data() + c * dim, dim, value_t_packed.data() + c * dim);
       }
       std::fill(dk_t.begin(), dk_t.end(), 0.f);
       std::fill(dv_t.begin(), dv_t.end(), 0.f);
