@@ -3,9 +3,8 @@ attention backward (`csrc/cpu/attention_backward.cpp`: the same math with its ma
 AMX / AVX-512-BF16 brgemm tiles) instead of torch's.
 
 Why: torch 2.13's CPU flash-attention backward took 123 ms of a 700 ms bf16 training step
-(bench-20m, 4 x 512, AMX), 5x its forward; ours took 14.9 vs 20.1 ms per layer causal and
-15.3 vs 20.9 ms with a document mask in the same run, with equal or smaller error against a
-float64 reference.
+(bench-20m, 4 x 512, AMX), 5x its forward; ours takes 12.3-13.5 vs 20.5-21.3 ms per layer,
+causal or with a document mask, with equal or smaller error against a float64 reference.
 
 Both halves are torch custom ops (`megatron_domain::cpu_flash_attention` and its backward), so
 a compiled decoder layer keeps them as single nodes. `cpu_attention_ready` decides once per
