@@ -7,8 +7,9 @@
 // forward already runs on brgemm; this kernel is the same math with the backward's five
 // matmuls on brgemm too.
 //
-// Per (batch, KV head) task, for each query head of the group and each block of 64 queries i:
-//   S_ij = Q_i K_j^T, dP_ij = dO_i V_j^T                  (key blocks j up to the causal bound)
+// Per (batch, KV head) task, for each query head of the group, each block of 256 queries i and
+// each block of 64 keys j up to the causal bound (rows that see none of block j are skipped):
+//   S_ij = Q_i K_j^T, dP_ij = dO_i V_j^T
 //   P = exp(scale * S - lse) on allowed positions, 0 elsewhere
 //   dS = P * (dP - delta_i) * scale, delta_i = sum_d dO_i * O_i
 //   dQ_i = dS K, dK += dS^T Q_i, dV += P^T dO_i            (dK / dV accumulated in fp32 over the group)
