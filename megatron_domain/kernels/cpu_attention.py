@@ -16,6 +16,8 @@ that is a multiple of 64. Everywhere else `F.scaled_dot_product_attention` runs 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -27,9 +29,15 @@ def cpu_attention_ready(x: torch.Tensor) -> bool:
     autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     if not (autocast_bf16 or x.dtype == torch.bfloat16):
         return False
-    from megatron_domain.kernels.extension import prebuilt_extension
+    return csrc_attention_available()
 
-    ext = prebuilt_extension()
+
+@functools.cache
+def csrc_attention_available() -> bool:
+    """Whether the prebuilt extension has the attention backward and this CPU runs it (asked
+    once per process: every training forward needs the answer, and a missing extension would
+    otherwise be looked up on disk each time)."""
+    ext = _extension()
     probe = torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16)
     return ext is not None and hasattr(ext, "attention_backward") and ext.attention_backward_supported(probe)
 
