@@ -474,7 +474,13 @@ class DpoConfig:
     refusal sentence, each prompt getting a second pair: the anchor against the sample farthest
     from it in score. Where the judge ranks the anchor high (an out-of-scope question) the
     refusal is chosen, even before the policy samples one; where low (an answerable one) it is
-    rejected, so the pairs teach both sides of a rule that sampling alone shows one side of."""
+    rejected, so the pairs teach both sides of a rule that sampling alone shows one side of.
+
+    `gold_field` (online): the name of a prompt-file key holding that prompt's own known-good
+    completion (e.g. `answer`), judged with its samples and paired like an anchor. Where the
+    policy's samples all miss (a wrong section retrieved at every temperature-0.3 sample) no
+    sampled pair teaches the right answer; the gold one is chosen against the worst sample.
+    Prompts without the key get no gold completion."""
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
@@ -490,6 +496,7 @@ class DpoConfig:
     steps_per_round: int = 1
     min_score_margin: float = 0.0
     anchors: list[str] = field(default_factory=list)
+    gold_field: str = ""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
@@ -519,10 +526,15 @@ class RsSftConfig:
     `dedup_similarity`), check the kept set's diversity (`collapse`), and train an SFT pass on
     the survivors: every generated assistant turn (`train_on: all`), or only the turns the rubric
     passed in full (`passing`: failed turns stay as context). train.steps: 0 = `epochs` over
-    the kept rows. `rounds` > 1 repeats generate -> judge -> keep -> train (as ReST's grow and
+    the kept (and replayed) rows. `rounds` > 1 repeats generate -> judge -> keep -> train (as ReST's grow and
     improve steps): each round trains train.steps / rounds steps (train.steps 0: `epochs` over round
     0's kept rows), and the next round samples from the policy as trained so far; round k > 0
-    keeps its files in `<run_dir>/rounds/<k>/`."""
+    keeps its files in `<run_dir>/rounds/<k>/`.
+
+    `replay` (a chat JSONL, e.g. the SFT stage's data) with `replay_fraction` > 0: that many
+    conversations per kept dialogue, drawn from it (seeded by data.seed and the round), train
+    beside the kept dialogues (every assistant turn), so the pass on self-generated dialogues
+    does not wear away what they rarely show (single-turn answers, refusals)."""
 
     seeds: str = ""
     dialogues_per_seed: int = 8
@@ -540,6 +552,8 @@ class RsSftConfig:
     epochs: float = 1.0
     rounds: int = 1
     train_on: str = "all"
+    replay: str = ""
+    replay_fraction: float = 0.0
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     collapse: CollapseGuardConfig = field(default_factory=CollapseGuardConfig)
 
@@ -1132,6 +1146,9 @@ def validate_dpo(cfg: Config, prefix: str = "") -> list[str]:
         if d.anchors:
             problems.append(f"{p('dpo.anchors')}: anchors are judged with online samples; offline pairs are fixed "
                             "(add the anchor to your pairs file, or set dpo.online: true)")
+        if d.gold_field:
+            problems.append(f"{p('dpo.gold_field')}: gold completions are judged with online samples; offline "
+                            "pairs are fixed (make the gold answer a pair's chosen side, or set dpo.online: true)")
     return problems
 
 
@@ -1168,6 +1185,9 @@ def validate_rs_sft(cfg: Config, prefix: str = "") -> list[str]:
         problems.append(f"{p('train_on')}: unknown {r.train_on!r}; choose all or passing")
     elif r.train_on == "passing" and r.judge.kind != "rubric":
         problems.append(f"{p('train_on')}: passing needs per-turn scores, which only a rubric judge gives")
+    if r.replay_fraction < 0 or (r.replay_fraction > 0) != bool(r.replay):
+        problems.append(f"{p('replay')}/{p('replay_fraction')}: set both (a chat JSONL and replayed conversations per "
+                        f"kept dialogue, > 0) or neither; got {r.replay!r}, {r.replay_fraction}")
     c = r.collapse
     if not (0 <= c.min_distinct_2 <= 1 and 0 <= c.max_top_opening_share <= 1 and 0 <= c.max_self_similarity <= 1):
         problems.append(f"{p('collapse')}: thresholds are shares in [0, 1], got min_distinct_2={c.min_distinct_2}, "

@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_domain.data.demo_sft import (DIALOGUE_RULE, HELDOUT_QUESTIONS, MID_PER_TOPIC, MID_QUESTIONS,
-                                           MULTI_TURNS, QUESTIONS, build_demo_sft, mid_questions,
+from pydoc_data.topics import topics
+
+from megatron_domain.data.demo_sft import (DIALOGUE_RULE, DPO_EXTRA_PER_TOPIC, DPO_EXTRA_QUESTIONS, DPO_QUESTIONS,
+                                           HELDOUT_QUESTIONS, MID_PER_TOPIC, MID_QUESTIONS, MULTI_TURNS, QUESTIONS,
+                                           REFUSAL, build_demo_sft, first_sentence, house_answer, mid_questions,
                                            out_of_scope_split)
 
 
@@ -99,3 +102,35 @@ def test_dialogue_seeds_ask_out_of_scope_in_a_middle_turn(tmp_path):
             assert len(outside) == i % 2  # every other seed
             for follow_up in outside:
                 assert follow_up["content"].split("`")[1] in allowed
+
+
+def test_dpo_prompts_carry_their_topics_reference_answer(tmp_path):
+    """Every in-scope DPO prompt has the house answer of its topic as `answer` (the one the SFT
+    data teaches, what dpo.gold_field reads), in the twelve DPO phrasings, its two mid ones and
+    DPO_EXTRA_PER_TOPIC of the DPO-only ones (chosen per topic); out-of-scope prompts have none."""
+    build_demo_sft(tmp_path, heldout_fraction=0.1, seed=0, refusal_topics=4, rs_seeds=2, rs_heldout_seeds=1, turns=2)
+    taught = {}
+    for conversation in read_jsonl(tmp_path / "sft_train.jsonl"):
+        messages = conversation["messages"]
+        for question, answer in zip(messages, messages[1:]):
+            if question["role"] == "user" and answer["role"] == "assistant" and "`" in question["content"]:
+                taught.setdefault(question["content"].split("`")[1], set()).add(answer["content"])
+    prompts = read_jsonl(tmp_path / "dpo_prompts.jsonl")
+    by_topic: dict[str, list[str]] = {}
+    for prompt in prompts:
+        topic = prompt["prompt"].split("`")[1]
+        if prompt.get("source") is None:
+            assert "answer" not in prompt and taught.get(topic, {REFUSAL}) == {REFUSAL}
+            continue
+        assert prompt["source"] == topic and prompt["answer"] == house_answer(first_sentence(topics[topic]), topic)
+        assert taught[topic] == {prompt["answer"]}  # the answer SFT taught for the topic
+        by_topic.setdefault(topic, []).append(prompt["prompt"])
+    assert len(by_topic) > 50
+    extras = {}
+    for topic, questions in by_topic.items():
+        assert len(set(questions)) == len(DPO_QUESTIONS) + MID_PER_TOPIC + DPO_EXTRA_PER_TOPIC
+        extras[topic] = frozenset(t for t in DPO_EXTRA_QUESTIONS if t.format(name=topic) in questions)
+        assert len(extras[topic]) == DPO_EXTRA_PER_TOPIC
+    assert len(set(extras.values())) > 10  # the DPO-only phrasings vary between topics
+    for template in HELDOUT_QUESTIONS:
+        assert template not in DPO_QUESTIONS + DPO_EXTRA_QUESTIONS

@@ -478,6 +478,58 @@ def test_anchor_completions_are_judged_with_the_samples(chat_run, tmp_path):
         config_from_dict(offline)
 
 
+def test_gold_completions_are_chosen_against_the_worst_sample(chat_run, tmp_path):
+    """dpo.gold_field: a prompt's own known-good answer (a key of its line) joins its samples,
+    tokenized as the chat template renders the finished turn, and is chosen against the worst
+    sample wherever the judge ranks it above them; prompts without the key get none; the
+    summary counts the gold pairs and its mean scores are the policy's samples only; a missing
+    key, an empty value and offline DPO are refused with messages naming them."""
+    cfg = online_config(chat_run, tmp_path, "gold", rounds=1, steps_per_round=1, gold_field="answer")
+    prompts = Path(cfg["dpo"]["prompts"])
+    write_jsonl(prompts, [{"prompt": f"what is {w}?", "source": w, "answer": f"the {w} returns a list. [source: `{w}`]"}
+                          for w in ALPHA_WORDS[:6]] + [{"prompt": f"what is {w}?", "source": w} for w in ALPHA_WORDS[6:8]])
+    cfg["train"]["steps"] = 1
+    result = train(config_from_dict(cfg))
+    assert len(result.losses) == 1 and result.losses[0] > 0
+    tokenizer = load_tokenizer(chat_run["tokenizer"])
+    end = tokenizer.tokenizer.token_to_id("<|im_end|>")
+    lines = round_lines(tmp_path / "gold", 0)
+    assert len(lines) == 8
+    gold_chosen = 0
+    for line in lines:
+        word = line["fields"]["source"]
+        scores = [c["score"] for c in line["completions"]]
+        if "answer" not in line["fields"]:
+            assert len(line["completions"]) == 4 and "anchor_pair" not in line
+            continue
+        *samples, gold = line["completions"]
+        assert len(samples) == 4 and gold["finish_reason"] == "gold" and gold["text"] == line["fields"]["answer"]
+        assert gold["token_ids"] == tokenizer.tokenizer.encode(gold["text"], add_special_tokens=False).ids + [end]
+        assert gold["score"] == 1.0 and gold["logprobs"] == [], word
+        if min(scores[:4]) < 1.0:
+            assert line["anchor_pair"] == {"chosen": 4, "rejected": scores.index(min(scores[:4]))}
+            gold_chosen += 1
+        else:
+            assert line["anchor_pair"] is None
+    summary = json.loads((tmp_path / "gold" / "rounds" / "summary.jsonl").read_text())
+    assert gold_chosen > 0 and (summary["gold_chosen"], summary["gold_rejected"]) == (gold_chosen, 0)
+    sampled = [c["score"] for line in lines for c in line["completions"][:4]]
+    assert summary["mean_score"] == pytest.approx(sum(sampled) / len(sampled))
+    assert summary["mean_best_score"] == pytest.approx(sum(max(c["score"] for c in line["completions"][:4])
+                                                           for line in lines) / 8)
+    cfg["train"]["run_dir"] = str(tmp_path / "gold_typo")
+    cfg["dpo"]["gold_field"] = "answers"
+    with pytest.raises(ValueError, match=r"dpo.gold_field: no prompt of .*prompts.jsonl has the key 'answers'"):
+        train(config_from_dict(cfg))
+    write_jsonl(prompts, [{"prompt": "what is alpha?", "source": "alpha", "answer": " "}])
+    cfg["dpo"]["gold_field"] = "answer"
+    with pytest.raises(ValueError, match=r"prompts.jsonl: prompt 0: 'answer' \(dpo.gold_field\) must be a non-empty"):
+        train(config_from_dict(cfg))
+    offline = {**cfg, "dpo": {"gold_field": "answer"}, "data": {**cfg["data"], "chat": {"path": "pairs.jsonl"}}}
+    with pytest.raises(ValueError, match=r"dpo.gold_field: gold completions are judged with online samples"):
+        config_from_dict(offline)
+
+
 def test_init_from_a_lora_run_starts_from_its_merged_weights(chat_run, tmp_path):
     """model.init_from = a LoRA run (adapters only in its checkpoints): the base it names plus
     its adapters, merged, so a DPO stage can start from a LoRA SFT stage."""

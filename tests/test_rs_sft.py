@@ -151,6 +151,17 @@ def test_collapse_guard_fires_on_a_collapsed_set_only():
     assert diversity(collapsed)["distinct_2"] < diversity(diverse)["distinct_2"]
 
 
+def trained_texts(packed, tokenizer) -> list[str]:
+    """Per packed conversation: the decoded tokens its loss covers."""
+    texts = []
+    for row in range(packed.tokens.shape[0]):
+        for doc in sorted(set(packed.document_ids[row].tolist())):
+            in_doc = (packed.document_ids[row] == doc) & (packed.loss_mask[row] > 0)
+            if in_doc.any():
+                texts.append(tokenizer.tokenizer.decode(packed.labels[row][in_doc].tolist(), skip_special_tokens=False))
+    return texts
+
+
 def test_rs_sft_run_resumes_a_killed_generation_and_trains_every_assistant_turn(chat_run, tmp_path):
     """A run generates, judges (dialogues.jsonl), keeps half per seed and trains an epoch on
     them; a run killed after its first seed (plus half a line) regenerates only the rest and
@@ -178,14 +189,7 @@ def test_rs_sft_run_resumes_a_killed_generation_and_trains_every_assistant_turn(
     stage = RsSftStage()
     stage.setup(StageContext(cfg=cfg, tokenizer=tokenizer, device=torch.device("cpu"), run_dir=tmp_path / "full"))
     kept = [json.loads(line) for line in (tmp_path / "full" / "kept.jsonl").read_text().splitlines()]
-    trained = []  # per packed dialogue: the decoded tokens its loss covers
-    packed = stage.packed
-    for row in range(packed.tokens.shape[0]):
-        for doc in sorted(set(packed.document_ids[row].tolist())):
-            in_doc = (packed.document_ids[row] == doc) & packed.loss_mask[row]
-            if in_doc.any():
-                trained.append(tokenizer.tokenizer.decode(packed.labels[row][in_doc].tolist(),
-                                                          skip_special_tokens=False))
+    trained = trained_texts(stage.packed, tokenizer)
     expected = ["".join(m["content"] + "<|im_end|>" for m in k["messages"] if m["role"] == "assistant") for k in kept]
     assert sorted(trained) == sorted(expected)
 
@@ -203,6 +207,41 @@ def test_rs_sft_run_resumes_a_killed_generation_and_trains_every_assistant_turn(
         else:
             with pytest.warns(UserWarning, match="the kept dialogues look collapsed"):
                 RsSftStage().setup(context)
+
+
+def test_replayed_conversations_train_beside_the_kept_dialogues(chat_run, tmp_path):
+    """rs_sft.replay with replay_fraction 1.5: 1.5 conversations of the replay file per kept
+    dialogue (a seeded draw, the whole file again when it runs out) train beside the kept
+    dialogues, every assistant turn of them; the summary counts them; a fraction without a
+    file is refused."""
+    from megatron_domain.stages import StageContext
+    from megatron_domain.stages.rs_sft import RsSftStage, replay_conversations
+
+    pool = [[{"role": "user", "content": f"what is {w}?"}, {"role": "assistant", "content": f"the {w} returns a list."},
+             {"role": "user", "content": "and then?"}, {"role": "assistant", "content": f"then {w}."}]
+            for w in ALPHA_WORDS[:3]]
+    replay = tmp_path / "replay.jsonl"
+    replay.write_text("".join(json.dumps({"messages": m}) + "\n" for m in pool))
+    cfg = config_from_dict(rs_config(chat_run, tmp_path, "replay", replay=str(replay), replay_fraction=1.5))
+    assert len(train(cfg).losses) >= 1
+    tokenizer = load_tokenizer(chat_run["tokenizer"])
+    stage = RsSftStage()
+    stage.setup(StageContext(cfg=cfg, tokenizer=tokenizer, device=torch.device("cpu"), run_dir=tmp_path / "replay"))
+    kept = [json.loads(line) for line in (tmp_path / "replay" / "kept.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "replay" / "rs_sft.json").read_text())
+    count = round(1.5 * len(kept))
+    assert summary["replayed"] == count > len(pool)
+    drawn = replay_conversations(pool, count, cfg.data.seed, 0)
+    assert len(drawn) == count and all(sum(c == m for c in drawn[:3]) == 1 for m in pool)  # no repeat in a pass
+    assert drawn == replay_conversations(pool, count, cfg.data.seed, 0) != replay_conversations(pool, count, 1, 0)
+
+    def assistant_text(messages: list[dict]) -> str:
+        return "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
+
+    expected = [assistant_text(k["messages"]) for k in kept] + [assistant_text(m) for m in drawn]
+    assert sorted(trained_texts(stage.packed, tokenizer)) == sorted(expected)
+    with pytest.raises(ConfigError, match=r"rs_sft.replay/rs_sft.replay_fraction: set both"):
+        config_from_dict(rs_config(chat_run, tmp_path, "bad", replay_fraction=0.5))
 
 
 def test_rs_sft_rounds_sample_from_the_trained_policy_and_resume_exactly(chat_run, tmp_path):

@@ -55,6 +55,22 @@ DPO_QUESTIONS = QUESTIONS + ("Describe `{name}`.", "Give me the reference entry 
                              "I need to know about `{name}`.", "Can you explain `{name}` briefly?",
                              "Explain `{name}` in one line.", "Tell me about `{name}` in a few words.",
                              "Define `{name}`.", "What do we know about `{name}`?")
+# phrasings only the DPO prompts use, DPO_EXTRA_PER_TOPIC per topic (chosen per topic): measured from
+# one SFT model (held-out citation / format / out-of-scope refusals, SFT 70.8 / 93.1 / 6.0), the
+# DPO stage with DPO_QUESTIONS alone -> 66.7-79.2 / 79-94 / 42-66; + these phrasings 77.8 / 94.4 /
+# 36; + the gold answers (dpo.gold_field) 81.9 / 97.2 / 32. With DPO_QUESTIONS alone the online pairs
+# taught the trained phrasings (topics answered right at every phrasing: 33 -> 52 of 77) more than
+# new ones
+DPO_EXTRA_QUESTIONS = (
+    "Please explain `{name}`.", "What can you tell me about `{name}`?", "Give a short description of `{name}`.",
+    "Briefly, what is meant by `{name}`?", "I want a summary of `{name}`.", "Say something about `{name}`.",
+    "What's `{name}` about?", "Quick question: `{name}`?", "Help me understand `{name}`.",
+    "Explain the meaning of `{name}`.", "Tell me what `{name}` means.", "Give an overview of `{name}`.",
+    "What is meant by `{name}` in Python?", "Could you describe `{name}`?", "Please define `{name}` for me.",
+    "Any notes on `{name}`?", "What does `{name}` refer to?", "I am curious about `{name}`.",
+    "Give me a one-line answer about `{name}`.", "Review `{name}` quickly.", "Walk me through `{name}`.",
+    "Clarify `{name}`, please.", "Teach me `{name}`.", "Remind me what `{name}` is for.")
+DPO_EXTRA_PER_TOPIC = 8
 MAX_WORDS = 14
 # question/answer turns of the SFT data's multi-turn conversations (one per topic, cycling): the
 # rs_sft stage's dialogues have six, and a model trained on two-turn conversations only lost the
@@ -86,7 +102,7 @@ EXTRA_OUT_OF_SCOPE_TOPICS = tuple("""
     rugby saddles salmon sandcastles scarecrows seahorses seashells skiing sloths snails sparrows spices
     squirrels starfish strawberries sunflowers swans telescopes thunderstorms tigers tortoises trumpets tundra
     turtles umbrellas volleyball waterfalls whales wheat windmills wolves yoga zebras""".split())
-OOS_DPO_PHRASINGS = 2  # DPO_QUESTIONS per out-of-scope topic (chosen per topic, seeded)
+OOS_DPO_PHRASINGS = 5  # phrasings per out-of-scope topic of all the DPO ones (chosen per topic, seeded)
 SENTENCE = re.compile(r"^(.{20,220}?[.!?:])(\s|$)", re.S)
 
 
@@ -144,7 +160,7 @@ def out_of_scope_split(heldout_fraction: float, seed: int) -> tuple[list[str], l
 
 def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: int, refusal_topics: int = 6,
                    rs_seeds: int = 32, rs_heldout_seeds: int = 12, turns: int = 6, single_seeds: int = 0) -> dict:
-    """Write sft_train.jsonl (conversations), dpo_prompts.jsonl ({"prompt"[, "source"]}),
+    """Write sft_train.jsonl (conversations), dpo_prompts.jsonl ({"prompt"[, "source", "answer"]}),
     sft_heldout.jsonl ({"prompt", "source", "answer"}; source null = out of scope, no answer), rs_seeds.jsonl and
     rs_heldout_seeds.jsonl (multi-turn seeds, see `dialogue_seeds`) to `out_dir`; returns their
     counts. `refusal_topics`: out-of-scope topics whose refusal the SFT data shows (one
@@ -170,10 +186,14 @@ def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: in
                                            {"role": "assistant", "content": REFUSAL}]})
     out = Path(out_dir)
     _write_jsonl(out / "sft_train.jsonl", conversations)
-    dpo_prompts = [{"prompt": template.format(name=topic_name(t)), "source": t} for t, _ in pairs
-                   for template in DPO_QUESTIONS + mid_questions(t, seed)]
-    dpo_prompts += [{"prompt": template.format(name=t)} for t in oos_train for template in
-                    random.Random(f"{seed}:oos:{t}").sample(DPO_QUESTIONS + MID_QUESTIONS, OOS_DPO_PHRASINGS)]
+    dpo_prompts = [{"prompt": template.format(name=topic_name(t)), "source": t, "answer": house_answer(sentence, t)}
+                   for t, sentence in pairs for template in DPO_QUESTIONS + mid_questions(t, seed)]
+    dpo_prompts += [{"prompt": template.format(name=topic_name(t)), "source": t, "answer": house_answer(sentence, t)}
+                    for t, sentence in pairs
+                    for template in random.Random(f"{seed}:x:{t}").sample(DPO_EXTRA_QUESTIONS, DPO_EXTRA_PER_TOPIC)]
+    dpo_prompts += [{"prompt": template.format(name=t)} for t in sorted(oos_train) for template in
+                    random.Random(f"{seed}:oos:{t}").sample(DPO_QUESTIONS + MID_QUESTIONS + DPO_EXTRA_QUESTIONS,
+                                                            OOS_DPO_PHRASINGS)]
     _write_jsonl(out / "dpo_prompts.jsonl", dpo_prompts)
     heldout = [{"prompt": template.format(name=topic_name(t)), "source": t, "answer": sentence}
                for t, sentence in pairs for template in HELDOUT_QUESTIONS]

@@ -7,6 +7,8 @@ completions such as the house refusal) are judged with every prompt's samples an
 second pair per prompt: the anchor against the sample farthest from it in score. A rule's
 right answer is then chosen before the policy ever samples it, and rejected where it is wrong,
 while the sampled pair keeps teaching what separates the samples (e.g. the right citation).
+`dpo.gold_field` does the same with each prompt's own known-good completion (a key of its
+prompt-file line): where every sample misses, the gold answer is chosen against the worst one.
 
 Everything a round generates is written, before training on it, to
 `<run_dir>/rounds/<n>.jsonl` (one line per prompt: messages, fields, every completion with its
@@ -93,28 +95,45 @@ def round_record(round_index: int, record: PromptRecord, prompt_ids: list[int], 
 
 
 ANCHOR = "anchor"  # the finish_reason of an anchor completion in a round file
+GOLD = "gold"  # the finish_reason of a prompt's gold completion (dpo.gold_field) in a round file
+FIXED_KEYS = {ANCHOR: "dpo.anchors", GOLD: "dpo.gold_field"}
 
 
 def anchor_completion(messages: list[dict], prompt_ids: list[int], text: str, template: ChatTemplate,
-                      tokenizer, prompt_index: int, sample_index: int) -> Completion:
+                      tokenizer, prompt_index: int, sample_index: int, kind: str = ANCHOR) -> Completion:
     """`text` as a completion of the prompt: its tokens as the chat template renders the
     finished turn (up to and including the end-of-turn token, as a sampled completion that
-    stopped there), no sampling log-probs."""
+    stopped there), no sampling log-probs. `kind` (ANCHOR or GOLD) is its finish reason."""
     full = tokenizer.tokenizer.encode(template.render(messages + [{"role": "assistant", "content": text}]),
                                       add_special_tokens=False).ids
     if full[:len(prompt_ids)] != prompt_ids:  # the template renders a finished turn differently
-        raise ValueError(f"dpo.anchors: {text!r} does not continue the rendered prompt under chat template "
-                         f"{template.name!r}; anchors need a template whose prompt is a prefix of the full turn")
+        raise ValueError(f"{FIXED_KEYS[kind]}: {text!r} does not continue the rendered prompt under chat template "
+                         f"{template.name!r}; fixed completions need a template whose prompt is a prefix of the full turn")
     token_ids = full[len(prompt_ids):]
     stops = set(stop_conditions(template, tokenizer)[0])
     end = next((i + 1 for i, t in enumerate(token_ids) if t in stops), len(token_ids))
-    return Completion(prompt_index, sample_index, token_ids[:end], text, [], ANCHOR)
+    return Completion(prompt_index, sample_index, token_ids[:end], text, [], kind)
 
 
-def anchor_pairs(lines: list[dict], side: str) -> int:
-    """How many of a round's anchor pairs have the anchor as their `side` ("chosen" or "rejected")."""
+def anchor_pairs(lines: list[dict], side: str, kind: str = ANCHOR) -> int:
+    """How many of a round's second pairs have a fixed completion of `kind` (ANCHOR or GOLD) as
+    their `side` ("chosen" or "rejected")."""
     return sum(line.get("anchor_pair") is not None
-               and line["completions"][line["anchor_pair"][side]]["finish_reason"] == ANCHOR for line in lines)
+               and line["completions"][line["anchor_pair"][side]]["finish_reason"] == kind for line in lines)
+
+
+def check_gold_field(prompts: list[PromptRecord], key: str, path: str) -> None:
+    """Check the prompts' gold completions (their `key` field; lines without it have none):
+    errors name the prompts file and the prompt when a value is not a non-empty string, or the
+    file when no prompt carries the key at all (a misspelt `dpo.gold_field`)."""
+    golds = [p.fields.get(key) for p in prompts]
+    for record, gold in zip(prompts, golds):
+        if gold is not None and (not isinstance(gold, str) or not gold.strip()):
+            raise ValueError(f"{path}: prompt {record.id}: {key!r} (dpo.gold_field) must be a non-empty completion "
+                             f"text, got {gold!r}")
+    if all(g is None for g in golds):
+        raise ValueError(f"dpo.gold_field: no prompt of {path} has the key {key!r}; add it to the lines that have a "
+                         "known-good completion, or unset dpo.gold_field")
 
 
 def read_round(path: Path, seq_len: int) -> list[PreferencePair]:
@@ -140,6 +159,8 @@ class OnlineRounds:
     def __init__(self, ctx: StageContext, template: ChatTemplate):
         self.ctx, self.cfg, self.template = ctx, ctx.cfg, template
         self.prompts = read_prompts(self.cfg.dpo.prompts)
+        if self.cfg.dpo.gold_field:
+            check_gold_field(self.prompts, self.cfg.dpo.gold_field, self.cfg.dpo.prompts)  # before any round
         self.dir = Path(ctx.run_dir) / "rounds"
         self.round_index = -1
         self.pairs: list[PreferencePair] = []
@@ -216,22 +237,28 @@ class OnlineRounds:
         prompt_ids = [chat_prompt_ids(prompt_messages(r), self.template, self.ctx.tokenizer) for r in records]
         completions = self._generate(index, prompt_ids, records)
         by_prompt = [[c for c in completions if c.prompt_index == i] for i in range(len(records))]
+        d = self.cfg.dpo
         for i, (record, ids) in enumerate(zip(records, prompt_ids)):
+            gold = record.fields.get(d.gold_field) if d.gold_field else None
+            fixed = [(text, ANCHOR) for text in d.anchors] + ([(gold, GOLD)] if gold is not None else [])
             by_prompt[i] += [anchor_completion(prompt_messages(record), ids, text, self.template, self.ctx.tokenizer,
-                                               i, self.params.n + j)
-                             for j, text in enumerate(self.cfg.dpo.anchors)]
+                                               i, self.params.n + j, kind)
+                             for j, (text, kind) in enumerate(fixed)]
         generated = time.perf_counter()
         judged = on_rank0(lambda: self._judge(records, [[c.text for c in group] for group in by_prompt]))
         lines = [round_record(index, r, ids, group, result, self.cfg.dpo.min_score_margin, self.params.n)
                  for r, ids, group, result in zip(records, prompt_ids, by_prompt, judged)]
-        scores = [c["score"] for line in lines for c in line["completions"]]
+        n = self.params.n  # the policy's samples; anchors and gold completions follow them
+        scores = [c["score"] for line in lines for c in line["completions"][:n]]
         summary = {"round": index, "prompts": len(lines), "pairs": sum(line["pair"] is not None for line in lines),
                    "dropped_ties": sum(line["dropped"] == "tie" for line in lines),
                    "dropped_margin": sum(line["dropped"] == "margin" for line in lines),
                    **({"anchor_chosen": anchor_pairs(lines, "chosen"), "anchor_rejected": anchor_pairs(lines, "rejected")}
-                      if self.cfg.dpo.anchors else {}),
+                      if d.anchors else {}),
+                   **({"gold_chosen": anchor_pairs(lines, "chosen", GOLD), "gold_rejected": anchor_pairs(lines, "rejected", GOLD)}
+                      if d.gold_field else {}),
                    "mean_score": float(np.mean(scores)),
-                   "mean_best_score": float(np.mean([max(c["score"] for c in line["completions"]) for line in lines])),
+                   "mean_best_score": float(np.mean([max(c["score"] for c in line["completions"][:n]) for line in lines])),
                    "completion_tokens": sum(len(c.token_ids) for c in completions),
                    "generate_s": generated - start, "judge_s": time.perf_counter() - generated,
                    **self.sync_metrics, **merge_stats(judged)}

@@ -33,10 +33,11 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_domain.data.chat import load_template
+from megatron_domain.data.chat import load_template, read_conversations
 from megatron_domain.data.seeds import Seed, read_seeds
 from megatron_domain.files import write_json_atomic
 from megatron_domain.judges import build_judge
@@ -97,6 +98,16 @@ def trained_turns(line: dict, train_on: str) -> list[bool]:
     return [False] * opening + generated
 
 
+def replay_conversations(pool: list[list[dict]], count: int, seed: int, round_index: int) -> list[list[dict]]:
+    """`count` conversations of `pool` (rs_sft.replay) for round `round_index`: a seeded draw
+    without replacement, the whole pool in a shuffled order again when count exceeds it."""
+    if not pool or count <= 0:
+        return []
+    rng = np.random.default_rng([seed, round_index])
+    order = np.concatenate([rng.permutation(len(pool)) for _ in range(-(-count // len(pool)))])
+    return [pool[int(i)] for i in order[:count]]
+
+
 def append_lines(path: Path, lines: list[dict]) -> None:
     """Append whole lines in one write and flush them to disk."""
     with open(path, "a") as handle:
@@ -115,6 +126,7 @@ class RsSftStage(SftStage):
         self.ctx = ctx
         self.template = load_template(cfg.data.chat.template, cfg.data.tokenizer)
         self.seeds = read_seeds(r.seeds, r.turns)
+        self.replay = read_conversations(r.replay) if r.replay else []
         self.round_summaries: list[dict] = []
         self.round = 0
         self._prepare_round(0)
@@ -166,6 +178,8 @@ class RsSftStage(SftStage):
                              f"rs_sft.min_score={r.min_score}); lower min_score or check the judge's rationales in "
                              f"{path}")
         summary = {"round": index, **self._summarize(lines, kept, selection)}
+        replayed = replay_conversations(self.replay, round(r.replay_fraction * len(kept)), cfg.data.seed, index)
+        summary["replayed"] = len(replayed)
         problems = collapse_problems(summary["diversity_kept"], r.collapse)
         summary["collapse_warnings"] = problems
         if index == 0:
@@ -188,9 +202,12 @@ class RsSftStage(SftStage):
             if r.collapse.fail:
                 raise CollapsedKeptSet(message + " (rs_sft.collapse.fail: true; nothing was trained on them)")
             warnings.warn(message, stacklevel=2)
-        self.use_conversations(ctx, [line["messages"] for line in kept],
-                               f"rs_sft: the {len(kept)} kept dialogues" + (f" of round {index}" if index else ""),
-                               [trained_turns(line, r.train_on) for line in kept])
+        conversations = [line["messages"] for line in kept]
+        turns = [trained_turns(line, r.train_on) for line in kept]
+        self.use_conversations(ctx, conversations + replayed,
+                               f"rs_sft: the {len(kept)} kept dialogues" + (f" of round {index}" if index else "")
+                               + (f" and {len(replayed)} replayed conversations of {r.replay}" if replayed else ""),
+                               turns + [[True] * sum(m["role"] == "assistant" for m in c) for c in replayed])
         if index:  # the round's rows start a fresh shuffled stream at its first step
             self.first_row = index * self.steps_per_round * cfg.train.global_batch_size
         if cfg.train.progress and ctx.rank == 0:
@@ -199,7 +216,9 @@ class RsSftStage(SftStage):
                        f"the top {r.keep_fraction:.0%}, {s['below_min_score']} under min_score, {s['deduplicated']} "
                        f"near-duplicates); mean score {s['mean_score']:.1f} -> kept {s['mean_kept_score']:.1f}; "
                        f"distinct-2 {s['diversity_generated']['distinct_2']:.3f} -> "
-                       f"{s['diversity_kept']['distinct_2']:.3f}; {len(self.packed.tokens)} rows")
+                       f"{s['diversity_kept']['distinct_2']:.3f}; "
+                       + (f"{s['replayed']} replayed conversations; " if s["replayed"] else "")
+                       + f"{len(self.packed.tokens)} rows")
 
     def _generate_and_judge(self, seeds: list[Seed], path: Path, total_seeds: int, index: int) -> None:
         """Generate and judge `seeds` chunk by chunk for round `index`, appending each chunk's
