@@ -16,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 from megatron_domain.checkpoint import latest_checkpoint, prepare_run_dir
-from megatron_domain.config import CHAT_MODES, GENERATION_METRICS, Config, PipelineConfig, stage_gates, stage_names, to_dict
+from megatron_domain.config import (CHAT_MODES, GENERATION_METRICS, Config, ConfigError, PipelineConfig, config_from_dict,
+                                    stage_gates, stage_names, to_dict)
 from megatron_domain.data.demo_corpus import prepare_demo_data
 from megatron_domain.data.demo_sft import build_demo_sft
 from megatron_domain.engine import check_backends, train
@@ -211,6 +212,17 @@ def comparable_config(cfg: Config) -> dict:
     return data
 
 
+def stored_config(path: Path) -> dict:
+    """A stage's stored config as resume compares it: read back through the current Config, so
+    a field this version added (absent from a run written before it) counts at its default,
+    not as a change. A stored config this version cannot read is compared as it is written."""
+    data = json.loads(path.read_text())
+    try:
+        return comparable_config(config_from_dict(data))
+    except (ConfigError, TypeError, ValueError):
+        return data
+
+
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two config dicts."""
     changes = []
@@ -232,7 +244,7 @@ def stage_action(cfg: Config, resume: bool, earlier_rerun: str) -> tuple[str, st
         return "run", "not started before"
     if earlier_rerun:
         return "rerun", f"stage {earlier_rerun} before it was rerun"
-    changes = config_changes(json.loads((run_dir / STAGE_CONFIG).read_text()), comparable_config(cfg))
+    changes = config_changes(stored_config(run_dir / STAGE_CONFIG), comparable_config(cfg))
     if changes:
         shown = ", ".join(changes[:8]) + (f" and {len(changes) - 8} more" if len(changes) > 8 else "")
         return "rerun", f"its config changed: {shown}"

@@ -251,3 +251,23 @@ def test_pipeline_resume_after_a_kill_in_the_second_stage(corpora, tmp_path):
     assert "[first] --resume: skip" in changed.stdout
     assert "[second] --resume: rerun (its config changed: optim.lr)" in changed.stdout
     assert list(tmp_path.glob("killed/second.old-*"))  # the earlier run moved aside, not deleted
+
+
+def test_resume_counts_a_field_added_since_the_run_at_its_default(corpora, tmp_path):
+    """A stage's stored config written before a field existed (the key absent) compares equal
+    to today's config when today's value is that field's default: --resume skips the stage
+    rather than rerunning the pipeline from its first stage; a non-default value is a change."""
+    from megatron_domain.pipeline import STAGE_CONFIG, STAGE_RECORD, comparable_config, stage_action
+
+    cfg_dict = parity_config_dict(corpora, tmp_path / "stage", steps=2)
+    cfg = config_from_dict(cfg_dict)
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True)
+    older = comparable_config(cfg)
+    del older["dpo"]["gold_field"], older["rs_sft"]["replay_fraction"]  # fields a later version added
+    (run_dir / STAGE_CONFIG).write_text(json.dumps(older))
+    (run_dir / STAGE_RECORD).write_text("{}")
+    assert stage_action(cfg, resume=True, earlier_rerun="") == ("skip", "complete, config unchanged")
+    changed = config_from_dict({**cfg_dict, "rs_sft": {"replay": "chat.jsonl", "replay_fraction": 0.5}})
+    action, why = stage_action(changed, resume=True, earlier_rerun="")
+    assert action == "rerun" and why == "its config changed: rs_sft.replay, rs_sft.replay_fraction"
