@@ -526,9 +526,9 @@ class RsSftConfig:
     `dedup_similarity`), check the kept set's diversity (`collapse`), and train an SFT pass on
     the survivors: every generated assistant turn (`train_on: all`), or only the turns the rubric
     passed in full (`passing`: failed turns stay as context). train.steps: 0 = `epochs` over
-    the kept (and replayed) rows. `rounds` > 1 repeats generate -> judge -> keep -> train (as ReST's grow and
-    improve steps): each round trains train.steps / rounds steps (train.steps 0: `epochs` over round
-    0's kept rows), and the next round samples from the policy as trained so far; round k > 0
+    the kept (and replayed) rows. `rounds` > 1 repeats generate -> judge -> keep -> train (as
+    ReST's grow and improve steps): each round trains train.steps / rounds steps (train.steps 0:
+    `epochs` over round 0's rows), and the next round samples from the policy as trained so far; round k > 0
     keeps its files in `<run_dir>/rounds/<k>/`.
 
     `replay` (a chat JSONL, e.g. the SFT stage's data) with `replay_fraction` > 0: that many

@@ -57,10 +57,10 @@ DPO_QUESTIONS = QUESTIONS + ("Describe `{name}`.", "Give me the reference entry 
                              "Define `{name}`.", "What do we know about `{name}`?")
 # phrasings only the DPO prompts use, DPO_EXTRA_PER_TOPIC per topic (chosen per topic): measured from
 # one SFT model (held-out citation / format / out-of-scope refusals, SFT 70.8 / 93.1 / 6.0), the
-# DPO stage with DPO_QUESTIONS alone -> 66.7-79.2 / 79-94 / 42-66; + these phrasings 77.8 / 94.4 /
-# 36; + the gold answers (dpo.gold_field) 81.9 / 97.2 / 32. With DPO_QUESTIONS alone the online pairs
-# taught the trained phrasings (topics answered right at every phrasing: 33 -> 52 of 77) more than
-# new ones
+# DPO stage with DPO_QUESTIONS alone -> 79.2 / 94.4 / 42; + these phrasings 77.8 / 94.4 / 36; + the
+# gold answers (dpo.gold_field) 81.9 / 97.2 / 32; + 5 phrasings per out-of-scope topic (the demo)
+# 84.7 / 97.2 / 40. Gold answers with DPO_QUESTIONS alone fixed the trained phrasings (topics cited
+# right in all of them: 33 -> 52 of 77) more than the held-out ones
 DPO_EXTRA_QUESTIONS = (
     "Please explain `{name}`.", "What can you tell me about `{name}`?", "Give a short description of `{name}`.",
     "Briefly, what is meant by `{name}`?", "I want a summary of `{name}`.", "Say something about `{name}`.",
