@@ -36,6 +36,7 @@ HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"
 ROLLOUT_BACKENDS = ("native", "vllm")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")  # losses.DPO_LOSS_TYPES (config imports nothing of ours)
 DPO_REFERENCES = ("auto", "adapters", "copy", "precomputed")
+GOLD_AGAINST = ("worst", "best_miss")  # dpo.gold_against
 JUDGE_KINDS = ("rubric", "pairwise", "panel")
 GENERATION_METRICS = ("format_adherence", "citation_accuracy", "refusal_in_scope", "refusal_out_of_scope",
                       # domain metrics against the questions' references (eval/domain_metrics.py)
@@ -480,7 +481,9 @@ class DpoConfig:
     completion (e.g. `answer`), judged with its samples and paired like an anchor. Where the
     policy's samples all miss (a wrong section retrieved at every temperature-0.3 sample) no
     sampled pair teaches the right answer; the gold one is chosen against the worst sample.
-    Prompts without the key get no gold completion."""
+    Prompts without the key get no gold completion. `gold_against: best_miss` pairs the gold
+    completion against the best sample the judge ranks below it instead (the hard negative: a
+    well-formed answer citing the wrong section, not a derailed one), where there is one."""
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
@@ -497,6 +500,7 @@ class DpoConfig:
     min_score_margin: float = 0.0
     anchors: list[str] = field(default_factory=list)
     gold_field: str = ""
+    gold_against: str = "worst"
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
@@ -534,7 +538,12 @@ class RsSftConfig:
     `replay` (a chat JSONL, e.g. the SFT stage's data) with `replay_fraction` > 0: that many
     conversations per kept dialogue, drawn from it (seeded by data.seed and the round), train
     beside the kept dialogues (every assistant turn), so the pass on self-generated dialogues
-    does not wear away what they rarely show (single-turn answers, refusals)."""
+    does not wear away what they rarely show (single-turn answers, refusals).
+
+    `gold_field` (rubric judge): the key under which a seed holds a turn's known-good answer (at
+    the top level for turn 1, in a follow-up object for its turn; null: none). In each kept
+    dialogue a turn the rubric failed is replaced by its gold answer, when that passes the rubric,
+    and trained on (STaR's rationalization; stages/corrections.py); counted in rs_sft.json."""
 
     seeds: str = ""
     dialogues_per_seed: int = 8
@@ -554,6 +563,7 @@ class RsSftConfig:
     train_on: str = "all"
     replay: str = ""
     replay_fraction: float = 0.0
+    gold_field: str = ""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     collapse: CollapseGuardConfig = field(default_factory=CollapseGuardConfig)
 
@@ -1149,6 +1159,8 @@ def validate_dpo(cfg: Config, prefix: str = "") -> list[str]:
         if d.gold_field:
             problems.append(f"{p('dpo.gold_field')}: gold completions are judged with online samples; offline "
                             "pairs are fixed (make the gold answer a pair's chosen side, or set dpo.online: true)")
+    if d.gold_against not in GOLD_AGAINST:
+        problems.append(f"{p('dpo.gold_against')}: unknown {d.gold_against!r}; choose one of {', '.join(GOLD_AGAINST)}")
     return problems
 
 
@@ -1185,6 +1197,9 @@ def validate_rs_sft(cfg: Config, prefix: str = "") -> list[str]:
         problems.append(f"{p('train_on')}: unknown {r.train_on!r}; choose all or passing")
     elif r.train_on == "passing" and r.judge.kind != "rubric":
         problems.append(f"{p('train_on')}: passing needs per-turn scores, which only a rubric judge gives")
+    if r.gold_field and r.judge.kind != "rubric":
+        problems.append(f"{p('gold_field')}: gold corrections replace the turns a judge failed, and only a rubric "
+                        f"judge scores turns; use rs_sft.judge.kind: rubric or unset gold_field")
     if r.replay_fraction < 0 or (r.replay_fraction > 0) != bool(r.replay):
         problems.append(f"{p('replay')}/{p('replay_fraction')}: set both (a chat JSONL and replayed conversations per "
                         f"kept dialogue, > 0) or neither; got {r.replay!r}, {r.replay_fraction}")

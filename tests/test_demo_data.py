@@ -11,8 +11,8 @@ from pydoc_data.topics import topics
 
 from megatron_domain.data.demo_sft import (DIALOGUE_RULE, DPO_EXTRA_PER_TOPIC, DPO_EXTRA_QUESTIONS, DPO_QUESTIONS,
                                            HELDOUT_QUESTIONS, MID_PER_TOPIC, MID_QUESTIONS, MULTI_TURNS, QUESTIONS,
-                                           REFUSAL, build_demo_sft, first_sentence, house_answer, mid_questions,
-                                           out_of_scope_split)
+                                           REFUSAL, TRAINING_PHRASINGS, build_demo_sft, first_sentence, house_answer,
+                                           mid_questions, out_of_scope_split)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -41,7 +41,7 @@ def test_heldout_questions_and_topics_never_appear_in_training_data(tmp_path):
             topic = question["prompt"].split("`")[1]
             assert f"`{topic}`" not in training_text, topic
     for template in HELDOUT_QUESTIONS:  # the held-out phrasings are not training phrasings
-        assert template not in QUESTIONS + MID_QUESTIONS
+        assert template not in QUESTIONS + MID_QUESTIONS + TRAINING_PHRASINGS
 
 
 def test_sft_asks_every_topic_with_the_topic_inside_the_question(tmp_path):
@@ -102,6 +102,17 @@ def test_dialogue_seeds_ask_out_of_scope_in_a_middle_turn(tmp_path):
             assert len(outside) == i % 2  # every other seed
             for follow_up in outside:
                 assert follow_up["content"].split("`")[1] in allowed
+            for turn in [seed] + seed["follow_ups"]:  # rs_sft.gold_field: the house answer; none out of scope
+                assert turn["gold"] == (f"{turn['answer']} [source: `{turn['source']}`]" if turn["source"] else None)
+    for seed in single:
+        assert seed["gold"] == (f"{seed['answer']} [source: `{seed['source']}`]" if seed["source"] else REFUSAL)
+    # the training dialogues ask in every held-in phrasing, not a few (a few let rs_sft wear down
+    # the answers to the others): the phrasing of each training turn, as a template
+    multi = [seed for seed in training if seed["turns"] > 1]
+    templates = {turn.replace(f"`{name}`", "`{name}`") for seed in multi
+                 for turn, name in [(seed["user"], seed["source"])] + [(f["content"], f["content"].split("`")[1])
+                                                                      for f in seed["follow_ups"]]}
+    assert templates <= set(TRAINING_PHRASINGS) and len(templates) > 2 * len(QUESTIONS)
 
 
 def test_dpo_prompts_carry_their_topics_reference_answer(tmp_path):

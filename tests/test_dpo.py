@@ -530,6 +530,36 @@ def test_gold_completions_are_chosen_against_the_worst_sample(chat_run, tmp_path
         config_from_dict(offline)
 
 
+def test_gold_against_best_miss_pairs_the_gold_answer_with_the_hard_negative():
+    """dpo.gold_against: worst pairs the gold answer against the lowest-scored sample, best_miss
+    against the best sample it outranks (a well-formed answer citing the wrong section, first one
+    on ties); a gold answer the judge ranks below the samples is rejected against the best in
+    both modes; a gold answer tied with every sample gives no pair; an unknown mode is refused."""
+    from megatron_domain.judges import JudgeResult
+    from megatron_domain.rollout.prompts import PromptRecord
+    from megatron_domain.rollout.sampling import Completion
+    from megatron_domain.stages.online import round_record
+
+    def line(scores: list[float], against: str) -> dict | None:
+        completions = [Completion(0, i, [1], f"s{i}", [0.0], "stop") for i in range(len(scores) - 1)]
+        completions.append(Completion(0, len(scores) - 1, [1], "gold", [], "gold"))
+        judged = JudgeResult(scores, [""] * len(scores))
+        return round_record(0, PromptRecord("p0", messages=[{"role": "user", "content": "q"}]), [1], completions,
+                            judged, 0.0, len(scores) - 1, against)["anchor_pair"]
+
+    misses = [2 / 3, 1 / 3, 0.0, 2 / 3, 1.0]  # samples 0 and 3 cite the wrong section, 2 derailed
+    assert line(misses, "worst") == {"chosen": 4, "rejected": 2}
+    assert line(misses, "best_miss") == {"chosen": 4, "rejected": 0}
+    for against in ("worst", "best_miss"):
+        assert line([1.0, 0.5, 1.0, 0.0], against) == {"chosen": 0, "rejected": 3}  # the gold answer failed
+        assert line([1.0, 1.0, 1.0], against) is None
+    bad = {"mode": "dpo", "model": {"preset": "tiny-test"}, "train": {"steps": 1},
+           "dpo": {"online": True, "prompts": "p.jsonl", "gold_field": "answer", "gold_against": "nearest",
+                   "judge": {"kind": "rubric", "rules": [{"pattern": "x"}]}}}
+    with pytest.raises(ValueError, match=r"dpo.gold_against: unknown 'nearest'; choose one of worst, best_miss"):
+        config_from_dict(bad)
+
+
 def test_init_from_a_lora_run_starts_from_its_merged_weights(chat_run, tmp_path):
     """model.init_from = a LoRA run (adapters only in its checkpoints): the base it names plus
     its adapters, merged, so a DPO stage can start from a LoRA SFT stage."""

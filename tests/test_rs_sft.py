@@ -480,3 +480,97 @@ def test_rs_sft_under_tp2_and_dp_shard2_matches_one_process(chat_run, tmp_path):
         losses = torch.load(tmp_path / f"{name}.pt", weights_only=False)
         assert len(losses) == len(reference) and max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-5, name
         assert lines(name) == lines("one"), name
+
+
+def gold_seed(where: str = "seeds.jsonl:1"):
+    """A three-turn seed with gold answers for turns 1 and 2 (turn 2's is one the citation
+    rule fails), none for turn 3."""
+    return parse_seed({"id": "g0", "user": "what is list?", "source": "list", "gold": "a list. [source: `list`]",
+                       "follow_ups": [{"content": "what is module?", "source": "module",
+                                       "gold": "a module. [source: `list`]"},
+                                      {"content": "and error?", "source": "error"}]}, where, 3, 0)
+
+
+def test_gold_corrections_replace_failed_turns_that_pass_the_rubric():
+    """rs_sft.gold_field: a failed turn with a gold answer that passes the rubric is replaced
+    and marked for training; a gold answer the rubric fails is put back (rejected); a failed
+    turn without one stays (counted); a passing turn is never touched, and a gold answer holds
+    for its own turn only."""
+    from megatron_domain.stages.corrections import correct_with_gold, gold_answer
+    from megatron_domain.stages.rs_sft import trained_turns
+
+    judge = RubricJudge([RubricRuleConfig(**FORMAT), RubricRuleConfig(**CITATION)])
+    seed = gold_seed()
+    assert [gold_answer(seed, t, "gold", []) for t in (1, 2, 3)] == [
+        "a list. [source: `list`]", "a module. [source: `list`]", None]  # not carried over to turn 3
+    fields = [{"source": "list"}, {"source": "module"}, {"source": "error"}]
+    answers = ["wrong. [source: `tuple`]", "wrong again.", "no idea."]
+    messages = [{"role": "user", "content": "what is list?"}, {"role": "assistant", "content": answers[0]},
+                {"role": "user", "content": "what is module?"}, {"role": "assistant", "content": answers[1]},
+                {"role": "user", "content": "and error?"}, {"role": "assistant", "content": answers[2]}]
+    dialogue = Dialogue("g0", 0, messages, opening=1, turn_fields=fields, answer_token_ids=[[1]] * 3, finish="turns")
+    line = {"messages": messages, "opening": 1, "answer_token_ids": [[1]] * 3,
+            **vars(rubric_dialogue_score(judge, dialogue))}
+    assert line["turn_scores"] == [0.5, 0.0, 0.0]
+    corrected, counts = correct_with_gold(line, dialogue, seed, "gold", [], judge)
+    assert [m["content"] for m in corrected["messages"] if m["role"] == "assistant"] == [
+        "a list. [source: `list`]", "wrong again.", "no idea."]
+    assert corrected["gold_turns"] == [1]
+    assert (counts.gold_turns, counts.gold_rejected, counts.failed_without_gold) == (1, 1, 1)
+    assert line["messages"][1]["content"] == answers[0]  # the original line is unchanged
+    assert trained_turns(corrected, "passing") == [True, False, False]
+    passing = {**line, "turn_scores": [1.0, 0.0, 0.0]}  # a passing turn keeps the policy's answer
+    kept, counts = correct_with_gold(passing, dialogue, seed, "gold", [], judge)
+    assert kept["messages"][1]["content"] == answers[0] and kept["gold_turns"] == [] and counts.gold_turns == 0
+
+
+def test_gold_field_errors_name_the_seed_line_or_the_key(chat_run, tmp_path):
+    from megatron_domain.stages.corrections import check_gold_field
+
+    seeds = [gold_seed()]
+    with pytest.raises(ValueError, match=r"rs_sft.gold_field: no seed of s.jsonl has the key 'answer'"):
+        check_gold_field(seeds, "answer", [], "s.jsonl")
+    empty = parse_seed({"id": "e", "user": "q", "follow_ups": [{"content": "q2", "gold": " "}]}, "s.jsonl:4", 2, 0)
+    with pytest.raises(ChatDataError, match=r"s.jsonl:4: seed 'e': 'gold' \(rs_sft.gold_field\) of turn 2 must be a "
+                                            r"non-empty answer or null"):
+        check_gold_field(seeds + [empty], "gold", [], "s.jsonl")
+    pairwise = rs_config(chat_run, tmp_path, "bad", gold_field="gold")
+    pairwise["rs_sft"]["judge"] = {"kind": "pairwise", "model": "x"}
+    with pytest.raises(ConfigError, match=r"rs_sft.gold_field: gold corrections replace the turns a judge failed"):
+        config_from_dict(pairwise)
+
+
+def test_rs_sft_trains_the_gold_answers_of_failed_turns(chat_run, tmp_path):
+    """An rs_sft run with gold answers on every turn and train_on: passing: the kept dialogues
+    hold the gold answer wherever the policy failed (kept.jsonl, counted in rs_sft.json), and
+    the trained tokens are exactly the passing turns and the gold answers."""
+    from megatron_domain.stages import StageContext
+    from megatron_domain.stages.rs_sft import RsSftStage
+
+    seeds = tmp_path / "gold_seeds.jsonl"
+    lines = [json.loads(line) for line in write_seeds(seeds).read_text().splitlines()]
+    for line in lines:
+        line["gold"] = f"the {line['source']}. [source: `{line['source']}`]"
+        for item in line["follow_ups"]:
+            item["gold"] = f"the {item['source']}. [source: `{item['source']}`]"
+    seeds.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cfg = config_from_dict(rs_config(chat_run, tmp_path, "gold", seeds=str(seeds), gold_field="gold",
+                                     train_on="passing", turns=2))
+    train(cfg)
+    kept = [json.loads(line) for line in (tmp_path / "gold" / "kept.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "gold" / "rs_sft.json").read_text())
+    failed = sum(score < 1.0 for line in kept for score in line["turn_scores"])
+    assert failed > 0  # the tiny model fails some turns: the test needs them
+    assert summary["gold_turns"] == sum(len(line["gold_turns"]) for line in kept) == failed
+    assert summary["gold_rejected"] == summary["failed_without_gold"] == 0
+    for line in kept:
+        answers = [m["content"] for m in line["messages"][line["opening"]:] if m["role"] == "assistant"]
+        sources = [fields["source"] for fields in line["turn_fields"]]
+        for turn in line["gold_turns"]:
+            assert answers[turn - 1] == f"the {sources[turn - 1]}. [source: `{sources[turn - 1]}`]"
+    tokenizer = load_tokenizer(chat_run["tokenizer"])
+    stage = RsSftStage()
+    stage.setup(StageContext(cfg=cfg, tokenizer=tokenizer, device=torch.device("cpu"), run_dir=tmp_path / "gold"))
+    expected = ["".join(m["content"] + "<|im_end|>" for m in line["messages"] if m["role"] == "assistant")
+                for line in kept]  # every generated turn either passed or now holds its gold answer
+    assert sorted(trained_texts(stage.packed, tokenizer)) == sorted(expected)

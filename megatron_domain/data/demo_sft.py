@@ -102,6 +102,7 @@ EXTRA_OUT_OF_SCOPE_TOPICS = tuple("""
     rugby saddles salmon sandcastles scarecrows seahorses seashells skiing sloths snails sparrows spices
     squirrels starfish strawberries sunflowers swans telescopes thunderstorms tigers tortoises trumpets tundra
     turtles umbrellas volleyball waterfalls whales wheat windmills wolves yoga zebras""".split())
+TRAINING_PHRASINGS = tuple(dict.fromkeys(DPO_QUESTIONS + MID_QUESTIONS + DPO_EXTRA_QUESTIONS))  # every held-in one
 OOS_DPO_PHRASINGS = 5  # phrasings per out-of-scope topic of all the DPO ones (chosen per topic, seeded)
 SENTENCE = re.compile(r"^(.{20,220}?[.!?:])(\s|$)", re.S)
 
@@ -219,15 +220,15 @@ def single_turn_seeds(pairs: list[tuple[str, str]], out_of_scope: list[str], cou
     rng = random.Random(f"{seed}:single")
     out = []
     for i in range(count):
-        phrasing = rng.choice(QUESTIONS + MID_QUESTIONS)
+        phrasing = rng.choice(TRAINING_PHRASINGS)
         if i % 2 == 0:
             topic, sentence = rng.choice(pairs)
             out.append({"id": f"u{i}", "user": phrasing.format(name=topic), "source": topic, "answer": sentence,
-                        "turns": 1})
+                        "gold": house_answer(sentence, topic), "turns": 1})
         else:
             topic = rng.choice(out_of_scope)
             out.append({"id": f"u{i}", "user": phrasing.format(name=topic), "source": None, "answer": None,
-                        "turns": 1})
+                        "gold": REFUSAL, "turns": 1})
     return out
 
 
@@ -241,12 +242,17 @@ def dialogue_seeds(topics: list[str], count: int, heldout_count: int, turns: int
     `out_of_scope` (training, held-out) instead, with no source: the house rule there is the
     refusal, and the turn after it is in scope again. Each seed samples its own topic sequence. With `answers` ({topic: reference
     sentence}) every in-scope turn also carries its `answer` (a rubric rule can then require the
-    reference's words, not only the citation). Held-out seeds use other topic sequences, the
-    held-out phrasings and the held-out out-of-scope topics."""
+    reference's words, not only the citation), and every turn its known-good reply as `gold` (the
+    house answer; none on the out-of-scope turn; rs_sft.gold_field). Training seeds ask in every
+    held-in phrasing (TRAINING_PHRASINGS), held-out seeds use other topic sequences, the held-out
+    phrasings and the held-out out-of-scope topics."""
     answers = answers or {}
 
     def facts(topic: str | None) -> dict:
-        return {"source": topic, **({"answer": answers.get(topic)} if answers else {})}
+        if not answers:
+            return {"source": topic}
+        gold = house_answer(answers[topic], topic) if topic else None
+        return {"source": topic, "answer": answers.get(topic), "gold": gold}
 
     def seed(i: int, phrasings: tuple[str, ...], offset: int, oos_topics: list[str]) -> dict:
         # a seeded sample per seed (the split in the name): the earlier (offset + 11 i + 7 k) mod 77
@@ -263,7 +269,7 @@ def dialogue_seeds(topics: list[str], count: int, heldout_count: int, turns: int
                 "constraints": ["answer in one sentence", "cite the reference topic of every answer",
                                 "refuse questions the reference does not cover"], "turns": turns,
                 "follow_ups": follow_ups}
-    return ([seed(i, QUESTIONS, 0, out_of_scope[0]) for i in range(count)],
+    return ([seed(i, TRAINING_PHRASINGS, 0, out_of_scope[0]) for i in range(count)],
             [seed(i, HELDOUT_QUESTIONS, len(topics) // 2 + 1, out_of_scope[1]) for i in range(heldout_count)])
 
 

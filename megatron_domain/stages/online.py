@@ -8,7 +8,8 @@ second pair per prompt: the anchor against the sample farthest from it in score.
 right answer is then chosen before the policy ever samples it, and rejected where it is wrong,
 while the sampled pair keeps teaching what separates the samples (e.g. the right citation).
 `dpo.gold_field` does the same with each prompt's own known-good completion (a key of its
-prompt-file line): where every sample misses, the gold answer is chosen against the worst one.
+prompt-file line): where every sample misses, the gold answer is chosen against the worst one,
+or with `dpo.gold_against: best_miss` against the best sample it outranks (the hard negative).
 
 Everything a round generates is written, before training on it, to
 `<run_dir>/rounds/<n>.jsonl` (one line per prompt: messages, fields, every completion with its
@@ -74,10 +75,21 @@ def anchor_pair(scores: list[float], sampled: int, min_margin: float) -> tuple[i
     return None if best is None else best[1]
 
 
+def best_miss_pair(scores: list[float], sampled: int, gold: int, min_margin: float) -> tuple[int, int] | None:
+    """(gold, the best sample the judge ranks below it): the hard negative, e.g. a well-formed
+    answer citing the wrong section rather than a derailed one; None when every sample scores
+    at least as high as the gold completion less max(min_margin, >0)."""
+    misses = [i for i in range(sampled) if scores[gold] - scores[i] > 0 and scores[gold] - scores[i] >= min_margin]
+    return (gold, max(misses, key=lambda i: (scores[i], -i))) if misses else None
+
+
 def round_record(round_index: int, record: PromptRecord, prompt_ids: list[int], samples: list[Completion],
-                 judged: JudgeResult, min_margin: float, sampled: int | None = None) -> dict:
+                 judged: JudgeResult, min_margin: float, sampled: int | None = None,
+                 gold_against: str = "worst") -> dict:
     """One prompt's line of a round file: the sampled pair (best vs worst of the first
-    `sampled` completions, default all) and, when anchors follow them, the anchor pair."""
+    `sampled` completions, default all) and, when anchors follow them, the anchor pair; with
+    `gold_against: best_miss` a gold completion the judge ranks above a sample is paired
+    against the best such sample instead."""
     sampled = len(samples) if sampled is None else sampled
     scores = [float(s) for s in judged.scores]
     pair = best_and_worst(scores[:sampled], min_margin)
@@ -90,6 +102,9 @@ def round_record(round_index: int, record: PromptRecord, prompt_ids: list[int], 
             "dropped": pair if isinstance(pair, str) else None}
     if sampled < len(samples):
         extra = anchor_pair(scores, sampled, min_margin)
+        gold = next((i for i in range(sampled, len(samples)) if samples[i].finish_reason == GOLD), None)
+        if gold_against == "best_miss" and gold is not None:
+            extra = best_miss_pair(scores, sampled, gold, min_margin) or extra
         line["anchor_pair"] = {"chosen": extra[0], "rejected": extra[1]} if extra else None
     return line
 
@@ -246,7 +261,8 @@ class OnlineRounds:
                              for j, (text, kind) in enumerate(fixed)]
         generated = time.perf_counter()
         judged = on_rank0(lambda: self._judge(records, [[c.text for c in group] for group in by_prompt]))
-        lines = [round_record(index, r, ids, group, result, self.cfg.dpo.min_score_margin, self.params.n)
+        lines = [round_record(index, r, ids, group, result, self.cfg.dpo.min_score_margin, self.params.n,
+                              d.gold_against)
                  for r, ids, group, result in zip(records, prompt_ids, by_prompt, judged)]
         n = self.params.n  # the policy's samples; anchors and gold completions follow them
         scores = [c["score"] for line in lines for c in line["completions"][:n]]

@@ -6,7 +6,8 @@ Constitutional AI's rejection-sampling stage). At setup, before the first step:
 2. score each whole dialogue with `rs_sft.judge` (judges/dialogue.py, 0-100);
 3. keep the best share per seed or globally, drop low scores and near-duplicates, and measure
    the kept set's diversity against the generated set (stages/selection.py; the collapse guard
-   warns or fails);
+   warns or fails); with `rs_sft.gold_field`, replace the kept dialogues' failed turns by the
+   seeds' known-good answers (stages/corrections.py);
 4. train on the survivors through the sft path (loss on every assistant turn, packed).
 
 With `rs_sft.rounds` > 1 the four steps repeat: at the first step of round k the policy as
@@ -49,6 +50,7 @@ from megatron_domain.rollout.policy import PolicyRollout, on_rank0, sampling_fro
 from megatron_domain.rollout.prompts import stop_conditions
 from megatron_domain.rollout.user_simulator import EndpointUser, ModelUser, UserSimulator
 from megatron_domain.stages import StageContext
+from megatron_domain.stages.corrections import CorrectionCounts, check_gold_field, correct_with_gold
 from megatron_domain.files import write_jsonl_atomic
 from megatron_domain.stages.selection import collapse_problems, diversity, select
 from megatron_domain.stages.sft import SftStage
@@ -91,11 +93,12 @@ def line_dialogue(line: dict) -> Dialogue:
 
 def trained_turns(line: dict, train_on: str) -> list[bool]:
     """Which assistant messages of a kept dialogue are trained: the generated ones (`all`) or
-    the generated ones the rubric passed in full (`passing`); assistant turns of the seed's
-    opening are context."""
+    the generated ones the rubric passed in full (`passing`), and those holding a gold answer
+    (`gold_turns`); assistant turns of the seed's opening are context."""
     opening = sum(m["role"] == "assistant" for m in line["messages"][:line["opening"]])
     generated = [True] * len(line["answer_token_ids"]) if train_on == "all" else [s >= 1.0 for s in line["turn_scores"]]
-    return [False] * opening + generated
+    gold = set(line.get("gold_turns", ()))  # turns replaced by their gold answer (rs_sft.gold_field)
+    return [False] * opening + [passed or turn in gold for turn, passed in enumerate(generated, 1)]
 
 
 def replay_conversations(pool: list[list[dict]], count: int, seed: int, round_index: int) -> list[list[dict]]:
@@ -126,6 +129,8 @@ class RsSftStage(SftStage):
         self.ctx = ctx
         self.template = load_template(cfg.data.chat.template, cfg.data.tokenizer)
         self.seeds = read_seeds(r.seeds, r.turns)
+        if r.gold_field:
+            check_gold_field(self.seeds, r.gold_field, r.follow_ups, r.seeds)
         self.replay = read_conversations(r.replay) if r.replay else []
         self.round_summaries: list[dict] = []
         self.round = 0
@@ -178,6 +183,9 @@ class RsSftStage(SftStage):
                              f"rs_sft.min_score={r.min_score}); lower min_score or check the judge's rationales in "
                              f"{path}")
         summary = {"round": index, **self._summarize(lines, kept, selection)}
+        if r.gold_field:
+            kept, counts = on_rank0(lambda: self._correct(kept))
+            summary.update(dataclasses.asdict(counts))
         replayed = replay_conversations(self.replay, round(r.replay_fraction * len(kept)), cfg.data.seed, index)
         summary["replayed"] = len(replayed)
         problems = collapse_problems(summary["diversity_kept"], r.collapse)
@@ -218,6 +226,8 @@ class RsSftStage(SftStage):
                        f"distinct-2 {s['diversity_generated']['distinct_2']:.3f} -> "
                        f"{s['diversity_kept']['distinct_2']:.3f}; "
                        + (f"{s['replayed']} replayed conversations; " if s["replayed"] else "")
+                       + (f"{s['gold_turns']} failed turns corrected with gold answers "
+                          f"({s['gold_rejected']} rejected by the rubric); " if r.gold_field else "")
                        + f"{len(self.packed.tokens)} rows")
 
     def _generate_and_judge(self, seeds: list[Seed], path: Path, total_seeds: int, index: int) -> None:
@@ -261,6 +271,18 @@ class RsSftStage(SftStage):
             reshard_fsdp(model)  # the optimizers are built after setup, from the sharded parameters
             rollout.close()  # an in-process vLLM engine would hold its memory through training
             bar.close()
+
+    def _correct(self, kept: list[dict]) -> tuple[list[dict], CorrectionCounts]:
+        """The kept lines with their failed turns replaced by gold answers (stages/corrections.py)."""
+        r = self.ctx.cfg.rs_sft
+        seeds = {seed.id: seed for seed in self.seeds}
+        counts, corrected = CorrectionCounts(), []
+        for line in kept:
+            line, one = correct_with_gold(line, line_dialogue(line), seeds[line["seed_id"]], r.gold_field,
+                                          r.follow_ups, self._judge())
+            corrected.append(line)
+            counts.add(one)
+        return corrected, counts
 
     def _user_simulator(self, rollout: PolicyRollout, params) -> UserSimulator | None:
         """The model-played user rs_sft.user_model / user_url name (None: scripted follow-ups).
