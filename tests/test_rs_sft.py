@@ -574,3 +574,26 @@ def test_rs_sft_trains_the_gold_answers_of_failed_turns(chat_run, tmp_path):
     expected = ["".join(m["content"] + "<|im_end|>" for m in line["messages"] if m["role"] == "assistant")
                 for line in kept]  # every generated turn either passed or now holds its gold answer
     assert sorted(trained_texts(stage.packed, tokenizer)) == sorted(expected)
+
+
+def test_rs_sft_replays_raw_text_for_every_planned_step(chat_run, tmp_path):
+    """data.chat.replay with train.steps 0 (rs_sft.epochs decide the steps): every planned
+    step gets its raw-text rows; the stream was sized before the steps were known and ran out
+    at the second micro-batch."""
+    from megatron_domain.data.indexed import write_indexed_dataset
+    from megatron_domain.data.preprocess import tokenize_documents
+    from conftest import BETA_WORDS, synthetic_documents
+
+    tokenizer = load_tokenizer(chat_run["tokenizer"])
+    corpora = []
+    for i, words in enumerate((ALPHA_WORDS, BETA_WORDS)):  # a blend: its size is what the stage asks for
+        prefix = tmp_path / f"raw{i}"
+        write_indexed_dataset(prefix, tokenize_documents(iter(synthetic_documents(words, 40, seed=4)), tokenizer,
+                                                         progress=False), tokenizer.vocab_size)
+        corpora.append({"name": f"raw{i}", "path": str(prefix), "weight": 0.5})
+    cfg = rs_config(chat_run, tmp_path, "raw_replay", epochs=3)
+    cfg["data"]["corpora"] = corpora
+    cfg["data"]["chat"] = {"template": "chatml", "replay": 0.5}
+    result = train(config_from_dict(cfg))
+    steps = json.loads((tmp_path / "raw_replay" / "config.json").read_text())["train"]["steps"]
+    assert steps > 1 and len(result.losses) == steps

@@ -134,11 +134,14 @@ class RsSftStage(SftStage):
         self.replay = read_conversations(r.replay) if r.replay else []
         self.round_summaries: list[dict] = []
         self.round = 0
+        self.planned_steps = 0  # known once round 0's rows are (train.steps 0: rs_sft.epochs over them)
         self._prepare_round(0)
         rows = len(self.packed.tokens)
         self.steps_per_round = (cfg.train.steps // r.rounds if cfg.train.steps
                                 else max(1, math.ceil(r.epochs * rows / cfg.train.global_batch_size)))
         self.planned_steps = r.rounds * self.steps_per_round
+        if self.replay_rows:  # data.chat.replay: raw-text rows for every step now known
+            self.size_replay(ctx, self.planned_steps)
 
     def batches(self, step: int) -> list[dict]:
         """The sft micro-batches of `step`; at the first step of a later round, that round's
@@ -215,7 +218,8 @@ class RsSftStage(SftStage):
         self.use_conversations(ctx, conversations + replayed,
                                f"rs_sft: the {len(kept)} kept dialogues" + (f" of round {index}" if index else "")
                                + (f" and {len(replayed)} replayed conversations of {r.replay}" if replayed else ""),
-                               turns + [[True] * sum(m["role"] == "assistant" for m in c) for c in replayed])
+                               turns + [[True] * sum(m["role"] == "assistant" for m in c) for c in replayed],
+                               self.planned_steps)
         if index:  # the round's rows start a fresh shuffled stream at its first step
             self.first_row = index * self.steps_per_round * cfg.train.global_batch_size
         if cfg.train.progress and ctx.rank == 0:

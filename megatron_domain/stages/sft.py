@@ -39,10 +39,11 @@ class SftStage:
         self.use_conversations(ctx, read_conversations(ctx.cfg.data.chat.path), f"data.chat.path {ctx.cfg.data.chat.path}")
 
     def use_conversations(self, ctx: StageContext, conversations: list[list[dict]], source: str,
-                          train_turns: list[list[bool]] | None = None) -> None:
+                          train_turns: list[list[bool]] | None = None, steps: int = 0) -> None:
         """Template, tokenize and pack `conversations` (named `source` in messages) as the
         rows this stage trains on (the rs_sft mode hands its kept dialogues here, with
-        `train_turns`: per conversation, which assistant messages are trained)."""
+        `train_turns`: per conversation, which assistant messages are trained, and the `steps`
+        it plans, which train.steps 0 leaves to it)."""
         self.forward_step = select_forward_step(ctx.cfg.kernels, ctx.device)
         cfg = ctx.cfg
         chat = cfg.data.chat
@@ -71,9 +72,13 @@ class SftStage:
                 raise ValueError(f"data.chat.replay: {chat.replay} of train.micro_batch_size={self.micro_batch} rows "
                                  f"is {self.replay_rows} replay rows per micro-batch; it must leave at least one row "
                                  "of each kind: change data.chat.replay or micro_batch_size")
-            micro_batches = cfg.train.steps * self.global_batch // self.micro_batch
-            self.replay = corpus_stream(ctx, max(1, micro_batches * self.replay_rows))
+            self.size_replay(ctx, steps or cfg.train.steps)
             self.stats["replay_rows_per_micro_batch"] = self.replay_rows
+
+    def size_replay(self, ctx: StageContext, steps: int) -> None:
+        """The raw-text replay stream (data.chat.replay), long enough for `steps` steps."""
+        micro_batches = steps * self.global_batch // self.micro_batch
+        self.replay = corpus_stream(ctx, max(1, micro_batches * self.replay_rows))
 
     def _row(self, index: int) -> int:
         """The packed row at global position `index` of the endless, per-epoch shuffled stream."""
