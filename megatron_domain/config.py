@@ -36,7 +36,7 @@ HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"
 ROLLOUT_BACKENDS = ("native", "vllm")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")  # losses.DPO_LOSS_TYPES (config imports nothing of ours)
 DPO_REFERENCES = ("auto", "adapters", "copy", "precomputed")
-GOLD_AGAINST = ("worst", "best_miss")  # dpo.gold_against
+GOLD_AGAINST = ("worst", "best_miss", "both")  # dpo.gold_against
 JUDGE_KINDS = ("rubric", "pairwise", "panel")
 GENERATION_METRICS = ("format_adherence", "citation_accuracy", "refusal_in_scope", "refusal_out_of_scope",
                       # domain metrics against the questions' references (eval/domain_metrics.py)
@@ -483,7 +483,9 @@ class DpoConfig:
     sampled pair teaches the right answer; the gold one is chosen against the worst sample.
     Prompts without the key get no gold completion. `gold_against: best_miss` pairs the gold
     completion against the best sample the judge ranks below it instead (the hard negative: a
-    well-formed answer citing the wrong section, not a derailed one), where there is one."""
+    well-formed answer citing the wrong section, not a derailed one), where there is one;
+    `both` does that and, where the gold completion outranks every sample, also makes it the
+    chosen side of the sampled pair (gold vs worst), which would otherwise choose a miss."""
 
     beta: float = 0.1
     loss_type: str = "sigmoid"

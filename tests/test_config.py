@@ -86,8 +86,8 @@ def test_demo_pipeline_config_is_valid():
     weights = {c.name: c.weight for c in stages[1].data.corpora}
     assert weights == {"domain": 0.9, "general": 0.1}
     rs = stages[4]
-    assert rs.model.init_from.endswith("dpo") and rs.train.steps == 0 and rs.rs_sft.keep_fraction == 0.25
-    assert rs.rs_sft.train_on == "passing"
+    assert rs.model.init_from.endswith("dpo") and rs.train.steps == 0 and rs.rs_sft.keep_fraction == 0.5
+    assert rs.rs_sft.train_on == "passing" and rs.rs_sft.gold_field == "gold"  # the seeds' key (demo_sft.py)
     assert [(r.name, r.constraint, r.when) for r in rs.rs_sft.judge.rules] == [
         ("format", False, "source"), ("citation", True, "source"), ("faithful", False, "answer"),
         ("refusal", False, "!source")]

@@ -540,23 +540,37 @@ def test_gold_against_best_miss_pairs_the_gold_answer_with_the_hard_negative():
     from megatron_domain.rollout.sampling import Completion
     from megatron_domain.stages.online import round_record
 
-    def line(scores: list[float], against: str) -> dict | None:
+    def record(scores: list[float], against: str) -> dict:
         completions = [Completion(0, i, [1], f"s{i}", [0.0], "stop") for i in range(len(scores) - 1)]
         completions.append(Completion(0, len(scores) - 1, [1], "gold", [], "gold"))
         judged = JudgeResult(scores, [""] * len(scores))
         return round_record(0, PromptRecord("p0", messages=[{"role": "user", "content": "q"}]), [1], completions,
-                            judged, 0.0, len(scores) - 1, against)["anchor_pair"]
+                            judged, 0.0, len(scores) - 1, against)
+
+    def line(scores: list[float], against: str) -> dict | None:
+        return record(scores, against)["anchor_pair"]
 
     misses = [2 / 3, 1 / 3, 0.0, 2 / 3, 1.0]  # samples 0 and 3 cite the wrong section, 2 derailed
     assert line(misses, "worst") == {"chosen": 4, "rejected": 2}
     assert line(misses, "best_miss") == {"chosen": 4, "rejected": 0}
-    for against in ("worst", "best_miss"):
+    # both: every sample misses, so the sampled pair (a miss chosen) becomes gold vs the worst
+    assert record(misses, "worst")["pair"] == {"chosen": 0, "rejected": 2}
+    both = record(misses, "both")
+    assert both["pair"] == {"chosen": 4, "rejected": 2} and both["anchor_pair"] == {"chosen": 4, "rejected": 0}
+    tied = record([0.5, 0.5, 1.0], "both")  # tied misses: gold vs the last and vs the first
+    assert tied["pair"] == {"chosen": 2, "rejected": 1} and tied["dropped"] is None
+    assert tied["anchor_pair"] == {"chosen": 2, "rejected": 0}
+    single = record([0.5, 1.0], "both")  # one sample: one pair, not the same pair twice
+    assert single["pair"] == {"chosen": 1, "rejected": 0} and single["anchor_pair"] is None
+    hit = record([1.0, 0.5, 0.0, 1.0], "both")  # a sample is right: the sampled pair stays
+    assert hit["pair"] == {"chosen": 0, "rejected": 2} and hit["anchor_pair"] == {"chosen": 3, "rejected": 1}
+    for against in ("worst", "best_miss", "both"):
         assert line([1.0, 0.5, 1.0, 0.0], against) == {"chosen": 0, "rejected": 3}  # the gold answer failed
         assert line([1.0, 1.0, 1.0], against) is None
     bad = {"mode": "dpo", "model": {"preset": "tiny-test"}, "train": {"steps": 1},
            "dpo": {"online": True, "prompts": "p.jsonl", "gold_field": "answer", "gold_against": "nearest",
                    "judge": {"kind": "rubric", "rules": [{"pattern": "x"}]}}}
-    with pytest.raises(ValueError, match=r"dpo.gold_against: unknown 'nearest'; choose one of worst, best_miss"):
+    with pytest.raises(ValueError, match=r"dpo.gold_against: unknown 'nearest'; choose one of worst, best_miss, both"):
         config_from_dict(bad)
 
 

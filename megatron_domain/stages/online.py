@@ -89,7 +89,8 @@ def round_record(round_index: int, record: PromptRecord, prompt_ids: list[int], 
     """One prompt's line of a round file: the sampled pair (best vs worst of the first
     `sampled` completions, default all) and, when anchors follow them, the anchor pair; with
     `gold_against: best_miss` a gold completion the judge ranks above a sample is paired
-    against the best such sample instead."""
+    against the best such sample instead; `both`: that too, and where it outranks every sample
+    it also replaces the sampled pair's chosen side (gold vs worst, gold vs best miss)."""
     sampled = len(samples) if sampled is None else sampled
     scores = [float(s) for s in judged.scores]
     pair = best_and_worst(scores[:sampled], min_margin)
@@ -103,8 +104,15 @@ def round_record(round_index: int, record: PromptRecord, prompt_ids: list[int], 
     if sampled < len(samples):
         extra = anchor_pair(scores, sampled, min_margin)
         gold = next((i for i in range(sampled, len(samples)) if samples[i].finish_reason == GOLD), None)
-        if gold_against == "best_miss" and gold is not None:
+        if gold_against in ("best_miss", "both") and gold is not None:
             extra = best_miss_pair(scores, sampled, gold, min_margin) or extra
+        worst = min(range(sampled), key=lambda i: (scores[i], -i))  # the last worst, as best_and_worst
+        if (gold_against == "both" and gold is not None and scores[gold] > max(scores[:sampled])
+                and scores[gold] - scores[worst] >= min_margin):
+            # every sample misses: the sampled pair would make a miss the chosen side; the gold
+            # answer takes its place (against the worst), the best miss is the second pair
+            line["pair"], line["dropped"] = {"chosen": gold, "rejected": worst}, None
+            extra = None if extra and extra[1] == worst else extra
         line["anchor_pair"] = {"chosen": extra[0], "rejected": extra[1]} if extra else None
     return line
 
@@ -133,8 +141,8 @@ def anchor_completion(messages: list[dict], prompt_ids: list[int], text: str, te
 def anchor_pairs(lines: list[dict], side: str, kind: str = ANCHOR) -> int:
     """How many of a round's second pairs have a fixed completion of `kind` (ANCHOR or GOLD) as
     their `side` ("chosen" or "rejected")."""
-    return sum(line.get("anchor_pair") is not None
-               and line["completions"][line["anchor_pair"][side]]["finish_reason"] == kind for line in lines)
+    return sum(built is not None and line["completions"][built[side]]["finish_reason"] == kind
+               for line in lines for built in (line["pair"], line.get("anchor_pair")))
 
 
 def check_gold_field(prompts: list[PromptRecord], key: str, path: str) -> None:
