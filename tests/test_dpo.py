@@ -538,7 +538,7 @@ def test_gold_against_best_miss_pairs_the_gold_answer_with_the_hard_negative():
     from megatron_domain.judges import JudgeResult
     from megatron_domain.rollout.prompts import PromptRecord
     from megatron_domain.rollout.sampling import Completion
-    from megatron_domain.stages.online import round_record
+    from megatron_domain.stages.online import anchor_pairs, round_record
 
     def record(scores: list[float], against: str) -> dict:
         completions = [Completion(0, i, [1], f"s{i}", [0.0], "stop") for i in range(len(scores) - 1)]
@@ -564,6 +564,9 @@ def test_gold_against_best_miss_pairs_the_gold_answer_with_the_hard_negative():
     assert single["pair"] == {"chosen": 1, "rejected": 0} and single["anchor_pair"] is None
     hit = record([1.0, 0.5, 0.0, 1.0], "both")  # a sample is right: the sampled pair stays
     assert hit["pair"] == {"chosen": 0, "rejected": 2} and hit["anchor_pair"] == {"chosen": 3, "rejected": 1}
+    # the round summary's gold_chosen counts the gold answer in either pair slot
+    assert anchor_pairs([both, single, hit], "chosen", "gold") == 4
+    assert anchor_pairs([both, single, hit], "rejected", "gold") == 0
     for against in ("worst", "best_miss", "both"):
         assert line([1.0, 0.5, 1.0, 0.0], against) == {"chosen": 0, "rejected": 3}  # the gold answer failed
         assert line([1.0, 1.0, 1.0], against) is None
