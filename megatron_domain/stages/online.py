@@ -9,7 +9,8 @@ right answer is then chosen before the policy ever samples it, and rejected wher
 while the sampled pair keeps teaching what separates the samples (e.g. the right citation).
 `dpo.gold_field` does the same with each prompt's own known-good completion (a key of its
 prompt-file line): where every sample misses, the gold answer is chosen against the worst one,
-or with `dpo.gold_against: best_miss` against the best sample it outranks (the hard negative).
+or with `dpo.gold_against: best_miss` against the best sample it outranks (the hard negative;
+`both` also puts it on the chosen side of a sampled pair of misses).
 
 Everything a round generates is written, before training on it, to
 `<run_dir>/rounds/<n>.jsonl` (one line per prompt: messages, fields, every completion with its
@@ -139,7 +140,8 @@ def anchor_completion(messages: list[dict], prompt_ids: list[int], text: str, te
 
 
 def anchor_pairs(lines: list[dict], side: str, kind: str = ANCHOR) -> int:
-    """How many of a round's second pairs have a fixed completion of `kind` (ANCHOR or GOLD) as
+    """How many of a round's pairs (the sampled slot, which `gold_against: both` may give the
+    gold answer, and the second pair) have a fixed completion of `kind` (ANCHOR or GOLD) as
     their `side` ("chosen" or "rejected")."""
     return sum(built is not None and line["completions"][built[side]]["finish_reason"] == kind
                for line in lines for built in (line["pair"], line.get("anchor_pair")))
