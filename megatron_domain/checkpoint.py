@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 import pickle
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np

@@ -45,6 +45,7 @@ def main() -> None:
     model(torch.randn(64, 384)).sum().backward()
     optimizer.step()
     result = {"bench": "checkpoint_slowdown", **cpu_capabilities(), "torch": torch.__version__,
+              "threads": torch.get_num_threads(),
               "matmul_us_fresh": matmul_us()}
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(tmp, 1, [model], [optimizer], {})
