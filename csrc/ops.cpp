@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cpu/attention_backward.h"
+#include "cpu/cross_entropy_rows.h"
 #include "kernels.h"
 
 #ifdef WITH_CUDA
@@ -138,7 +139,7 @@ torch::Tensor dpo_backward(torch::Tensor grad_losses, torch::Tensor dloss_dh, to
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "megatron-domain packing, fused DPO-loss and CPU attention-backward kernels (C++ CPU; CUDA when built WITH_CUDA)";
+  m.doc() = "megatron-domain packing, fused DPO-loss, CPU attention-backward and cross-entropy-row kernels (C++ CPU; CUDA when built WITH_CUDA)";
   m.def("has_cuda", &built_with_cuda, "whether this build includes the CUDA kernels");
   m.def("pack_metadata", &pack_metadata, "tokens [B, S], eod_id -> document_ids, position_ids, cu_seqlens");
   m.def("dpo_forward", &dpo_forward, "policy, reference, segment_ids, pairs, beta, label_smoothing, loss_type");
@@ -147,4 +148,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether attention_backward runs q's dtype / head dim on this CPU");
   m.def("attention_backward", &mdt::attention_backward,
         "grad_out, q, k, v, out, lse, mask (bool or None), is_causal, scale -> grad_q, grad_k, grad_v (CPU, bf16)");
+  m.def("cross_entropy_rows_supported", &mdt::cross_entropy_rows_supported,
+        "whether the cross-entropy row kernels run on this CPU");
+  m.def("cross_entropy_rows", &mdt::cross_entropy_rows,
+        "logits [n, V] (fp32|bf16), targets [n], grad_weights ([n] or None) -> stats [4, n]; with grad_weights the "
+        "logits become the gradient");
+  m.def("cross_entropy_rows_gradient_", &mdt::cross_entropy_rows_gradient_,
+        "logits [n, V] (in place), lse [n], targets [n], grad_logp [n] -> the cross-entropy gradient");
 }

@@ -17,7 +17,8 @@ import torch
 
 from megatron_domain.config import ConfigError, config_from_dict
 from megatron_domain.kernels.dpo import dpo_loss_fused, dpo_loss_reference
-from megatron_domain.kernels.linear_logprobs import linear_logprobs_chunked, linear_logprobs_reference
+from megatron_domain.kernels.linear_logprobs import (CppSliceMath, TorchSliceMath, cpp_slice_math_available,
+                                                     linear_logprobs_chunked, linear_logprobs_reference)
 from megatron_domain.kernels.pack import pack_metadata_extension, pack_metadata_reference
 from megatron_domain.kernels.registry import KERNEL_TABLE, get_kernel
 from parallel_cases import layout_result, parity_config_dict, run_jobs
@@ -26,6 +27,10 @@ from tests.kernel_cases import vocab_parallel_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+NEEDS_CPP_SLICE_MATH = pytest.mark.skipif(not cpp_slice_math_available(),
+                                          reason="the csrc cross-entropy rows need the built extension and a CPU "
+                                                 "with AVX-512-BF16 or AMX")
+SLICE_MATHS = [TorchSliceMath, pytest.param(CppSliceMath, marks=NEEDS_CPP_SLICE_MATH)]
 
 
 def packed_tokens(rows: int, seq: int, eod: int, seed: int) -> torch.Tensor:
@@ -164,10 +169,30 @@ def assert_logprobs_close(got: dict, want: dict, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_entropy", [False, True])
 def test_linear_logprobs_chunked_equals_reference(n, h, v, chunk, dtype, with_entropy):
+    """The chunked kernel with the slice math it picks by default (the csrc rows on this CPU when
+    it runs them, without entropy)."""
     case = logprob_case(n, h, v, dtype, seed=n + v)
     want = run_logprobs(linear_logprobs_reference, case, with_entropy)
     got = run_logprobs(linear_logprobs_chunked, case, with_entropy, chunk_rows=chunk)
     assert_logprobs_close(got, want, dtype)
+
+
+@NEEDS_CPP_SLICE_MATH
+@pytest.mark.parametrize("n,h,v,chunk", [(1, 8, 5, 0), (33, 16, 101, 8), (50, 24, 333, 7), (300, 32, 4099, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hint", [False, True])
+def test_linear_logprobs_csrc_rows_equal_reference(n, h, v, chunk, dtype, hint):
+    """CppSliceMath (csrc/cpu/cross_entropy_rows.cpp; vocabularies that are not a multiple of its
+    16 lanes, bf16 logits read and written as bf16) against the reference, with and without the
+    gradients computed in the forward pass; targets off this slice of the vocabulary included."""
+    hidden, weight, targets, g_lp, _ = logprob_case(n, h, v, dtype, seed=n + v)
+    case = (hidden, weight, targets, g_lp, None)
+    want = run_logprobs(linear_logprobs_reference, case, False)
+    got = run_logprobs(linear_logprobs_chunked, case, False, chunk_rows=chunk, math=CppSliceMath,
+                       loss_weights=g_lp if hint else None)
+    assert_logprobs_close(got, want, dtype)
+    stats = CppSliceMath.stats(torch.randn(3, v), torch.tensor([0, v - 1, v + 5]), torch.tensor([True, True, False]))
+    assert stats[2, 2] == 0  # a target outside the slice's columns has no logit here
 
 
 def test_linear_logprobs_triton_interpreted_equals_reference():
@@ -198,6 +223,70 @@ def test_linear_logprobs_vocab_split_over_two_processes(tmp_path):
     for rank in range(2):
         errors = ast.literal_eval((tmp_path / f"rank{rank}.txt").read_text())
         assert max(errors.values()) < 1e-5, (rank, errors)  # fp32 math on both sides
+
+
+class CountingSliceMath:
+    """A slice math (TorchSliceMath, CppSliceMath) that counts the slices it turns into gradients."""
+
+    def __init__(self, inner):
+        self.inner, self.in_weight_dtype, self.gradient_calls = inner, inner.in_weight_dtype, 0
+
+    def stats(self, *args):
+        return self.inner.stats(*args)
+
+    def gradient_(self, *args):
+        self.gradient_calls += 1
+        return self.inner.gradient_(*args)
+
+    def stats_and_gradient_(self, *args):
+        self.gradient_calls += 1
+        return self.inner.stats_and_gradient_(*args)
+
+
+@pytest.mark.parametrize("math", SLICE_MATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+def test_linear_logprobs_loss_weights_compute_gradients_in_forward(dtype, scale, math):
+    """With `loss_weights` (the loss is c * sum(w * logp)) the gradients come from the forward's
+    slices: backward recomputes no logits slice, and the result is what the recomputing backward
+    gives (bit for bit when c = 1, as in the engine's summed loss)."""
+    hidden, weight, targets, _, _ = logprob_case(50, 24, 333, dtype, seed=5)
+    mask = (torch.arange(50) % 3 != 0).float()  # [N] a loss mask with holes
+    results = {}
+    for name, hint in (("recompute", None), ("eager", -mask)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        counting = CountingSliceMath(math)
+        lp, _ = linear_logprobs_chunked(h, w, targets, chunk_rows=7, loss_weights=hint, math=counting)
+        in_forward = counting.gradient_calls
+        (-(lp * mask).sum() * scale).backward()
+        results[name] = {"logp": lp.detach(), "grad_hidden": h.grad, "grad_weight": w.grad,
+                         "slices": (in_forward, counting.gradient_calls - in_forward)}
+    # ceil(50 / 7) = 8 slices, each recomputed (logits matmul) in backward without the hint
+    assert results["recompute"]["slices"] == (0, 8) and results["eager"]["slices"] == (8, 0)
+    for key in ("logp", "grad_hidden", "grad_weight"):
+        if scale == 1.0:
+            assert torch.equal(results["eager"][key], results["recompute"][key]), key
+        else:
+            # bf16: the forward's gradient is rounded before it is scaled (one more bf16 rounding)
+            tol = TOLERANCE[dtype]
+            torch.testing.assert_close(results["eager"][key].float(), results["recompute"][key].float(), atol=tol, rtol=tol)
+
+
+def test_linear_logprobs_loss_weights_fall_back_when_the_loss_is_other():
+    """A hint that does not match the loss (here a squared log-prob) costs a recompute, not a
+    wrong gradient; without gradients (evaluation) the hint changes nothing."""
+    hidden, weight, targets, g_lp, _ = logprob_case(33, 16, 101, torch.float32, seed=8)
+    want = run_logprobs(linear_logprobs_reference, (hidden, weight, targets, g_lp, None), False)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp, _ = linear_logprobs_chunked(h, w, targets, chunk_rows=8, loss_weights=torch.ones(33))
+    (lp * g_lp).sum().backward()  # g_lp is not proportional to the weights
+    torch.testing.assert_close(h.grad, want["grad_hidden"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad, want["grad_weight"], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        lp_eval, _ = linear_logprobs_chunked(h, w, targets, chunk_rows=8, loss_weights=torch.ones(33))
+    torch.testing.assert_close(lp_eval, want["logp"].detach(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="loss_weights must be"):
+        linear_logprobs_chunked(h, w, targets, loss_weights=torch.ones(32))
 
 
 def test_linear_logprobs_frozen_weight_gets_no_gradient():

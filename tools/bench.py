@@ -26,6 +26,7 @@ in this mode (pipeline stages cannot share a tied embedding), for every layout a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -64,8 +65,11 @@ def build(impl: str, preset: str, seq: int, device: torch.device, dtype: torch.d
             kernel = get_kernel("linear_logprobs", "auto", device)
 
             def fused_forward_loss(tokens):
+                # the loss is the mean of -logp: told so, the kernel computes its gradients in the
+                # forward pass (as the engine's causal-LM step does)
+                weights = -torch.ones(tokens[:, 1:].numel(), device=device)  # [B*S]
                 logp = model(tokens[:, :-1], positions.expand(tokens.shape[0], -1), targets=tokens[:, 1:],
-                             logprobs_kernel=kernel)  # [B, S]
+                             logprobs_kernel=functools.partial(kernel, loss_weights=weights))  # [B, S]
                 return -logp.mean()
             return model, fused_forward_loss, flops
 

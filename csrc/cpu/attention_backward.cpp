@@ -14,6 +14,7 @@
 //   dS = P * (dP - delta_i) * scale, delta_i = sum_d dO_i * O_i
 //   dQ_i = dS K, dK += dS^T Q_i, dV += P^T dO_i            (dK / dV accumulated in fp32 over the group)
 #include "attention_backward.h"
+#include "avx512_math.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -37,29 +38,6 @@ namespace cpublas = at::native::cpublas;
 
 constexpr int64_t kBlock = 64;        // keys per block: the packed column width
 constexpr int64_t kQueryBlock = 256;  // queries per block (fewer, larger brgemm calls)
-
-// The elementwise work is written with AVX-512 intrinsics in functions that target it (the
-// extension itself is compiled for baseline x86-64); they run only where oneDNN packs bf16 for
-// brgemm (`attention_backward_supported`), which needs AVX-512-BF16 or AMX.
-#define MDT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-
-// e^x for 16 floats: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
-// (relative error < 2e-7), times 2^n by scalef (0 for very negative x).
-MDT_AVX512 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3f)), _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720.f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // One query row over a key block of kBlock columns, in place: scores -> P = exp(scale * s -
 // lse), dprobs -> dS = P * (dP - delta) * scale.

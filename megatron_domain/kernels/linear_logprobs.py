@@ -4,16 +4,23 @@ log p(target) per token (and optionally the entropy of each next-token distribut
 `linear_logprobs_reference` materializes the [N, V] logits. The chunked version walks over
 blocks of rows so that only a [rows, V] slice of logits exists at a time, keeps three numbers
 per token (max, sum of exp, target logit; plus sum p*z for the entropy) and recomputes each
-slice in a custom backward. When the vocabulary is split over tensor-parallel ranks (each rank
+slice in a custom backward. When the caller's loss is linear in the log-probs (a causal-LM
+loss: minus their masked sum, times a scalar) and it says so by passing those weights
+(`loss_weights`), the forward pass computes the gradients from the same slices and the backward
+pass only scales them: one logits matmul fewer per step (Liger-Kernel's fused linear
+cross-entropy does the same). When the vocabulary is split over tensor-parallel ranks (each rank
 holds weight rows [offset, offset + V_local)), the per-token statistics are merged across the
 group (max, then sums) and the hidden-state gradient is all-reduced.
 
 The per-slice math (statistics of a logits slice, and the logits slice turned into its
-gradient in place) is a small strategy object: `TorchSliceMath` here, a Triton version in
-`kernels/triton_logprobs.py`; the matmuls stay in torch (cuBLAS) either way.
+gradient in place) is a small strategy object: `TorchSliceMath` here, `CppSliceMath` (the csrc
+row kernels, on CPUs with AVX-512-BF16 or AMX), a Triton version in `kernels/triton_logprobs.py`;
+the matmuls stay in torch (cuBLAS / oneDNN) either way.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -23,9 +30,11 @@ from megatron_domain.losses import token_entropy, token_logprobs
 
 def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                               with_entropy: bool = False, group: dist.ProcessGroup | None = None,
-                              chunk_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                              chunk_rows: int = 0, loss_weights: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Full logits: hidden [N, H], weight [V, H], targets [N] -> (log p [N] fp32, entropy [N] fp32 or None).
-    The whole vocabulary only (`group` must be None; `chunk_rows` is ignored)."""
+    The whole vocabulary only (`group` must be None; `chunk_rows` and the `loss_weights` hint
+    are ignored: autograd differentiates the logits)."""
     if group is not None:
         raise ValueError("kernels.linear_logprobs: the reference needs the whole vocabulary on one rank; "
                          "with tensor parallelism choose chunked or triton")
@@ -33,13 +42,21 @@ def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, target
     return token_logprobs(logits, targets), (token_entropy(logits) if with_entropy else None)
 
 
-def default_chunk_rows(vocab: int) -> int:
-    """Rows per logits slice: about 64 MiB of fp32 logits per slice, between 64 and 4096 rows."""
+def default_chunk_rows(vocab: int, device_type: str = "cuda") -> int:
+    """Rows per logits slice. GPUs: about 64 MiB of fp32 logits per slice, between 64 and 4096
+    rows. CPUs: about 16 MiB, at least 256 rows, so a slice is still in cache when its statistics
+    and gradient are taken (bench-20m's bf16 cross-entropy, forward + backward: 84-88 ms at
+    256-512 rows, 110 ms at 1024-2048, 135 ms at 64)."""
+    if device_type == "cpu":
+        return max(256, min(4096, (1 << 22) // max(vocab, 1)))
     return max(64, min(4096, (1 << 24) // max(vocab, 1)))
 
 
 class TorchSliceMath:
-    """Per-slice statistics and gradient in plain torch (two [rows, V_local] temporaries)."""
+    """Per-slice statistics and gradient in plain torch (two [rows, V_local] temporaries), on
+    fp32 logits (`in_weight_dtype`: False; a bf16 matmul's logits are copied to fp32 first)."""
+
+    in_weight_dtype = False
 
     @staticmethod
     def stats(logits: torch.Tensor, local_targets: torch.Tensor, owned: torch.Tensor,
@@ -74,15 +91,130 @@ class TorchSliceMath:
         logits[rows, local_targets[rows]] += grad_logp[rows]
         return logits
 
+    @classmethod
+    def stats_and_gradient_(cls, logits: torch.Tensor, local_targets: torch.Tensor, owned: torch.Tensor,
+                            grad_logp: torch.Tensor) -> torch.Tensor:
+        """[4, n] statistics (as `stats` without entropy) of logits [n, V] that hold the whole
+        vocabulary, which are then turned in place into d(sum grad_logp * log p)/d(logits)."""
+        stats = cls.stats(logits, local_targets, owned, with_entropy=False)  # [4, n]
+        lse = stats[0] + torch.log(stats[1])  # [n]
+        cls.gradient_(logits, lse, lse, local_targets, owned, grad_logp, None)
+        return stats
 
-def slice_logits(hidden: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-    """hidden [n, H] @ weight [V, H]^T into the reused fp32 buffer's first n rows -> [n, V] fp32.
-    Reusing one buffer per call avoids re-allocating (and, on CPU, page-faulting) a fresh
-    [n, V] block for every slice."""
-    out = buffer[: hidden.shape[0]]  # [n, V]
-    if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
-        return torch.mm(hidden, weight.t(), out=out)
-    return out.copy_(hidden @ weight.t())
+
+class CppSliceMath(TorchSliceMath):
+    """The slice math of `csrc/cpu/cross_entropy_rows.cpp` (CPUs with AVX-512-BF16 or AMX): one
+    pass over each row while it is in cache, on the logits in the weight's dtype (fp32, or bf16
+    read and written as such). The entropy's gradient stays in torch (on fp32 logits): with
+    `with_entropy` the chunked kernel keeps TorchSliceMath."""
+
+    in_weight_dtype = True
+
+    @staticmethod
+    def stats(logits: torch.Tensor, local_targets: torch.Tensor, owned: torch.Tensor,
+              with_entropy: bool = True) -> torch.Tensor:
+        """logits [n, V] fp32 / bf16 -> [4, n]: row max, sum exp(z - max), target logit, sum exp * z."""
+        return _extension().cross_entropy_rows(logits, torch.where(owned, local_targets, -1), None)
+
+    @staticmethod
+    def gradient_(logits: torch.Tensor, lse: torch.Tensor, mean_logit: torch.Tensor, local_targets: torch.Tensor,
+                  owned: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None) -> torch.Tensor:
+        """logits [n, V] -> g_lp (onehot - p) in place (no entropy term: see the class docstring)."""
+        if grad_entropy is not None:
+            raise ValueError("CppSliceMath: the entropy gradient needs TorchSliceMath (fp32 logits)")
+        _extension().cross_entropy_rows_gradient_(logits, lse, torch.where(owned, local_targets, -1), grad_logp)
+        return logits
+
+    @classmethod
+    def stats_and_gradient_(cls, logits: torch.Tensor, local_targets: torch.Tensor, owned: torch.Tensor,
+                            grad_logp: torch.Tensor) -> torch.Tensor:
+        """Both in one pass per row (see TorchSliceMath.stats_and_gradient_)."""
+        return _extension().cross_entropy_rows(logits, torch.where(owned, local_targets, -1), grad_logp)
+
+
+def _extension():
+    from megatron_domain.kernels.extension import prebuilt_extension
+
+    return prebuilt_extension()
+
+
+@functools.cache
+def cpp_slice_math_available() -> bool:
+    """Whether the prebuilt extension has the cross-entropy row kernels and this CPU runs them
+    (asked once per process)."""
+    ext = _extension()
+    return ext is not None and hasattr(ext, "cross_entropy_rows") and ext.cross_entropy_rows_supported()
+
+
+def default_slice_math(device: torch.device, with_entropy: bool):
+    """CppSliceMath on a CPU that runs it (without the entropy), else TorchSliceMath."""
+    if device.type == "cpu" and not with_entropy and cpp_slice_math_available():
+        return CppSliceMath
+    return TorchSliceMath
+
+
+class SliceBuffers:
+    """The reused memory of one pass over the slices: for a bf16 / fp16 weight, a [rows, V]
+    buffer in that dtype (the matmul's output, then the gradient handed to the next matmuls),
+    and fp32 logits [rows, V] unless the slice math works in the weight's dtype. Fresh [rows, V]
+    blocks per slice were measured 40 ms slower a bf16 step on a CPU (bench-20m), where each one
+    is page-faulted anew."""
+
+    def __init__(self, rows: int, weight: torch.Tensor, math):
+        low_precision = weight.dtype != torch.float32
+        self.logits = None if low_precision and math.in_weight_dtype else torch.empty(
+            rows, weight.shape[0], dtype=torch.float32, device=weight.device)  # [rows, V]
+        self.low = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device) \
+            if low_precision else None  # [rows, V]
+
+    def slice_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """hidden [n, H] @ weight [V, H]^T -> [n, V] logits in the buffers (fp32, or the
+        weight's dtype when the math works in it)."""
+        n = hidden.shape[0]
+        if hidden.dtype != weight.dtype:
+            return self.logits[:n].copy_(hidden @ weight.t())
+        if self.low is None:
+            return torch.mm(hidden, weight.t(), out=self.logits[:n])
+        low = torch.mm(hidden, weight.t(), out=self.low[:n])  # [n, V]
+        return low if self.logits is None else self.logits[:n].copy_(low)
+
+    def in_weight_dtype(self, grad_logits: torch.Tensor) -> torch.Tensor:
+        """The gradient [n, V] in the weight's dtype (a view of the reused buffer)."""
+        if self.low is None or grad_logits.dtype == self.low.dtype:
+            return grad_logits
+        return self.low[: grad_logits.shape[0]].copy_(grad_logits)
+
+
+def accumulate_slice_gradients(grad_logits: torch.Tensor, hidden_rows: torch.Tensor, weight: torch.Tensor,
+                               grad_hidden_rows: torch.Tensor | None, grad_weight: torch.Tensor | None,
+                               buffers: SliceBuffers) -> None:
+    """One slice's share of the gradients from d(loss)/d(logits) [n, V]: grad_hidden_rows [n, H]
+    = that @ weight and grad_weight [V, H] fp32 += its transpose @ hidden_rows [n, H] (either
+    may be None: a frozen head or input skips its matmul)."""
+    grad_logits = buffers.in_weight_dtype(grad_logits)  # [n, V]
+    if grad_hidden_rows is not None:
+        if grad_hidden_rows.dtype == weight.dtype:
+            torch.mm(grad_logits, weight, out=grad_hidden_rows)  # [n, H]
+        else:
+            grad_hidden_rows.copy_(grad_logits @ weight)  # [n, H]
+    if grad_weight is not None:
+        if grad_logits.dtype == torch.float32:
+            grad_weight.addmm_(grad_logits.t(), hidden_rows.float())  # [V, H]
+        else:  # bf16 / fp16: the matmul in that dtype, its slices summed in fp32 (upcast to fp32 it
+            # ran at fp32 matmul speed on a CPU: 55 ms of a 590 ms bf16 step at bench-20m)
+            grad_weight.add_(grad_logits.t() @ hidden_rows.to(grad_logits.dtype))  # [V, H]
+
+
+def proportional_scale(grad: torch.Tensor, weights: torch.Tensor) -> float | None:
+    """c with grad == c * weights (both [N]; to fp32 rounding, and exactly 0 where a weight is
+    0), or None when the incoming gradient is not of that form."""
+    if weights.numel() == 0:
+        return 1.0
+    anchor = int(weights.abs().argmax())
+    if weights[anchor] == 0:
+        return 0.0 if bool((grad == 0).all()) else None
+    scale = grad[anchor] / weights[anchor]
+    return float(scale) if torch.allclose(grad, scale * weights, rtol=1e-6, atol=0.0) else None
 
 
 def vocab_offset(local_vocab: int, group: dist.ProcessGroup | None) -> int:
@@ -109,21 +241,35 @@ def merge_stats(stats: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[t
 
 class _ChunkedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, with_entropy, group, chunk_rows, math):
+    def forward(ctx, hidden, weight, targets, with_entropy, group, chunk_rows, math, loss_weights, need_grads):
         local_vocab = weight.shape[0]
         offset = vocab_offset(local_vocab, group)
         local_targets = targets - offset  # [N]
         owned = (local_targets >= 0) & (local_targets < local_vocab)  # [N]
         stats = torch.empty(4, hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [4, N]
-        buffer = torch.empty(min(chunk_rows, hidden.shape[0]), local_vocab, dtype=torch.float32,
-                             device=hidden.device)  # [rows, V_local]
+        buffers = SliceBuffers(min(chunk_rows, hidden.shape[0]), weight, math)
+        # gradients for grad_logp = loss_weights, from the forward's own slices (one vocabulary
+        # on this rank, so each slice's logsumexp is final; see the module docstring)
+        need_hidden, need_weight = need_grads
+        eager = loss_weights is not None and group is None and not with_entropy and (need_hidden or need_weight)
+        grad_hidden = torch.empty_like(hidden) if eager and need_hidden else None  # [N, H]
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if eager and need_weight else None  # [V, H]
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = slice_logits(hidden[rows], weight, buffer)  # [n, V_local]
-            stats[:, rows] = math.stats(logits, local_targets[rows], owned[rows], with_entropy)
+            logits = buffers.slice_logits(hidden[rows], weight)  # [n, V_local]
+            if eager:  # logits -> their gradient for grad_logp = loss_weights
+                stats[:, rows] = math.stats_and_gradient_(logits, local_targets[rows], owned[rows],
+                                                          loss_weights[rows].float())
+                accumulate_slice_gradients(logits, hidden[rows], weight,
+                                           None if grad_hidden is None else grad_hidden[rows], grad_weight, buffers)
+            else:
+                stats[:, rows] = math.stats(logits, local_targets[rows], owned[rows], with_entropy)
         lse, target_logit, mean_logit = merge_stats(stats, group)
         ctx.save_for_backward(hidden, weight, local_targets, owned, lse, mean_logit)
         ctx.group, ctx.chunk_rows, ctx.math = group, chunk_rows, math
+        ctx.eager = (loss_weights.float(), grad_hidden,
+                     None if grad_weight is None else grad_weight.to(weight.dtype)) if eager else None
         logp = target_logit - lse  # [N]
         entropy = lse - mean_logit if with_entropy else None  # [N]
         return logp, entropy
@@ -134,40 +280,56 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.float()
         grad_entropy = None if grad_entropy is None else grad_entropy.float()
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # a frozen head (LoRA) skips its matmul
+        if ctx.eager is not None:
+            loss_weights, grad_hidden, grad_weight = ctx.eager
+            ctx.eager = None  # a second backward (retain_graph) recomputes
+            scale = proportional_scale(grad_logp, loss_weights) if grad_entropy is None else None
+            if scale is not None:  # the loss was what the caller said: scale the forward's gradients
+                if scale != 1.0:  # (1.0: a loss summed over the batch, as the engine's)
+                    grad_hidden = None if grad_hidden is None else grad_hidden.mul_(scale)
+                    grad_weight = None if grad_weight is None else grad_weight.mul_(scale)
+                return (grad_hidden, grad_weight, *[None] * 7)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None  # [N, H]
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        buffer = torch.empty(min(ctx.chunk_rows, hidden.shape[0]), weight.shape[0], dtype=torch.float32,
-                             device=hidden.device)  # [rows, V_local]
+        buffers = SliceBuffers(min(ctx.chunk_rows, hidden.shape[0]), weight, ctx.math)
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            logits = slice_logits(hidden[rows], weight, buffer)  # [n, V_local]
+            logits = buffers.slice_logits(hidden[rows], weight)  # [n, V_local]
             grad_logits = ctx.math.gradient_(logits, lse[rows], mean_logit[rows], local_targets[rows], owned[rows],
                                              grad_logp[rows], None if grad_entropy is None else grad_entropy[rows])
-            grad_logits = grad_logits.to(weight.dtype)  # [n, V_local]
-            if need_hidden:
-                grad_hidden[rows] = grad_logits @ weight  # [n, H]
-            if need_weight:
-                if grad_logits.dtype == torch.float32:
-                    grad_weight.addmm_(grad_logits.t(), hidden[rows].float())  # [V_local, H]
-                else:  # bf16 / fp16: the matmul in that dtype, its slices summed in fp32 (upcast to fp32 it
-                    # ran at fp32 matmul speed on a CPU: 55 ms of a 590 ms bf16 step at bench-20m)
-                    grad_weight.add_(grad_logits.t() @ hidden[rows].to(grad_logits.dtype))  # [V_local, H]
+            accumulate_slice_gradients(grad_logits, hidden[rows], weight, grad_hidden[rows] if need_hidden else None,
+                                       grad_weight, buffers)
         if ctx.group is not None and need_hidden:
             dist.all_reduce(grad_hidden, group=ctx.group)  # every rank's vocabulary slice contributes
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None, None, None, None, None)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), *[None] * 7)
 
 
 def linear_logprobs_chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                             with_entropy: bool = False, group: dist.ProcessGroup | None = None,
-                            chunk_rows: int = 0, math=TorchSliceMath) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            chunk_rows: int = 0, loss_weights: torch.Tensor | None = None,
+                            math=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """hidden [N, H], weight [V_local, H] (this rank's vocabulary rows when `group` is the
     tensor-parallel group), targets [N] global ids -> (log p [N] fp32, entropy [N] fp32 or None),
-    never materializing more than [chunk_rows, V_local] logits."""
+    never materializing more than [chunk_rows, V_local] logits.
+
+    `loss_weights` [N] (optional) says the caller's loss is c * sum(loss_weights * log p) for a
+    scalar c (a causal-LM loss: weights = minus the loss mask). With gradients enabled, one
+    vocabulary shard (`group` None) and no entropy, the gradients are then computed in the
+    forward pass and backward only multiplies them by c. Should the incoming gradient not be
+    proportional to the weights after all, backward recomputes as without the hint.
+
+    `math`: the per-slice statistics and gradient (TorchSliceMath, CppSliceMath, TritonSliceMath);
+    None picks CppSliceMath on a CPU that runs it, else TorchSliceMath."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_logprobs: hidden [N, H] and weight [V, H] expected, got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"linear_logprobs: targets must be [N]={hidden.shape[0]}, got {tuple(targets.shape)}")
-    rows = chunk_rows or default_chunk_rows(weight.shape[0])
-    return _ChunkedLinearLogprobs.apply(hidden, weight, targets.long(), with_entropy, group, rows, math)
+    if loss_weights is not None and loss_weights.shape != targets.shape:
+        raise ValueError(f"linear_logprobs: loss_weights must be [N]={hidden.shape[0]}, got {tuple(loss_weights.shape)}")
+    rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.device.type)
+    math = math or default_slice_math(hidden.device, with_entropy)
+    grad_enabled = torch.is_grad_enabled()  # (inside forward it is always off)
+    need_grads = (grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad)
+    return _ChunkedLinearLogprobs.apply(hidden, weight, targets.long(), with_entropy, group, rows, math,
+                                        loss_weights, need_grads)

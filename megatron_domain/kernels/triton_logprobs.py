@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_domain.kernels.linear_logprobs import TorchSliceMath, linear_logprobs_chunked
+
 BLOCK = 1024
 NEG_BIG: tl.constexpr = -1.0e30
 
@@ -73,8 +75,8 @@ def _gradient_kernel(logits_ptr, lse_ptr, mean_ptr, targets_ptr, owned_ptr, grad
         tl.store(base + cols, grad, mask=valid)
 
 
-class TritonSliceMath:
-    """Drop-in for `linear_logprobs.TorchSliceMath` with the row loops in Triton."""
+class TritonSliceMath(TorchSliceMath):
+    """Drop-in for `linear_logprobs.TorchSliceMath` with the row loops in Triton (fp32 logits)."""
 
     @staticmethod
     def stats(logits: torch.Tensor, local_targets: torch.Tensor, owned: torch.Tensor,
@@ -105,8 +107,8 @@ class TritonSliceMath:
 
 
 def linear_logprobs_triton(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                           with_entropy: bool = False, group=None, chunk_rows: int = 0):
+                           with_entropy: bool = False, group=None, chunk_rows: int = 0,
+                           loss_weights: torch.Tensor | None = None):
     """`linear_logprobs_chunked` with the Triton slice kernels."""
-    from megatron_domain.kernels.linear_logprobs import linear_logprobs_chunked
-
-    return linear_logprobs_chunked(hidden, weight, targets, with_entropy, group, chunk_rows, math=TritonSliceMath)
+    return linear_logprobs_chunked(hidden, weight, targets, with_entropy, group, chunk_rows, loss_weights,
+                                   math=TritonSliceMath)

@@ -31,16 +31,22 @@ def causal_lm_forward_step(batch: dict, model: torch.nn.Module):
 
 def fused_causal_lm_step(logprobs_kernel: Callable):
     """The causal-LM step with the cross-entropy fused into the output layer
-    (`kernels.fused_cross_entropy`): the model returns log p(label) per token through
-    `logprobs_kernel` (kernels' linear_logprobs), so the [B, S, V] logits never exist in full."""
+    (`kernels.fused_cross_entropy`): the model returns log p(label) through `logprobs_kernel`
+    (kernels' linear_logprobs) at the positions the loss counts only (an SFT row's prompt
+    tokens cost no output-layer work), so the [B, S, V] logits never exist in full. The kernel
+    is told the loss (minus the mask-weighted sum) and computes its gradients in the forward pass."""
 
     def forward_step(batch: dict, model: torch.nn.Module):
-        logp = model(batch["tokens"], batch["position_ids"], batch["document_ids"], targets=batch["labels"],
-                     logprobs_kernel=logprobs_kernel)  # [B, S] fp32
+        mask = batch["loss_mask"].flatten().float()  # [B*S] (per-token weights with weighted replay)
+        scored = mask.nonzero().squeeze(1)  # [M]
+        weights = mask.index_select(0, scored)  # [M]
+        kernel = functools.partial(logprobs_kernel, loss_weights=-weights)
+        logp = model(batch["tokens"], batch["position_ids"], batch["document_ids"],
+                     targets=batch["labels"].flatten().index_select(0, scored), logprobs_kernel=kernel,
+                     score_index=scored)  # [M] fp32
 
         def loss_fn(output: torch.Tensor):
-            mask = batch["loss_mask"].float()  # [B, S]
-            return -(output * mask).sum(), mask.sum(), {}
+            return -(output * weights).sum(), mask.sum(), {}
 
         return logp, loss_fn
 
