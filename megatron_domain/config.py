@@ -405,7 +405,9 @@ class KernelsConfig:
     linear_logprobs: str = "auto"
     dpo_loss: str = "auto"
     logprob_chunk_rows: int = 0  # rows per logits slice of the chunked/triton logprobs; 0 = ~64 MiB slices
-    fused_cross_entropy: bool = False  # causal-LM loss through linear_logprobs: no full [B, S, V] logits
+    # the causal-LM loss through linear_logprobs (no full [B, S, V] logits): true, false, or auto =
+    # on unless parallel.pp > 1 (the last pipeline stage scores logits) or linear_logprobs is the reference
+    fused_cross_entropy: bool | str = "auto"
 
 
 @dataclass
@@ -964,12 +966,24 @@ def validate_kernels(k: KernelsConfig, prefix: str) -> list[str]:
         choice = getattr(k, op)
         if choice != "auto" and choice not in backends:
             problems.append(f"{_join(prefix, op)}: unknown {choice!r}; choose auto or one of {', '.join(backends)}")
-    if k.fused_cross_entropy and k.linear_logprobs == "reference":
+    if k.fused_cross_entropy not in (True, False, "auto"):
+        problems.append(f"{_join(prefix, 'fused_cross_entropy')}: expected true, false or auto, got {k.fused_cross_entropy!r}")
+    if k.fused_cross_entropy is True and k.linear_logprobs == "reference":
         problems.append(f"{_join(prefix, 'fused_cross_entropy')}: needs kernels.linear_logprobs chunked, triton "
                         "or auto (the reference materializes the logits)")
     if k.logprob_chunk_rows < 0:
         problems.append(f"{_join(prefix, 'logprob_chunk_rows')}: must be >= 0 (0 = automatic), got {k.logprob_chunk_rows}")
     return problems
+
+
+def fused_cross_entropy_enabled(cfg: Config) -> bool:
+    """kernels.fused_cross_entropy resolved: `auto` is on unless parallel.pp > 1 or
+    kernels.linear_logprobs is the reference. Measured on a CPU (bench-20m, 4 x 512, one run):
+    the fused path with its gradients taken in the forward pass is 1.02x (fp32) and 1.13x (bf16)
+    the logits path's tokens/s, at less peak memory."""
+    if cfg.kernels.fused_cross_entropy == "auto":
+        return cfg.parallel.pp == 1 and cfg.kernels.linear_logprobs != "reference"
+    return bool(cfg.kernels.fused_cross_entropy)
 
 
 def validate_fp8(cfg: Config, prefix: str) -> list[str]:
@@ -1088,7 +1102,7 @@ def validate(cfg: Config, prefix: str = "") -> list[str]:
     problems.extend(validate_parallel(cfg, prefix))
     problems.extend(validate_lora(cfg, prefix))
     problems.extend(validate_kernels(cfg.kernels, _join(prefix, "kernels")))
-    if cfg.kernels.fused_cross_entropy and cfg.parallel.pp > 1:
+    if cfg.kernels.fused_cross_entropy is True and cfg.parallel.pp > 1:
         problems.append(f"{p('kernels.fused_cross_entropy')}: not available with parallel.pp > 1 (the last pipeline "
                         "stage computes the loss from logits); set it to false")
     problems.extend(validate_fp8(cfg, prefix))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_domain.config import ConfigError, config_from_dict
+from megatron_domain.config import ConfigError, config_from_dict, fused_cross_entropy_enabled
 from megatron_domain.kernels.dpo import dpo_loss_fused, dpo_loss_reference
 from megatron_domain.kernels.linear_logprobs import (CppSliceMath, TorchSliceMath, cpp_slice_math_available,
                                                      linear_logprobs_chunked, linear_logprobs_reference)
@@ -346,6 +346,7 @@ def test_importing_the_package_loads_no_optional_kernel():
 
 
 FUSED = {"fused_cross_entropy": True, "logprob_chunk_rows": 24}
+LOGITS = {"fused_cross_entropy": False}  # the full-logits cross-entropy (the default is auto: fused)
 
 
 def assert_same_step(got: dict, want: dict, tol: float = 1e-5) -> None:
@@ -360,16 +361,58 @@ def assert_same_step(got: dict, want: dict, tol: float = 1e-5) -> None:
 def test_fused_cross_entropy_equals_logits_path(corpora, tmp_path, tied):
     """kernels.fused_cross_entropy: same loss, same gradients (incl. the output weight) and the
     same 3-step losses as the full-logits cross-entropy, one process."""
-    want = layout_result(parity_config_dict(corpora, tmp_path / "logits", tie_embeddings=tied))
+    want = layout_result(parity_config_dict(corpora, tmp_path / "logits", kernels=LOGITS, tie_embeddings=tied))
     got = layout_result(parity_config_dict(corpora, tmp_path / "fused", kernels=FUSED, tie_embeddings=tied))
     assert_same_step(got, want)
+
+
+def test_fused_cross_entropy_auto_is_on_where_it_runs():
+    base = {"model": {"preset": "tiny-test"}, "data": {"seq_len": 32}}
+    assert fused_cross_entropy_enabled(config_from_dict(base))
+    assert not fused_cross_entropy_enabled(config_from_dict({**base, "kernels": {"linear_logprobs": "reference"}}))
+    assert not fused_cross_entropy_enabled(config_from_dict({**base, "parallel": {"pp": 2}, "train": {
+        "micro_batch_size": 1, "global_batch_size": 2}}))
+    assert not fused_cross_entropy_enabled(config_from_dict({**base, "kernels": LOGITS}))
+    with pytest.raises(ConfigError, match="kernels.fused_cross_entropy: expected true, false or auto, got 'yes'"):
+        config_from_dict({**base, "kernels": {"fused_cross_entropy": "yes"}})
+
+
+def test_fused_causal_lm_step_scores_only_the_loss_positions():
+    """The fused step hands the kernel the hidden rows of the masked-in positions only (an SFT
+    row's prompt costs no output-layer work) with the loss weights, and its loss is the logits
+    path's masked sum."""
+    from megatron_domain.models.llama import build_model, materialize
+    from megatron_domain.stages.causal_lm import causal_lm_forward_step, fused_causal_lm_step
+
+    cfg = config_from_dict({"model": {"preset": "tiny-test"}, "data": {"seq_len": 32}})
+    model = materialize(build_model(cfg.model), "cpu", seed=0)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 12), generator=g)  # [B, S]
+    mask = torch.zeros(2, 12)
+    mask[0, 5:], mask[1, 8:] = 1.0, 0.25  # a prompt, then the answer; weighted replay rows
+    batch = {"tokens": tokens, "labels": tokens.roll(-1, 1), "loss_mask": mask,
+             "position_ids": torch.arange(12).expand(2, -1), "document_ids": torch.zeros(2, 12, dtype=torch.long)}
+    seen = []
+
+    def spy(hidden, weight, targets, **kwargs):
+        seen.append((hidden.shape[0], kwargs["loss_weights"]))
+        return linear_logprobs_chunked(hidden, weight, targets, **kwargs)
+
+    output, loss_fn = fused_causal_lm_step(spy)(batch, model)
+    fused_loss, count, _ = loss_fn(output)
+    rows, weights = seen[0]
+    assert rows == 7 + 4 and torch.equal(weights, -torch.tensor([1.0] * 7 + [0.25] * 4))
+    logits, logits_loss_fn = causal_lm_forward_step({**batch, "loss_mask": mask}, model)
+    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+    assert count == mask.sum()
+    torch.testing.assert_close(fused_loss, (per_token * mask.flatten()).sum(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
 def test_fused_cross_entropy_under_tensor_parallel_and_fsdp(corpora, tmp_path):
     """The fused loss with the vocabulary split over tp=2 (sequence parallel) and under FSDP
     equals the single-process full-logits loss and gradients."""
-    want = layout_result(parity_config_dict(corpora, tmp_path / "single"))
+    want = layout_result(parity_config_dict(corpora, tmp_path / "single", kernels=LOGITS))
     layouts = {"tp2": {"tp": 2}, "dp2": {"dp_shard": 2}}
     jobs = [(name, "layout", parity_config_dict(corpora, tmp_path / name, parallel, kernels=FUSED), None)
             for name, parallel in layouts.items()]

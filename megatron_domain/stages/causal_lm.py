@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from megatron_domain.config import KernelsConfig
+from megatron_domain.config import Config, fused_cross_entropy_enabled
 from megatron_domain.kernels.registry import get_kernel
 from megatron_domain.losses import masked_cross_entropy_sum
 from megatron_domain.stages import PipelineBatch
@@ -53,10 +53,12 @@ def fused_causal_lm_step(logprobs_kernel: Callable):
     return forward_step
 
 
-def select_forward_step(kernels: KernelsConfig, device: torch.device):
-    """`causal_lm_forward_step`, or its fused-cross-entropy form when kernels.fused_cross_entropy."""
-    if not kernels.fused_cross_entropy:
+def select_forward_step(cfg: Config, device: torch.device):
+    """`causal_lm_forward_step`, or its fused-cross-entropy form when kernels.fused_cross_entropy
+    (resolved: `auto` is on wherever it runs)."""
+    if not fused_cross_entropy_enabled(cfg):
         return causal_lm_forward_step
+    kernels = cfg.kernels
     kernel = get_kernel("linear_logprobs", kernels.linear_logprobs, device)
     return fused_causal_lm_step(functools.partial(kernel, chunk_rows=kernels.logprob_chunk_rows))
 

@@ -47,7 +47,7 @@ class PretrainStage:
 
     def setup(self, ctx: StageContext) -> None:
         """Build the blended dataset for the whole run (steps x global batch samples)."""
-        self.forward_step = select_forward_step(ctx.cfg.kernels, ctx.device)
+        self.forward_step = select_forward_step(ctx.cfg, ctx.device)
         cfg = ctx.cfg
         if not cfg.data.corpora:
             raise ValueError("data.corpora: the pretrain mode needs at least one corpus "

@@ -44,7 +44,7 @@ class SftStage:
         rows this stage trains on (the rs_sft mode hands its kept dialogues here, with
         `train_turns`: per conversation, which assistant messages are trained, and the `steps`
         it plans, which train.steps 0 leaves to it)."""
-        self.forward_step = select_forward_step(ctx.cfg.kernels, ctx.device)
+        self.forward_step = select_forward_step(ctx.cfg, ctx.device)
         cfg = ctx.cfg
         chat = cfg.data.chat
         template = load_template(chat.template, cfg.data.tokenizer)
