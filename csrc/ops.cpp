@@ -155,4 +155,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "logits become the gradient");
   m.def("cross_entropy_rows_gradient_", &mdt::cross_entropy_rows_gradient_,
         "logits [n, V] (in place), lse [n], targets [n], grad_logp [n] -> the cross-entropy gradient");
+  m.def("accumulate_bf16_", &mdt::accumulate_bf16_, "dst (fp32) += src (bf16, same shape)");
 }

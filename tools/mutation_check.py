@@ -47,6 +47,7 @@ DPO_TESTS = ("tests/test_kernels.py::test_dpo_losses_and_rewards_match_the_paper
              "tests/test_dpo.py::test_loss_equals_trl_dpo_trainer")
 CLUSTER = "tests/test_cluster.py"
 TP_TESTS = ("tests/test_kernels.py::test_fused_cross_entropy_under_tensor_parallel_and_fsdp",)
+EAGER_CE_TEST = "tests/test_kernels.py::test_linear_logprobs_loss_weights_compute_gradients_in_forward"
 
 MUTATIONS = (
     # packing metadata and attention masks
@@ -343,6 +344,23 @@ MUTATIONS = (
     Mutation("adamw-never-fused-on-cpu", "megatron_domain/optim.py",
              'cpu_capabilities()["avx512f"])', 'cpu_capabilities()["avx512f"] and False)',
              ("tests/test_precision.py::test_adamw_is_fused_where_the_cpu_has_avx512_and_matches_foreach",)),
+    # the fused cross-entropy (gradients in the forward pass; loss positions only)
+    Mutation("fused-ce-never-eager", "megatron_domain/kernels/linear_logprobs.py",
+             "eager = loss_weights is not None and", "eager = False and loss_weights is not None and",
+             (EAGER_CE_TEST,)),
+    Mutation("fused-ce-eager-scale-ignored", "megatron_domain/kernels/linear_logprobs.py",
+             "if scale != 1.0:", "if False:", (EAGER_CE_TEST,)),
+    Mutation("fused-ce-eager-trusts-any-gradient", "megatron_domain/kernels/linear_logprobs.py",
+             "return float(scale) if torch.allclose(grad, scale * weights, rtol=1e-6, atol=0.0) else None",
+             "return float(scale)",
+             ("tests/test_kernels.py::test_linear_logprobs_loss_weights_fall_back_when_the_loss_is_other",)),
+    Mutation("fused-step-scores-every-position", "megatron_domain/stages/causal_lm.py",
+             "scored = mask.nonzero().squeeze(1)  # [M]", "scored = torch.arange(mask.numel())  # [M]",
+             ("tests/test_kernels.py::test_fused_causal_lm_step_scores_only_the_loss_positions",)),
+    Mutation("fused-ce-auto-under-pipeline-parallel", "megatron_domain/config.py",
+             'return cfg.parallel.pp == 1 and cfg.kernels.linear_logprobs != "reference"',
+             'return cfg.kernels.linear_logprobs != "reference"',
+             ("tests/test_kernels.py::test_fused_cross_entropy_auto_is_on_where_it_runs",)),
 )
 
 

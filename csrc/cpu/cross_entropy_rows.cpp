@@ -72,6 +72,14 @@ MDT_AVX512 void row_gradient(T* z, int64_t n, float lse, float g, int64_t target
   }
 }
 
+// d[i] += s[i] for n values, s bf16
+MDT_AVX512 void add_bf16(float* d, const uint16_t* s, int64_t n) {
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 lanes = lanes_from(c, n);
+    store16(d + c, _mm512_add_ps(load16(d + c, lanes), load16(s + c, lanes)), lanes);
+  }
+}
+
 template <typename T>
 void stats_rows(T* logits, int64_t rows, int64_t vocab, int64_t ld, const int64_t* targets, const float* weights,
                 float* stats) {
@@ -150,6 +158,16 @@ void cross_entropy_rows_gradient_(at::Tensor logits, const at::Tensor& lse, cons
   }
 }
 
+void accumulate_bf16_(at::Tensor dst, const at::Tensor& src) {
+  TORCH_CHECK(cross_entropy_rows_supported(), "accumulate_bf16_: needs an x86-64 CPU with AVX-512-BF16 or AMX");
+  TORCH_CHECK(dst.scalar_type() == at::kFloat && src.scalar_type() == at::kBFloat16 && dst.sizes() == src.sizes() &&
+                  dst.is_contiguous() && src.is_contiguous() && dst.device().is_cpu() && src.device().is_cpu(),
+              "accumulate_bf16_: dst must be fp32 and src bf16, contiguous CPU tensors of one shape");
+  float* d = dst.data_ptr<float>();
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>());
+  at::parallel_for(0, dst.numel(), 1 << 16, [&](int64_t begin, int64_t end) { add_bf16(d + begin, s + begin, end - begin); });
+}
+
 #else  // not x86-64: the caller keeps the torch slice math
 
 bool cross_entropy_rows_supported() { return false; }
@@ -160,6 +178,10 @@ at::Tensor cross_entropy_rows(at::Tensor, const at::Tensor&, const c10::optional
 
 void cross_entropy_rows_gradient_(at::Tensor, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
   TORCH_CHECK(false, "cross_entropy_rows_gradient_: needs an x86-64 CPU with AVX-512-BF16 or AMX");
+}
+
+void accumulate_bf16_(at::Tensor, const at::Tensor&) {
+  TORCH_CHECK(false, "accumulate_bf16_: needs an x86-64 CPU with AVX-512-BF16 or AMX");
 }
 
 #endif

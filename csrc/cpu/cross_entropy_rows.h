@@ -20,4 +20,9 @@ at::Tensor cross_entropy_rows(at::Tensor logits, const at::Tensor& targets, cons
 void cross_entropy_rows_gradient_(at::Tensor logits, const at::Tensor& lse, const at::Tensor& targets,
                                   const at::Tensor& grad_logp);
 
+// dst (fp32) += src (bf16, same shape, both contiguous), converted in registers: torch's
+// type-promoting add_ first copies src to a fresh fp32 tensor (an [V, H] one per logits slice
+// for the output weight's gradient, page-faulted anew each time on a CPU).
+void accumulate_bf16_(at::Tensor dst, const at::Tensor& src);
+
 }  // namespace mdt

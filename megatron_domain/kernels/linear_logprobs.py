@@ -166,6 +166,9 @@ class SliceBuffers:
             rows, weight.shape[0], dtype=torch.float32, device=weight.device)  # [rows, V]
         self.low = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device) \
             if low_precision else None  # [rows, V]
+        self.weight_product = None  # [V, H] in the weight's dtype, made on first use
+        self.csrc_accumulate = (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+                                and cpp_slice_math_available())
 
     def slice_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """hidden [n, H] @ weight [V, H]^T -> [n, V] logits in the buffers (fp32, or the
@@ -177,6 +180,20 @@ class SliceBuffers:
             return torch.mm(hidden, weight.t(), out=self.logits[:n])
         low = torch.mm(hidden, weight.t(), out=self.low[:n])  # [n, V]
         return low if self.logits is None else self.logits[:n].copy_(low)
+
+    def accumulate_weight_gradient(self, grad_weight: torch.Tensor, grad_logits: torch.Tensor,
+                                   hidden_rows: torch.Tensor) -> None:
+        """grad_weight [V, H] fp32 += grad_logits [n, V]^T @ hidden_rows [n, H], the matmul in
+        the gradient's (bf16 / fp16) dtype into a reused [V, H] block, summed in fp32 (upcast to
+        fp32 the matmul ran at fp32 speed on a CPU: 55 ms of a 590 ms bf16 step at bench-20m; a
+        fresh block per slice, and torch's type-promoting add_, cost ~9 ms each in page faults)."""
+        if self.weight_product is None:
+            self.weight_product = torch.empty(grad_weight.shape, dtype=grad_logits.dtype, device=grad_weight.device)
+        product = torch.mm(grad_logits.t(), hidden_rows.to(grad_logits.dtype), out=self.weight_product)  # [V, H]
+        if self.csrc_accumulate:
+            _extension().accumulate_bf16_(grad_weight, product)
+        else:
+            grad_weight.add_(product)
 
     def in_weight_dtype(self, grad_logits: torch.Tensor) -> torch.Tensor:
         """The gradient [n, V] in the weight's dtype (a view of the reused buffer)."""
@@ -200,9 +217,8 @@ def accumulate_slice_gradients(grad_logits: torch.Tensor, hidden_rows: torch.Ten
     if grad_weight is not None:
         if grad_logits.dtype == torch.float32:
             grad_weight.addmm_(grad_logits.t(), hidden_rows.float())  # [V, H]
-        else:  # bf16 / fp16: the matmul in that dtype, its slices summed in fp32 (upcast to fp32 it
-            # ran at fp32 matmul speed on a CPU: 55 ms of a 590 ms bf16 step at bench-20m)
-            grad_weight.add_(grad_logits.t() @ hidden_rows.to(grad_logits.dtype))  # [V, H]
+        else:  # bf16 / fp16: the matmul in that dtype, its slices summed in fp32
+            buffers.accumulate_weight_gradient(grad_weight, grad_logits, hidden_rows)  # [V, H]
 
 
 def proportional_scale(grad: torch.Tensor, weights: torch.Tensor) -> float | None:
