@@ -402,7 +402,7 @@ def test_fused_causal_lm_step_scores_only_the_loss_positions():
     fused_loss, count, _ = loss_fn(output)
     rows, weights = seen[0]
     assert rows == 7 + 4 and torch.equal(weights, -torch.tensor([1.0] * 7 + [0.25] * 4))
-    logits, logits_loss_fn = causal_lm_forward_step({**batch, "loss_mask": mask}, model)
+    logits, _ = causal_lm_forward_step(batch, model)
     per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
     assert count == mask.sum()
     torch.testing.assert_close(fused_loss, (per_token * mask.flatten()).sum(), atol=1e-5, rtol=1e-5)

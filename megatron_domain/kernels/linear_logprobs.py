@@ -114,7 +114,7 @@ class CppSliceMath(TorchSliceMath):
     def stats(logits: torch.Tensor, local_targets: torch.Tensor, owned: torch.Tensor,
               with_entropy: bool = True) -> torch.Tensor:
         """logits [n, V] fp32 / bf16 -> [4, n]: row max, sum exp(z - max), target logit, sum exp * z."""
-        return _extension().cross_entropy_rows(logits, torch.where(owned, local_targets, -1), None)
+        return _extension().cross_entropy_rows(logits, column_targets(local_targets, owned), None)
 
     @staticmethod
     def gradient_(logits: torch.Tensor, lse: torch.Tensor, mean_logit: torch.Tensor, local_targets: torch.Tensor,
@@ -122,14 +122,19 @@ class CppSliceMath(TorchSliceMath):
         """logits [n, V] -> g_lp (onehot - p) in place (no entropy term: see the class docstring)."""
         if grad_entropy is not None:
             raise ValueError("CppSliceMath: the entropy gradient needs TorchSliceMath (fp32 logits)")
-        _extension().cross_entropy_rows_gradient_(logits, lse, torch.where(owned, local_targets, -1), grad_logp)
+        _extension().cross_entropy_rows_gradient_(logits, lse, column_targets(local_targets, owned), grad_logp)
         return logits
 
     @classmethod
     def stats_and_gradient_(cls, logits: torch.Tensor, local_targets: torch.Tensor, owned: torch.Tensor,
                             grad_logp: torch.Tensor) -> torch.Tensor:
         """Both in one pass per row (see TorchSliceMath.stats_and_gradient_)."""
-        return _extension().cross_entropy_rows(logits, torch.where(owned, local_targets, -1), grad_logp)
+        return _extension().cross_entropy_rows(logits, column_targets(local_targets, owned), grad_logp)
+
+
+def column_targets(local_targets: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
+    """[n] target columns for the csrc rows: the local id, or -1 where the target is not on this rank."""
+    return torch.where(owned, local_targets, -1)
 
 
 def _extension():
