@@ -618,7 +618,7 @@ class DemoDataConfig:
     # the domain training documents go through `mdt data curate` (with injected duplicates,
     # near-duplicates, PII, low-quality and off-topic documents) before they are tokenized
     curate: bool = False
-    sft_heldout_fraction: float = 0.5
+    sft_heldout_fraction: float = 0.5  # share of the out-of-scope topics held out for the eval (at least 0.4)
     sft_refusal_topics: int = 6  # out-of-scope topics whose refusal sentence the SFT data shows
     rs_seeds: int = 32  # multi-turn seeds for an rs_sft stage (rs_seeds.jsonl)
     rs_heldout_seeds: int = 12  # held-out seeds for the multi-turn eval (rs_heldout_seeds.jsonl)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from pydoc_data.topics import topics
 
-from megatron_domain.data.demo_sft import (DIALOGUE_RULE, DPO_EXTRA_PER_TOPIC, DPO_EXTRA_QUESTIONS, DPO_QUESTIONS,
-                                           HELDOUT_QUESTIONS, MID_PER_TOPIC, MID_QUESTIONS, MULTI_TURNS, QUESTIONS,
+from megatron_domain.data.demo_sft import (DIALOGUE_RULE, DPO_EXTRA_QUESTIONS, DPO_QUESTIONS,
+                                           EVAL_QUESTIONS, HELDOUT_QUESTIONS, MID_PER_TOPIC, MID_QUESTIONS, MULTI_TURNS, QUESTIONS,
                                            REFUSAL, TRAINING_PHRASINGS, build_demo_sft, first_sentence, house_answer,
                                            mid_questions, out_of_scope_split)
 
@@ -40,8 +40,14 @@ def test_heldout_questions_and_topics_never_appear_in_training_data(tmp_path):
         if question["source"] is None:  # an out-of-scope topic used in no training file at all
             topic = question["prompt"].split("`")[1]
             assert f"`{topic}`" not in training_text, topic
-    for template in HELDOUT_QUESTIONS:  # the held-out phrasings are not training phrasings
+    for template in EVAL_QUESTIONS:  # the held-out phrasings are not training phrasings
         assert template not in QUESTIONS + MID_QUESTIONS + TRAINING_PHRASINGS
+    # the single-turn eval asks every topic in every held-out phrasing (its first two are the
+    # held-out dialogues' phrasings)
+    assert EVAL_QUESTIONS[:len(HELDOUT_QUESTIONS)] == HELDOUT_QUESTIONS and len(set(EVAL_QUESTIONS)) == 6
+    in_scope = [q for q in heldout if q["source"]]
+    asked = {(q["source"], q["prompt"].replace(f"`{q['source']}`", "`{name}`")) for q in in_scope}
+    assert len(asked) == len(in_scope) == counts["topics"] * len(EVAL_QUESTIONS)
 
 
 def test_sft_asks_every_topic_with_the_topic_inside_the_question(tmp_path):
@@ -118,7 +124,7 @@ def test_dialogue_seeds_ask_out_of_scope_in_a_middle_turn(tmp_path):
 def test_dpo_prompts_carry_their_topics_reference_answer(tmp_path):
     """Every in-scope DPO prompt has the house answer of its topic as `answer` (the one the SFT
     data teaches, what dpo.gold_field reads), in the twelve DPO phrasings, its two mid ones and
-    DPO_EXTRA_PER_TOPIC of the DPO-only ones (chosen per topic); out-of-scope prompts have none."""
+    every DPO-only one; out-of-scope prompts have none."""
     build_demo_sft(tmp_path, heldout_fraction=0.1, seed=0, refusal_topics=4, rs_seeds=2, rs_heldout_seeds=1, turns=2)
     taught = {}
     for conversation in read_jsonl(tmp_path / "sft_train.jsonl"):
@@ -137,11 +143,8 @@ def test_dpo_prompts_carry_their_topics_reference_answer(tmp_path):
         assert taught[topic] == {prompt["answer"]}  # the answer SFT taught for the topic
         by_topic.setdefault(topic, []).append(prompt["prompt"])
     assert len(by_topic) > 50
-    extras = {}
     for topic, questions in by_topic.items():
-        assert len(set(questions)) == len(DPO_QUESTIONS) + MID_PER_TOPIC + DPO_EXTRA_PER_TOPIC
-        extras[topic] = frozenset(t for t in DPO_EXTRA_QUESTIONS if t.format(name=topic) in questions)
-        assert len(extras[topic]) == DPO_EXTRA_PER_TOPIC
-    assert len(set(extras.values())) > 10  # the DPO-only phrasings vary between topics
+        expected = DPO_QUESTIONS + mid_questions(topic, seed=0) + DPO_EXTRA_QUESTIONS
+        assert sorted(questions) == sorted(t.format(name=topic) for t in expected)
     for template in HELDOUT_QUESTIONS:
         assert template not in DPO_QUESTIONS + DPO_EXTRA_QUESTIONS

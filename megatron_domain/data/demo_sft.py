@@ -12,7 +12,7 @@ cited the right topic for <10% of held-out questions).
 Each topic is asked in the four QUESTIONS phrasings and in two of MID_QUESTIONS, which name the
 topic before a few more words. One conversation per topic has two to four question/answer turns
 (MULTI_TURNS) under the dialogue rule. The held-out
-questions use phrasings the SFT data never shows (HELDOUT_QUESTIONS), about every topic, so they
+questions ask every topic in six phrasings that no training file uses (EVAL_QUESTIONS), so they
 measure whether the model answers new questions in the house format and cites the right section.
 
 Out-of-scope questions ask the same way about topics the reference does not contain
@@ -49,18 +49,29 @@ MID_QUESTIONS = ("Describe `{name}` in a few words.", "Explain `{name}` briefly,
                  "Characterize `{name}` in a nutshell.", "Sketch `{name}` for me, quickly.")
 MID_PER_TOPIC = 2
 HELDOUT_QUESTIONS = ("Summarize `{name}` in one sentence.", "What is `{name}`?")
+# the single-turn eval (sft_heldout.jsonl) asks every topic in these: HELDOUT_QUESTIONS (which
+# the held-out dialogues use too) and four more that no data file uses. With the first two alone,
+# on half the topics (72 in-scope questions, one = 1.4 points), rounding-level changes moved the
+# DPO stage's citation accuracy by 7-11 points: measured in the sixteenth session from one SFT
+# model, five DPO runs scored 73.6-76.4% there and 79.9-83.2% on 770 questions in ten other
+# unseen phrasings
+EVAL_QUESTIONS = HELDOUT_QUESTIONS + ("What is `{name}` used for?", "Give me the gist of `{name}`.",
+                                      "In one sentence, what is `{name}`?",
+                                      "How is `{name}` described in the reference?")
 # the DPO prompts add phrasings of their own (none of them held out), so that the topic, not the
 # wording, is what tells an in-scope question from an out-of-scope one
 DPO_QUESTIONS = QUESTIONS + ("Describe `{name}`.", "Give me the reference entry for `{name}`.",
                              "I need to know about `{name}`.", "Can you explain `{name}` briefly?",
                              "Explain `{name}` in one line.", "Tell me about `{name}` in a few words.",
                              "Define `{name}`.", "What do we know about `{name}`?")
-# phrasings only the DPO prompts use, DPO_EXTRA_PER_TOPIC per topic (chosen per topic): measured from
-# one SFT model (held-out citation / format / out-of-scope refusals, SFT 70.8 / 93.1 / 6.0), the
-# DPO stage with DPO_QUESTIONS alone -> 79.2 / 94.4 / 42; + these phrasings 77.8 / 94.4 / 36; + the
-# gold answers (dpo.gold_field) 81.9 / 97.2 / 32; + 5 phrasings per out-of-scope topic (the demo)
-# 84.7 / 97.2 / 40. Gold answers with DPO_QUESTIONS alone fixed the trained phrasings (topics cited
-# right in all of them: 33 -> 52 of 77) more than the held-out ones
+# phrasings only the DPO prompts use, every one for every topic. Measured from one SFT model
+# (thirteenth session; held-out citation / format / out-of-scope refusals, SFT 70.8 / 93.1 / 6.0):
+# the DPO stage with DPO_QUESTIONS alone -> 79.2 / 94.4 / 42; + eight of these per topic 77.8 /
+# 94.4 / 36; + the gold answers (dpo.gold_field) 81.9 / 97.2 / 32; + 5 phrasings per out-of-scope
+# topic 84.7 / 97.2 / 40. Sixteenth session, from another SFT model, on 770 questions in ten
+# unseen phrasings (citation; SFT 69.2%): eight per topic -> 79.9-83.2% over six runs, all 24 ->
+# 84.3 and 85.1% (two rollout seeds): the more ways a topic is asked in training, the better the
+# policy answers it when asked in a new one
 DPO_EXTRA_QUESTIONS = (
     "Please explain `{name}`.", "What can you tell me about `{name}`?", "Give a short description of `{name}`.",
     "Briefly, what is meant by `{name}`?", "I want a summary of `{name}`.", "Say something about `{name}`.",
@@ -70,7 +81,6 @@ DPO_EXTRA_QUESTIONS = (
     "Any notes on `{name}`?", "What does `{name}` refer to?", "I am curious about `{name}`.",
     "Give me a one-line answer about `{name}`.", "Review `{name}` quickly.", "Walk me through `{name}`.",
     "Clarify `{name}`, please.", "Teach me `{name}`.", "Remind me what `{name}` is for.")
-DPO_EXTRA_PER_TOPIC = 8
 MAX_WORDS = 14
 # question/answer turns of the SFT data's multi-turn conversations (one per topic, cycling): the
 # rs_sft stage's dialogues have six, and a model trained on two-turn conversations only lost the
@@ -190,17 +200,15 @@ def build_demo_sft(out_dir: str | os.PathLike, heldout_fraction: float, seed: in
     dpo_prompts = [{"prompt": template.format(name=topic_name(t)), "source": t, "answer": house_answer(sentence, t)}
                    for t, sentence in pairs for template in DPO_QUESTIONS + mid_questions(t, seed)]
     dpo_prompts += [{"prompt": template.format(name=topic_name(t)), "source": t, "answer": house_answer(sentence, t)}
-                    for t, sentence in pairs
-                    for template in random.Random(f"{seed}:x:{t}").sample(DPO_EXTRA_QUESTIONS, DPO_EXTRA_PER_TOPIC)]
+                    for t, sentence in pairs for template in DPO_EXTRA_QUESTIONS]
     dpo_prompts += [{"prompt": template.format(name=t)} for t in sorted(oos_train) for template in
                     random.Random(f"{seed}:oos:{t}").sample(DPO_QUESTIONS + MID_QUESTIONS + DPO_EXTRA_QUESTIONS,
                                                             OOS_DPO_PHRASINGS)]
     _write_jsonl(out / "dpo_prompts.jsonl", dpo_prompts)
     heldout = [{"prompt": template.format(name=topic_name(t)), "source": t, "answer": sentence}
-               for t, sentence in pairs for template in HELDOUT_QUESTIONS]
-    heldout = [q for q in heldout if is_heldout(q["prompt"], heldout_fraction, seed)]
+               for t, sentence in pairs for template in EVAL_QUESTIONS]
     heldout += [{"prompt": template.format(name=t), "source": None} for t in oos_heldout
-                for template in HELDOUT_QUESTIONS]
+                for template in EVAL_QUESTIONS]
     _write_jsonl(out / "sft_heldout.jsonl", heldout)
     seeds, heldout_seeds = dialogue_seeds([t for t, _ in pairs], rs_seeds, rs_heldout_seeds, turns,
                                           (oos_train, oos_heldout), dict(pairs))
