@@ -9,10 +9,10 @@ from pathlib import Path
 
 from pydoc_data.topics import topics
 
-from megatron_domain.data.demo_sft import (DIALOGUE_RULE, DPO_EXTRA_QUESTIONS, DPO_QUESTIONS,
-                                           EVAL_QUESTIONS, HELDOUT_QUESTIONS, MID_PER_TOPIC, MID_QUESTIONS, MULTI_TURNS, QUESTIONS,
-                                           REFUSAL, TRAINING_PHRASINGS, build_demo_sft, first_sentence, house_answer,
-                                           mid_questions, out_of_scope_split)
+from megatron_domain.data.demo_sft import (DIALOGUE_RULE, DPO_EXTRA_QUESTIONS, DPO_QUESTIONS, EVAL_QUESTIONS,
+                                           HELDOUT_QUESTIONS, MID_PER_TOPIC, MID_QUESTIONS, MULTI_TURNS,
+                                           OOS_DPO_PHRASINGS, QUESTIONS, REFUSAL, TRAINING_PHRASINGS, build_demo_sft,
+                                           first_sentence, house_answer, mid_questions, out_of_scope_split)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -134,10 +134,12 @@ def test_dpo_prompts_carry_their_topics_reference_answer(tmp_path):
                 taught.setdefault(question["content"].split("`")[1], set()).add(answer["content"])
     prompts = read_jsonl(tmp_path / "dpo_prompts.jsonl")
     by_topic: dict[str, list[str]] = {}
+    out_of_scope: dict[str, set[str]] = {}
     for prompt in prompts:
         topic = prompt["prompt"].split("`")[1]
         if prompt.get("source") is None:
             assert "answer" not in prompt and taught.get(topic, {REFUSAL}) == {REFUSAL}
+            out_of_scope.setdefault(topic, set()).add(prompt["prompt"].replace(f"`{topic}`", "`{name}`"))
             continue
         assert prompt["source"] == topic and prompt["answer"] == house_answer(first_sentence(topics[topic]), topic)
         assert taught[topic] == {prompt["answer"]}  # the answer SFT taught for the topic
@@ -146,5 +148,10 @@ def test_dpo_prompts_carry_their_topics_reference_answer(tmp_path):
     for topic, questions in by_topic.items():
         expected = DPO_QUESTIONS + mid_questions(topic, seed=0) + DPO_EXTRA_QUESTIONS
         assert sorted(questions) == sorted(t.format(name=topic) for t in expected)
+    # every training out-of-scope topic in OOS_DPO_PHRASINGS held-in phrasings, chosen per topic
+    assert set(out_of_scope) == set(out_of_scope_split(0.1, seed=0)[0])
+    for templates in out_of_scope.values():
+        assert len(templates) == OOS_DPO_PHRASINGS and templates <= set(TRAINING_PHRASINGS)
+    assert len({frozenset(t) for t in out_of_scope.values()}) > 10
     for template in HELDOUT_QUESTIONS:
         assert template not in DPO_QUESTIONS + DPO_EXTRA_QUESTIONS

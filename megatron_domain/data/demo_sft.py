@@ -113,7 +113,12 @@ EXTRA_OUT_OF_SCOPE_TOPICS = tuple("""
     squirrels starfish strawberries sunflowers swans telescopes thunderstorms tigers tortoises trumpets tundra
     turtles umbrellas volleyball waterfalls whales wheat windmills wolves yoga zebras""".split())
 TRAINING_PHRASINGS = tuple(dict.fromkeys(DPO_QUESTIONS + MID_QUESTIONS + DPO_EXTRA_QUESTIONS))  # every held-in one
-OOS_DPO_PHRASINGS = 5  # phrasings per out-of-scope topic of all the DPO ones (chosen per topic, seeded)
+# phrasings per out-of-scope topic, of all the DPO ones (chosen per topic, seeded): the share of
+# out-of-scope prompts trades in-scope refusals against out-of-scope ones. Sixteenth session, from
+# one SFT model, with dpo.anchors, on the eval's 612 questions (refusals in / out of scope, SFT
+# 0.6 / 2.7%): 5 -> 1.9 / 20.0 (beta 0.2), 2.2 / 22.0 (beta 0.4), 2.2 / 20.7 (beta 0.8); 7 -> 4.5 /
+# 28.0 (beta 0.4); 8 -> 3.5 / 26.0 (beta 0.4); 9 -> 6.3 / 34.7 (beta 0.4), 6.1 / 35.3 (beta 0.8)
+OOS_DPO_PHRASINGS = 9
 SENTENCE = re.compile(r"^(.{20,220}?[.!?:])(\s|$)", re.S)
 
 
