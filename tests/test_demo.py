@@ -38,6 +38,7 @@ REDUCED = [  # ~2 minutes on 2 cores: a quarter of the general corpus, a 64-wide
     "stages.dpo.dpo.rounds=2",
     "stages.dpo.dpo.prompts_per_round=16",
     "stages.dpo.dpo.samples_per_prompt=4",
+    "stages.dpo.dpo.steps_per_round=2",
     "stages.dpo.train.steps=4",
     "stages.dpo.eval.generation.kl_samples=1",
     "demo_data.rs_seeds=4",
