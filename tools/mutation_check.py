@@ -361,6 +361,14 @@ MUTATIONS = (
              'return cfg.parallel.pp == 1 and cfg.kernels.linear_logprobs != "reference"',
              'return cfg.kernels.linear_logprobs != "reference"',
              ("tests/test_kernels.py::test_fused_cross_entropy_auto_is_on_where_it_runs",)),
+    Mutation("demo-eval-asks-half-the-topics", "megatron_domain/data/demo_sft.py",
+             "               for t, sentence in pairs for template in EVAL_QUESTIONS]\n",
+             "               for t, sentence in pairs for template in EVAL_QUESTIONS if is_heldout(t, 0.5, seed)]\n",
+             ("tests/test_demo_data.py::test_heldout_questions_and_topics_never_appear_in_training_data",)),
+    Mutation("demo-dpo-prompts-sample-the-dpo-only-phrasings", "megatron_domain/data/demo_sft.py",
+             "                    for t, sentence in pairs for template in DPO_EXTRA_QUESTIONS]",
+             "                    for t, sentence in pairs for template in DPO_EXTRA_QUESTIONS[:8]]",
+             ("tests/test_demo_data.py::test_dpo_prompts_carry_their_topics_reference_answer",)),
 )
 
 
