@@ -153,5 +153,5 @@ def test_dpo_prompts_carry_their_topics_reference_answer(tmp_path):
     for templates in out_of_scope.values():
         assert len(templates) == OOS_DPO_PHRASINGS and templates <= set(TRAINING_PHRASINGS)
     assert len({frozenset(t) for t in out_of_scope.values()}) > 10
-    for template in HELDOUT_QUESTIONS:
+    for template in EVAL_QUESTIONS:
         assert template not in DPO_QUESTIONS + DPO_EXTRA_QUESTIONS

@@ -53,8 +53,8 @@ HELDOUT_QUESTIONS = ("Summarize `{name}` in one sentence.", "What is `{name}`?")
 # the held-out dialogues use too) and four more that no data file uses. With the first two alone,
 # on half the topics (72 in-scope questions, one = 1.4 points), rounding-level changes moved the
 # DPO stage's citation accuracy by 7-11 points: measured in the sixteenth session from one SFT
-# model, five DPO runs scored 73.6-76.4% there and 79.9-83.2% on 770 questions in ten other
-# unseen phrasings
+# model (70.8% there, 69.2% on 770 questions in ten other unseen phrasings), six DPO runs scored
+# 69.4-76.4% there and 79.9-83.2% on the 770
 EVAL_QUESTIONS = HELDOUT_QUESTIONS + ("What is `{name}` used for?", "Give me the gist of `{name}`.",
                                       "In one sentence, what is `{name}`?",
                                       "How is `{name}` described in the reference?")
