@@ -118,13 +118,15 @@ def relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("layout,seq,dim", [("causal", 200, 64), ("documents", 200, 64), ("documents", 64, 128),
-                                            ("shared_prefix", 130, 64)])
+                                            ("shared_prefix", 130, 64), ("causal", 200, 32),
+                                            ("shared_prefix", 130, 32), ("documents", 100, 96)])
 def test_cpu_bf16_attention_backward_matches_reference_and_torch(layout, seq, dim):
     """bf16 training attention on a CPU with AMX / AVX-512-BF16 runs SDPA's flash forward and
     the csrc backward: the forward is SDPA's exactly, and the gradients are as close to the
     float64 reference as torch's own flash backward (within 10%, measured 0.5x-1x its error) and
     within 1% of it. Sequence lengths that are not a multiple of the kernel's 64-key blocks,
-    GQA (2 query heads per KV head), document masks and the DPO shared-prompt mask."""
+    GQA (2 query heads per KV head), document masks and the DPO shared-prompt mask; head dims
+    of 32 (the demo model's) and 96 (not a multiple of 64: dQ's columns packed 32 at a time)."""
     bf16_cpu_attention_or_skip()
     q, k, v, _ = packed_qkv(bsz=3, heads=4, kv_heads=2, seq=seq, dim=dim, seed=3)
     g = torch.Generator().manual_seed(4)
@@ -159,7 +161,7 @@ def test_cpu_bf16_attention_backward_matches_reference_and_torch(layout, seq, di
 
 def test_cpu_attention_backward_refuses_what_it_cannot_run():
     """The kernel names its requirements; the model keeps torch's backward for fp32, for head
-    dims that are not a multiple of 64, and without gradients."""
+    dims that are not a multiple of 32, and without gradients."""
     from megatron_domain.kernels.cpu_attention import cpu_attention_ready, runs_here
     from megatron_domain.kernels.extension import prebuilt_extension
 

@@ -38,6 +38,10 @@ namespace cpublas = at::native::cpublas;
 
 constexpr int64_t kBlock = 64;        // keys per block: the packed column width
 constexpr int64_t kQueryBlock = 256;  // queries per block (fewer, larger brgemm calls)
+// head dims: multiples of 32 (the demo's model has 32; bench-20m and real models 64 or 128). The
+// head dim is a brgemm K (a multiple of 2 suffices) everywhere but in dQ = dS K, where its columns
+// are packed kBlock at a time, or 32 at a time when it is not a multiple of kBlock
+constexpr int64_t kHeadDimStep = 32;
 
 // One query row over a key block of kBlock columns, in place: scores -> P = exp(scale * s -
 // lse), dprobs -> dS = P * (dP - delta) * scale.
@@ -74,9 +78,9 @@ MDT_AVX512 void apply_row_mask(float* s_row, float* dp_row, int64_t keep, const 
   }
 }
 
-// kBlock floats -> bf16 (round to nearest even)
-MDT_AVX512 void to_bf16(const float* src, BFloat16* dst) {
-  for (int64_t c = 0; c < kBlock; c += 16) {
+// n floats (a multiple of 16, default kBlock) -> bf16 (round to nearest even)
+MDT_AVX512 void to_bf16(const float* src, BFloat16* dst, int64_t n = kBlock) {
+  for (int64_t c = 0; c < n; c += 16) {
     const __m256bh packed = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + c));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), reinterpret_cast<const __m256i&>(packed));
   }
@@ -94,16 +98,17 @@ MDT_AVX512 void to_bf16_pairs(const float* a, const float* b, BFloat16* dst) {
   }
 }
 
-// brgemm's B operand: the VNNI-packed copy of the row-major [K, kBlock] bf16 block `src`
-// (leading dimension ld; K even). oneDNN packs at most 64 columns at a time.
-void pack_block(const BFloat16* src, int64_t K, int64_t ld, BFloat16* dst) {
-  cpublas::pack(K, kBlock, ld, kBlock, at::kBFloat16, at::kBFloat16, src, dst);
+// brgemm's B operand: the VNNI-packed copy of the row-major [K, N] bf16 block `src` (leading
+// dimension ld; K even; N = kBlock, or 32 for the head dim's columns when it is not a multiple of
+// 64). oneDNN packs at most 64 columns at a time.
+void pack_block(const BFloat16* src, int64_t K, int64_t ld, BFloat16* dst, int64_t N = kBlock) {
+  cpublas::pack(K, N, ld, N, at::kBFloat16, at::kBFloat16, src, dst);
 }
 
-// C [M, kBlock] (+)= A [M, K] x B [K, kBlock] (B packed by pack_block)
+// C [M, N] (+)= A [M, K] x B [K, N] (B packed by pack_block with the same N)
 inline void gemm(int64_t M, int64_t K, const BFloat16* A, int64_t lda, const BFloat16* B, float* C, int64_t ldc,
-                 bool accumulate) {
-  cpublas::brgemm(M, kBlock, K, lda, kBlock, ldc, accumulate, A, B, C, true);
+                 bool accumulate, int64_t N = kBlock) {
+  cpublas::brgemm(M, N, K, lda, N, ldc, accumulate, A, B, C, true);
 }
 
 // dst [cols, rows] (leading dimension ld_dst) = src [rows, cols]^T (leading dimension ld_src),
@@ -142,7 +147,7 @@ void copy_rows_padded(const BFloat16* src, int64_t rows, int64_t dim, int64_t ld
 }  // namespace
 
 bool attention_backward_supported(const at::Tensor& q) {
-  return q.device().is_cpu() && q.scalar_type() == at::kBFloat16 && q.size(-1) % kBlock == 0 &&
+  return q.device().is_cpu() && q.scalar_type() == at::kBFloat16 && q.size(-1) % kHeadDimStep == 0 &&
          cpublas::could_pack(at::kBFloat16);
 }
 
@@ -151,7 +156,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
                                            const c10::optional<at::Tensor>& mask, bool is_causal, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_backward: q, k, v must be [B, H, S, D]");
   TORCH_CHECK(attention_backward_supported(q), "attention_backward: needs bf16 CPU tensors with a head dim that is a "
-              "multiple of 64, on a CPU whose oneDNN packs bf16 for brgemm (AVX-512-BF16 or AMX)");
+              "multiple of 32, on a CPU whose oneDNN packs bf16 for brgemm (AVX-512-BF16 or AMX)");
   const int64_t batch = q.size(0), heads = q.size(1), seq = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), groups = heads / kv_heads;
   TORCH_CHECK(heads % kv_heads == 0 && k.size(0) == batch && k.size(2) == seq && k.size(3) == dim &&
@@ -173,6 +178,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
   const at::Tensor goc = last_contiguous(grad_out), oc = last_contiguous(out);
   const int64_t padded = (seq + kBlock - 1) / kBlock * kBlock, blocks = padded / kBlock;
   const float fscale = static_cast<float>(scale);
+  const int64_t dcols = dim % kBlock == 0 ? kBlock : kHeadDimStep;  // head-dim columns per packed block of K
 
   auto grad_q = at::empty({batch, heads, seq, dim}, q.options());
   auto grad_k = at::empty({batch, kv_heads, seq, dim}, k.options());
@@ -202,8 +208,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
       const int64_t b = task / kv_heads, hk = task % kv_heads;
       copy_rows_padded(k_data + b * kc.stride(0) + hk * kc.stride(1), seq, dim, kc.stride(2), padded, key.data());
       copy_rows_padded(v_data + b * vc.stride(0) + hk * vc.stride(1), seq, dim, vc.stride(2), padded, value.data());
-      for (int64_t c = 0; c < dim; c += kBlock)  // B of dQ = dS K: [L, D]
-        pack_block(key.data() + c, padded, dim, key_packed.data() + c * padded);
+      for (int64_t c = 0; c < dim; c += dcols)  // B of dQ = dS K: [L, D]
+        pack_block(key.data() + c, padded, dim, key_packed.data() + c * padded, dcols);
       for (int64_t c = 0; c < padded; c += kBlock) {  // B of S = Q K^T and of dP = dO V^T: [D, L]
         pack_transposed_block(key.data() + c * dim, dim, key_t_packed.data() + c * dim);
         pack_transposed_block(value.data() + c * dim, dim, value_t_packed.data() + c * dim);
@@ -277,11 +283,11 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
                  true);
           }
           // dQ [rows, D] = dS [rows, span] K [span, D]
-          for (int64_t c = 0; c < dim; c += kBlock)
-            gemm(rows, span, dscores.data(), padded, key_packed.data() + c * padded, dq.data() + c, dim, false);
+          for (int64_t c = 0; c < dim; c += dcols)
+            gemm(rows, span, dscores.data(), padded, key_packed.data() + c * padded, dq.data() + c, dim, false, dcols);
           for (int64_t r = 0; r < rows && q0 + r < seq; ++r) {
             BFloat16* dst = grad_q_data + ((b * heads + h) * seq + q0 + r) * dim;
-            for (int64_t c = 0; c < dim; c += kBlock) to_bf16(dq.data() + r * dim + c, dst + c);
+            to_bf16(dq.data() + r * dim, dst, dim);
           }
         }
       }

@@ -11,7 +11,7 @@ a compiled decoder layer keeps them as single nodes. `cpu_attention_ready` decid
 forward, outside any compiled region, whether they can run: a CPU, bf16 autocast or bf16
 activations, gradients enabled, and the prebuilt extension (never a JIT build during a
 forward) on a CPU whose oneDNN packs bf16 for brgemm. The attention then also needs a head dim
-that is a multiple of 64. Everywhere else `F.scaled_dot_product_attention` runs as before.
+that is a multiple of 32. Everywhere else `F.scaled_dot_product_attention` runs as before.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def csrc_attention_available() -> bool:
 
 
 def runs_here(q: torch.Tensor) -> bool:
-    """Whether the csrc backward takes this q (bf16, head dim a multiple of 64), once
+    """Whether the csrc backward takes this q (bf16, head dim a multiple of 32), once
     `cpu_attention_ready` said yes for the forward."""
-    return q.dtype == torch.bfloat16 and q.shape[-1] % 64 == 0
+    return q.dtype == torch.bfloat16 and q.shape[-1] % 32 == 0
 
 
 def _extension():
