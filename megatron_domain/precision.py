@@ -37,3 +37,19 @@ def resolve_training_dtype(cfg: Config, device: torch.device) -> tuple[Config, s
         return cfg, ""
     dtype, reason = fast_training_dtype(device)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dtype=dtype)), f"train.dtype auto -> {dtype}: {reason}"
+
+
+# oneDNN builds (JIT) a bf16 matmul kernel for every new row count: measured on a Xeon with AMX, 2
+# threads, a [M, 128] x [128, 384] bf16 matmul took 1.1 ms on a new M and 0.35 ms on one seen
+# before (fp32, through MKL: 0.29 ms either way). A row whose length changes every micro-batch
+# (the DPO stage's one padding-free pair row) pays that on every matmul unless its length is
+# rounded up to a few repeating values.
+CPU_BF16_ROW_MULTIPLE = 64
+
+
+def matmul_row_multiple(dtype: str, device: torch.device) -> int:
+    """What a variable-length row is padded to a multiple of so its matmul shapes repeat:
+    CPU_BF16_ROW_MULTIPLE for bf16 (`dtype`, resolved: not `auto`) on a CPU, 1 elsewhere (MKL's
+    fp32 and cuBLAS's kernels cost nothing extra on a new shape). Measured on the demo's DPO
+    stage in bf16 (AMX, 2 threads): 0.175 -> 0.123 s a training step (fp32: 0.127 s)."""
+    return CPU_BF16_ROW_MULTIPLE if device.type == "cpu" and dtype == "bf16" else 1

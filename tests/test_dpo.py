@@ -286,6 +286,35 @@ def test_dpo_run_learns_resumes_exactly_and_precomputes_the_reference(chat_token
     np.testing.assert_allclose(precomputed.losses, straight.losses, rtol=0, atol=1e-5)
 
 
+def test_bf16_cpu_pads_the_pair_row_and_trains_as_unpadded(chat_tokenizer, tmp_path, monkeypatch):
+    """In bf16 on a CPU the pair row is padded to a multiple of 64 positions (the padding is its
+    own document, never scored: precision.matmul_row_multiple); the losses equal those of the
+    same run without the padding to bf16 rounding."""
+    import megatron_domain.stages.dpo as dpo_stage
+
+    pairs_path = write_jsonl(tmp_path / "pairs.jsonl", preference_lines())
+    lengths = {}
+
+    def recording(name):
+        def batch(*args, **kwargs):
+            built = pair_batch(*args, **kwargs)
+            lengths.setdefault(name, []).append(built.tokens.shape[1])
+            return built
+        return batch
+
+    runs = {}
+    for name, multiple in (("padded", None), ("unpadded", 1)):
+        monkeypatch.setattr(dpo_stage, "pair_batch", recording(name))
+        if multiple is not None:
+            monkeypatch.setattr(dpo_stage, "matmul_row_multiple", lambda dtype, device: multiple)
+        cfg = dpo_config(tmp_path, chat_tokenizer, pairs_path, name)
+        cfg["train"]["dtype"] = "bf16"
+        runs[name] = train(config_from_dict(cfg)).losses
+    assert all(n % 64 == 0 for n in lengths["padded"])
+    assert any(n % 64 for n in lengths["unpadded"])  # the rows would vary otherwise
+    np.testing.assert_allclose(runs["padded"], runs["unpadded"], rtol=0, atol=2e-3)
+
+
 def test_lora_dpo_uses_the_base_as_reference(chat_tokenizer, tmp_path):
     """LoRA DPO (reference: auto -> adapters) starts at log 2 and learns."""
     pairs_path = write_jsonl(tmp_path / "pairs.jsonl", preference_lines())

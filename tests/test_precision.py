@@ -61,3 +61,11 @@ def test_adamw_is_fused_where_the_cpu_has_avx512_and_matches_foreach(monkeypatch
     for a, b in zip(*finals):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
         assert not torch.equal(a, torch.randn(a.shape, generator=torch.Generator().manual_seed(0)))
+
+
+def test_bf16_rows_are_padded_to_repeat_matmul_shapes_only_on_a_cpu():
+    from megatron_domain.precision import CPU_BF16_ROW_MULTIPLE, matmul_row_multiple
+
+    assert matmul_row_multiple("bf16", torch.device("cpu")) == CPU_BF16_ROW_MULTIPLE == 64
+    assert matmul_row_multiple("fp32", torch.device("cpu")) == 1
+    assert matmul_row_multiple("bf16", torch.device("cuda")) == 1  # a device object; no GPU needed

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from megatron_domain.kernels.dpo import dpo_loss_reference
 from megatron_domain.kernels.registry import get_kernel
 from megatron_domain.losses import LENGTH_AVERAGED_LOSSES, segment_sums
 from megatron_domain.models.lora import adapters_disabled
+from megatron_domain.precision import matmul_row_multiple
 from megatron_domain.stages import PipelineBatch, StageContext
 from megatron_domain.stages.causal_lm import micro_batch_starts
 
@@ -148,7 +150,10 @@ class DpoStage:
         kernel = get_kernel("linear_logprobs", cfg.kernels.linear_logprobs, ctx.device)
         self.logprobs_kernel = functools.partial(kernel, chunk_rows=cfg.kernels.logprob_chunk_rows)
         self.loss_kernel = get_kernel("dpo_loss", cfg.kernels.dpo_loss, ctx.device)
-        self.pad_multiple = ctx.tp_size if cfg.parallel.sequence_parallel else 1
+        # the row splits over TP ranks under sequence parallelism; bf16 on a CPU also rounds it up so the
+        # matmul shapes repeat (precision.matmul_row_multiple)
+        self.pad_multiple = math.lcm(ctx.tp_size if cfg.parallel.sequence_parallel else 1,
+                                     matmul_row_multiple(cfg.train.dtype, ctx.device))
         self.reference = resolve_reference(cfg)
         self.global_batch, self.micro_batch = cfg.train.global_batch_size, cfg.train.micro_batch_size
         self.dp_rank, self.dp_size = ctx.dp_rank, ctx.dp_size
