@@ -23,6 +23,9 @@ REDUCED = [  # ~2 minutes on 2 cores: a quarter of the general corpus, a 64-wide
     # 94.4 / 90.3 / - / 97.2 (the misses in-scope refusals again); none, 600 steps (below):
     # 100 / 100 / 100 / 98.6. The full demo keeps its 20 refusal topics (its DPO stage needs them).
     "demo_data.sft_refusal_topics=0",
+    # fp32 on every CPU: the thresholds below were measured in fp32, and the demo's dtype auto would
+    # make this run bf16 on CPUs with AMX or AVX-512 BF16 only
+    "defaults.train.dtype=fp32",
     "defaults.model.hidden_size=64",
     "defaults.model.num_layers=2",
     "defaults.model.intermediate_size=192",
