@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--vocab-size", type=int, default=2048)
     q.set_defaults(func=_cmd_demo_corpus)
     for action in list(sub.choices.values()) + list(data_sub.choices.values()):
-        action.add_argument("--no-progress", action="store_true", help="no progress bars")
+        action.add_argument("--no-progress", action="store_true", help="no progress bars (setup, result and gate lines are still printed)")
     return parser
 
 

@@ -366,18 +366,18 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None, overw
     show = cfg.train.progress and is_main
     bar = tqdm(total=cfg.train.steps, initial=start_step, desc=f"{cfg.mode} {run_dir.name}", disable=not show,
                unit="step", dynamic_ncols=True)
-    if show:
+    if is_main:  # setup lines are printed with --no-progress too: they belong in a batch job's log
         tqdm.write(f"[{run_dir.name}] model: {params['total'] / 1e6:.2f}M parameters "
                    f"({params['non_embedding'] / 1e6:.2f}M non-embedding), {flops_per_token / 1e6:.1f} MFLOP/token; "
                    f"{dims.describe()}")
-    if show and cfg.lora.rank > 0:
+    if is_main and cfg.lora.rank > 0:
         trainable, total = trainable_parameters_of(trainer.model, dims)
         tqdm.write(f"[{run_dir.name}] LoRA rank {cfg.lora.rank}, alpha {cfg.lora.scale_alpha:g} on "
                    f"{', '.join(cfg.lora.targets)}: {trainable:,} trainable parameters of {total:,} "
                    f"({trainable / total:.3%})")
     result = TrainResult(run_dir=run_dir)
     trainer.model.train()
-    if show and cfg.train.hang_timeout_s > 0:
+    if is_main and cfg.train.hang_timeout_s > 0:
         tqdm.write(f"[{run_dir.name}] hang watchdog: a step over {cfg.train.hang_timeout_s:g} s dumps every thread's "
                    "stack to stderr and exits 1")
     try:

@@ -152,10 +152,9 @@ def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = Tr
     out = Path(pipe.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if pipe.demo_data.enabled:
-        if progress:
-            tqdm.write(f"preparing the demo corpora in {out / 'data'} ...")
+        tqdm.write(f"preparing the demo corpora in {out / 'data'} ...")
         manifest = prepare_demo_data(out / "data", pipe.demo_data, progress=progress)
-        if "curation" in manifest and progress:
+        if "curation" in manifest:
             curation = manifest["curation"]
             print(f"[curate] domain corpus: {curation['summary']}; report: {curation['report']}", flush=True)
         d = pipe.demo_data
@@ -185,8 +184,7 @@ def run_pipeline(pipe: PipelineConfig, stages: list[Config], progress: bool = Tr
         previous = PreviousStage(name, cfg, entry["run_dir"], entry["eval_after"])
         entry["gates"] = evaluate_gates(name, stage_gates(pipe, name), entry["eval_before"], entry["eval_after"])
         report["stages"].append(entry)
-        if progress:
-            print_stage_summary(name, entry)
+        print_stage_summary(name, entry)  # results, not progress: printed with --no-progress too (batch logs)
         stopping = [g for g in entry["gates"] if not g["passed"] and g["stop"]]
         if stopping and not continue_on_gate_failure:
             report["stopped_by_gate"] = {"stage": name, "failures": [failure_message(g) for g in stopping]}
@@ -272,7 +270,7 @@ def run_stage(name: str, cfg: Config, out: Path, progress: bool, overwrite: bool
         before = json.loads((run_dir / "eval_before.json").read_text())
     else:
         before = evaluate_stage_input(cfg, device, previous, name)
-        if "reused" in before and progress:
+        if "reused" in before:
             tqdm.write(f"[{name}] eval of its start: {', '.join(before['reused']['sections'])} taken from "
                        f"{previous.name}'s final eval (same weights by held-out perplexity, same settings)")
         write_json_atomic(run_dir / "eval_before.json", before)

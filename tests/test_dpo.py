@@ -417,13 +417,18 @@ def pop_logprobs(lines: list[dict]) -> list[float]:
     return [lp for line in lines for c in line["completions"] for lp in c.pop("logprobs")]
 
 
-def test_online_rounds_pair_best_and_worst_drop_ties_and_resume_exactly(chat_run, tmp_path):
+def test_online_rounds_pair_best_and_worst_drop_ties_and_resume_exactly(chat_run, tmp_path, capsys):
     """Each round writes every completion with its score and rationale; the pair is the best
     against the worst; ties are dropped and counted; a run stopped mid-round and resumed trains
-    on the same rounds and ends with the same losses."""
+    on the same rounds and ends with the same losses. Without progress bars the setup and round
+    lines are still printed (a batch job's log)."""
     straight_cfg = online_config(chat_run, tmp_path, "straight")
     straight = train(config_from_dict(straight_cfg))
     run_dir = tmp_path / "straight"
+    printed = capsys.readouterr().out
+    assert "[straight] model: " in printed and "[dpo] loss sigmoid (beta 0.1)" in printed
+    assert [line.split(":")[0] for line in printed.splitlines() if line.startswith("[dpo] round ")] == [
+        "[dpo] round 0", "[dpo] round 1", "[dpo] round 2"]
     summaries = [json.loads(line) for line in (run_dir / "rounds" / "summary.jsonl").read_text().splitlines()]
     assert [s["round"] for s in summaries] == [0, 1, 2]
     for index, summary in enumerate(summaries):

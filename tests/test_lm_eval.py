@@ -345,6 +345,9 @@ def test_a_failed_gate_stops_the_pipeline_with_a_message(tmp_path, corpora):
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert missed.returncode == 0, missed.stderr[-2000:]
     assert "MISSED (target): one: ppl/alpha: max 1 (target, does not stop)" in missed.stdout
+    # --no-progress drops the bars, not the results: each stage's before -> after and gate lines
+    assert "[one] held-out perplexity alpha: " in missed.stdout and "[two] held-out perplexity" in missed.stdout
+    assert "[one] gate MISSED (target): ppl/alpha: max 1" in missed.stdout
     assert [s["name"] for s in json.loads((target / "out" / "report.json").read_text())["stages"]] == ["one", "two"]
 
 

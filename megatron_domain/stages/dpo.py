@@ -157,7 +157,8 @@ class DpoStage:
         self.reference = resolve_reference(cfg)
         self.global_batch, self.micro_batch = cfg.train.global_batch_size, cfg.train.micro_batch_size
         self.dp_rank, self.dp_size = ctx.dp_rank, ctx.dp_size
-        self.show = cfg.train.progress and ctx.rank == 0
+        self.show = cfg.train.progress and ctx.rank == 0  # bars; messages go to rank 0's log either way
+        self.is_main = ctx.rank == 0
         if self.reference == "copy":
             self.reference_model = ctx.build_reference()
         if d.online:
@@ -168,10 +169,10 @@ class DpoStage:
             data = read_preferences(cfg.data.chat.path, self.template, ctx.tokenizer, cfg.data.seq_len,
                                     cfg.data.chat.overflow)
             self.pairs = data.pairs
-            if (data.truncated or data.dropped) and self.show:
+            if (data.truncated or data.dropped) and self.is_main:
                 tqdm.write(f"[dpo] {data.truncated} pair(s) truncated and {data.dropped} dropped for exceeding "
                            f"data.seq_len={cfg.data.seq_len} (data.chat.overflow={cfg.data.chat.overflow})")
-        if self.show:
+        if self.is_main:
             source = "online rounds" if d.online else f"{len(self.pairs)} pairs from {cfg.data.chat.path}"
             tqdm.write(f"[dpo] loss {d.loss_type} (beta {d.beta:g}), reference: {self.reference}, layout: "
                        f"{'shared prompt' if d.shared_prompt else 'two documents per pair'}; {source}")
@@ -215,7 +216,7 @@ class DpoStage:
             stored = torch.load(path, weights_only=True)
             if stored["fingerprint"] == fingerprint:
                 return [(c.numpy(), r.numpy()) for c, r in zip(stored["chosen"], stored["rejected"])]
-            if self.show:
+            if self.is_main:
                 tqdm.write(f"[dpo] {path} was computed for other pairs or another initial model; recomputing")
         out: list[tuple[np.ndarray, np.ndarray]] = []
         bar = tqdm(total=len(self.pairs), desc="[dpo] reference log-probs", unit="pair", disable=not self.show)

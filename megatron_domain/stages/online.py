@@ -192,7 +192,8 @@ class OnlineRounds:
         self.rollout: PolicyRollout | None = None
         self.sync_metrics: dict = {}  # of the weight sync before this round's sampling (vLLM)
         self.judge = None
-        self.show = self.cfg.train.progress and ctx.rank == 0
+        self.show = self.cfg.train.progress and ctx.rank == 0  # bars; the round lines go to rank 0's log either way
+        self.is_main = ctx.rank == 0
         d = self.cfg.dpo
         params = sampling_from_config(self.cfg, ctx.tokenizer, chat=True)
         self.params = dataclasses.replace(params, n=d.samples_per_prompt).validate()
@@ -294,7 +295,7 @@ class OnlineRounds:
                 f.write(json.dumps(summary) + "\n")
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
-        if self.show:
+        if self.is_main:
             tqdm.write(f"[dpo] round {index}: {summary['pairs']} pairs from {summary['prompts']} prompts "
                        f"({summary['dropped_ties']} ties, {summary['dropped_margin']} under the margin dropped), "
                        f"mean score {summary['mean_score']:.3f}, best {summary['mean_best_score']:.3f}; "

@@ -222,7 +222,7 @@ class RsSftStage(SftStage):
                                self.planned_steps)
         if index:  # the round's rows start a fresh shuffled stream at its first step
             self.first_row = index * self.steps_per_round * cfg.train.global_batch_size
-        if cfg.train.progress and ctx.rank == 0:
+        if ctx.rank == 0:  # the round's result, printed with --no-progress too
             s = summary
             tqdm.write(f"[rs_sft] {f'round {index}: ' if r.rounds > 1 else ''}kept {s['kept']} of {s['generated']} dialogues ({s['not_top']} not in "
                        f"the top {r.keep_fraction:.0%}, {s['below_min_score']} under min_score, {s['deduplicated']} "
@@ -249,7 +249,7 @@ class RsSftStage(SftStage):
         bar = tqdm(total=len(seeds) * r.dialogues_per_seed, unit="dialogue",
                    desc="[rs_sft] dialogues" + (f" (round {index})" if r.rounds > 1 else ""),
                    disable=not show, dynamic_ncols=True)
-        if len(seeds) < total_seeds and show:
+        if len(seeds) < total_seeds and ctx.rank == 0:
             tqdm.write(f"[rs_sft] {total_seeds - len(seeds)} seed(s) already in {path}; generating the other "
                        f"{len(seeds)}")
         was_training = model.training
