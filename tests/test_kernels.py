@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 NEEDS_CPP_SLICE_MATH = pytest.mark.skipif(not cpp_slice_math_available(),
                                           reason="the csrc cross-entropy rows need the built extension and a CPU "
-                                                 "with AVX-512-BF16 or AMX")
+                                                 "with AVX-512-BF16")
 SLICE_MATHS = [TorchSliceMath, pytest.param(CppSliceMath, marks=NEEDS_CPP_SLICE_MATH)]
 
 
@@ -193,6 +193,28 @@ def test_linear_logprobs_csrc_rows_equal_reference(n, h, v, chunk, dtype, hint):
     assert_logprobs_close(got, want, dtype)
     stats = CppSliceMath.stats(torch.randn(3, v), torch.tensor([0, v - 1, v + 5]), torch.tensor([True, True, False]))
     assert stats[2, 2] == 0  # a target outside the slice's columns has no logit here
+
+
+def test_csrc_rows_run_on_every_avx512_bf16_cpu():
+    """The csrc cross-entropy rows are plain AVX-512 code: the extension offers them exactly where
+    the CPU has AVX-512 (F, BW, VL, DQ) and AVX-512-BF16, AMX or not (they were gated on oneDNN's
+    bf16 brgemm packing, which an AMD EPYC with AVX-512-BF16 but no AMX does not offer, so that
+    CPU ran the torch slice math)."""
+    from megatron_domain.kernels.extension import prebuilt_extension
+
+    ext = prebuilt_extension()
+    if ext is None or not hasattr(ext, "cross_entropy_rows"):
+        pytest.skip("the csrc extension is not built (pip install -e . builds it)")
+    flags = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo to read the CPU flags from")
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            break
+    expected = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"} <= flags
+    assert bool(ext.cross_entropy_rows_supported()) == expected, sorted(f for f in flags if "avx512" in f or "amx" in f)
 
 
 def test_linear_logprobs_triton_interpreted_equals_reference():

@@ -148,7 +148,7 @@ void copy_rows_padded(const BFloat16* src, int64_t rows, int64_t dim, int64_t ld
 
 bool attention_backward_supported(const at::Tensor& q) {
   return q.device().is_cpu() && q.scalar_type() == at::kBFloat16 && q.size(-1) % kHeadDimStep == 0 &&
-         cpublas::could_pack(at::kBFloat16);
+         cpu_has_avx512_bf16() && cpublas::could_pack(at::kBFloat16);
 }
 
 std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -156,7 +156,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
                                            const c10::optional<at::Tensor>& mask, bool is_causal, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_backward: q, k, v must be [B, H, S, D]");
   TORCH_CHECK(attention_backward_supported(q), "attention_backward: needs bf16 CPU tensors with a head dim that is a "
-              "multiple of 32, on a CPU whose oneDNN packs bf16 for brgemm (AVX-512-BF16 or AMX)");
+              "multiple of 32, on a CPU with AVX-512-BF16 whose oneDNN packs bf16 for brgemm (AMX: an AMD EPYC with "
+              "AVX-512-BF16 alone did not)");
   const int64_t batch = q.size(0), heads = q.size(1), seq = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), groups = heads / kv_heads;
   TORCH_CHECK(heads % kv_heads == 0 && k.size(0) == batch && k.size(2) == seq && k.size(3) == dim &&
@@ -308,7 +309,7 @@ bool attention_backward_supported(const at::Tensor&) { return false; }
 std::vector<at::Tensor> attention_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, bool,
                                            double) {
-  TORCH_CHECK(false, "attention_backward: needs an x86-64 CPU with AVX-512-BF16 or AMX");
+  TORCH_CHECK(false, "attention_backward: needs an x86-64 CPU with AVX-512-BF16 and AMX");
 }
 
 #endif

@@ -1,7 +1,8 @@
 // AVX-512 helpers shared by the CPU kernels (attention backward, cross-entropy rows). The
 // extension itself is compiled for baseline x86-64: these functions target AVX-512 (with
-// AVX-512-BF16) and run only where the caller checked that the CPU has it (oneDNN packs bf16
-// for brgemm there: AVX-512-BF16 or AMX).
+// AVX-512-BF16) and run only where the caller checked cpu_has_avx512_bf16() (the attention
+// backward also needs oneDNN's bf16 brgemm packing, which only AMX CPUs offered in our
+// measurements).
 #pragma once
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -9,6 +10,14 @@
 #include <cstdint>
 
 #define MDT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+// Whether this CPU (and the OS, which must save the AVX-512 state) runs MDT_AVX512 code.
+inline bool cpu_has_avx512_bf16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("fma");
+}
 
 namespace mdt {
 

@@ -107,7 +107,7 @@ void gradient_rows(T* logits, int64_t rows, int64_t vocab, int64_t ld, const int
 }
 
 void check_rows(const at::Tensor& logits, const at::Tensor& targets, const char* op) {
-  TORCH_CHECK(cross_entropy_rows_supported(), op, ": needs an x86-64 CPU with AVX-512-BF16 or AMX");
+  TORCH_CHECK(cross_entropy_rows_supported(), op, ": needs an x86-64 CPU with AVX-512 (F, BW, VL, DQ) and AVX-512-BF16");
   TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.stride(1) == 1, op,
               ": logits must be a CPU [n, V] tensor with contiguous rows");
   TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16, op,
@@ -123,7 +123,10 @@ at::Tensor row_vector(const at::Tensor& v, int64_t n, const char* op, const char
 
 }  // namespace
 
-bool cross_entropy_rows_supported() { return at::native::cpublas::could_pack(at::kBFloat16); }
+// The row kernels are plain AVX-512 code (no brgemm), so ask the CPU rather than oneDNN: oneDNN's
+// bf16 packing for brgemm, the earlier test, said no on an AMD EPYC with AVX-512-BF16 but no AMX
+// (measured), where these kernels run.
+bool cross_entropy_rows_supported() { return cpu_has_avx512_bf16(); }
 
 at::Tensor cross_entropy_rows(at::Tensor logits, const at::Tensor& targets, const c10::optional<at::Tensor>& grad_weights) {
   check_rows(logits, targets, "cross_entropy_rows");
@@ -159,7 +162,7 @@ void cross_entropy_rows_gradient_(at::Tensor logits, const at::Tensor& lse, cons
 }
 
 void accumulate_bf16_(at::Tensor dst, const at::Tensor& src) {
-  TORCH_CHECK(cross_entropy_rows_supported(), "accumulate_bf16_: needs an x86-64 CPU with AVX-512-BF16 or AMX");
+  TORCH_CHECK(cross_entropy_rows_supported(), "accumulate_bf16_: needs an x86-64 CPU with AVX-512 (F, BW, VL, DQ) and AVX-512-BF16");
   TORCH_CHECK(dst.scalar_type() == at::kFloat && src.scalar_type() == at::kBFloat16 && dst.sizes() == src.sizes() &&
                   dst.is_contiguous() && src.is_contiguous() && dst.device().is_cpu() && src.device().is_cpu(),
               "accumulate_bf16_: dst must be fp32 and src bf16, contiguous CPU tensors of one shape");
@@ -173,15 +176,15 @@ void accumulate_bf16_(at::Tensor dst, const at::Tensor& src) {
 bool cross_entropy_rows_supported() { return false; }
 
 at::Tensor cross_entropy_rows(at::Tensor, const at::Tensor&, const c10::optional<at::Tensor>&) {
-  TORCH_CHECK(false, "cross_entropy_rows: needs an x86-64 CPU with AVX-512-BF16 or AMX");
+  TORCH_CHECK(false, "cross_entropy_rows: needs an x86-64 CPU with AVX-512 (F, BW, VL, DQ) and AVX-512-BF16");
 }
 
 void cross_entropy_rows_gradient_(at::Tensor, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
-  TORCH_CHECK(false, "cross_entropy_rows_gradient_: needs an x86-64 CPU with AVX-512-BF16 or AMX");
+  TORCH_CHECK(false, "cross_entropy_rows_gradient_: needs an x86-64 CPU with AVX-512 (F, BW, VL, DQ) and AVX-512-BF16");
 }
 
 void accumulate_bf16_(at::Tensor, const at::Tensor&) {
-  TORCH_CHECK(false, "accumulate_bf16_: needs an x86-64 CPU with AVX-512-BF16 or AMX");
+  TORCH_CHECK(false, "accumulate_bf16_: needs an x86-64 CPU with AVX-512 (F, BW, VL, DQ) and AVX-512-BF16");
 }
 
 #endif
