@@ -1,6 +1,7 @@
 """Training attention on the CPU in bf16: SDPA's fused CPU flash forward, and the csrc
 attention backward (`csrc/cpu/attention_backward.cpp`: the same math with its matmuls on
-AMX / AVX-512-BF16 brgemm tiles) instead of torch's.
+AMX brgemm tiles) instead of torch's. oneDNN packs bf16 for brgemm only on AMX CPUs in our
+measurements (an AMD EPYC with AVX-512-BF16 but no AMX: no), so elsewhere torch's backward runs.
 
 Why: torch 2.13's CPU flash-attention backward took 123 ms of a 700 ms bf16 training step
 (bench-20m, 4 x 512, AMX), 5x its forward; ours takes 12.3-13.5 vs 20.5-21.3 ms per layer,

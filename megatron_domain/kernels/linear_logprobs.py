@@ -14,7 +14,7 @@ group (max, then sums) and the hidden-state gradient is all-reduced.
 
 The per-slice math (statistics of a logits slice, and the logits slice turned into its
 gradient in place) is a small strategy object: `TorchSliceMath` here, `CppSliceMath` (the csrc
-row kernels, on CPUs with AVX-512-BF16 or AMX), a Triton version in `kernels/triton_logprobs.py`;
+row kernels, on CPUs with AVX-512-BF16), a Triton version in `kernels/triton_logprobs.py`;
 the matmuls stay in torch (cuBLAS / oneDNN) either way.
 """
 
@@ -103,7 +103,7 @@ class TorchSliceMath:
 
 
 class CppSliceMath(TorchSliceMath):
-    """The slice math of `csrc/cpu/cross_entropy_rows.cpp` (CPUs with AVX-512-BF16 or AMX): one
+    """The slice math of `csrc/cpu/cross_entropy_rows.cpp` (CPUs with AVX-512-BF16): one
     pass over each row while it is in cache, on the logits in the weight's dtype (fp32, or bf16
     read and written as such). The entropy's gradient stays in torch (on fp32 logits): with
     `with_entropy` the chunked kernel keeps TorchSliceMath."""
