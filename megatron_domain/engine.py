@@ -370,8 +370,9 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None, overw
         tqdm.write(f"[{run_dir.name}] model: {params['total'] / 1e6:.2f}M parameters "
                    f"({params['non_embedding'] / 1e6:.2f}M non-embedding), {flops_per_token / 1e6:.1f} MFLOP/token; "
                    f"{dims.describe()}")
-    if is_main and cfg.lora.rank > 0:
+    if cfg.lora.rank > 0:  # counted on every rank (a collective over pipeline stages), printed on one
         trainable, total = trainable_parameters_of(trainer.model, dims)
+    if is_main and cfg.lora.rank > 0:
         tqdm.write(f"[{run_dir.name}] LoRA rank {cfg.lora.rank}, alpha {cfg.lora.scale_alpha:g} on "
                    f"{', '.join(cfg.lora.targets)}: {trainable:,} trainable parameters of {total:,} "
                    f"({trainable / total:.3%})")
