@@ -21,7 +21,7 @@ from megatron_domain.judges.dialogue import rubric_dialogue_score, score_dialogu
 from megatron_domain.judges.rubric import RubricJudge
 from megatron_domain.rollout.dialogues import Dialogue, generate_dialogues
 from megatron_domain.rollout.native import NativeSampler
-from megatron_domain.rollout.prompts import stop_conditions
+from megatron_domain.rollout.prompts import chat_prompt_ids, stop_conditions
 from megatron_domain.rollout.sampling import SamplingParams
 from megatron_domain.config import CollapseGuardConfig
 from megatron_domain.stages.selection import collapse_problems, diversity, select
@@ -68,6 +68,28 @@ def chat_model(chat_run):
     return model, tokenizer, load_template("chatml")
 
 
+# prompt tokens a dialogue may reach: room for three turns of the fixture model's answers. At 100 a
+# sampled dialogue ran out of it on an AMD EPYC (the fixture trains a slightly different model on
+# each CPU) and finished with "context" after two turns; the limit itself is tested below
+ROOM = 200
+
+
+def test_a_dialogue_past_the_prompt_limit_finishes_with_context(chat_model):
+    """A turn whose prompt would exceed max_prompt_tokens is not asked: its user message goes,
+    the dialogue keeps its earlier answers and finishes with "context"."""
+    model, tokenizer, template = chat_model
+    seeds = [parse_seed({"id": "s", "user": "what is alpha?", "follow_ups": ["what is beta?", "what is gamma?"]},
+                        "seeds.jsonl:1", 3, 0)]
+    stop_ids, _ = stop_conditions(template, tokenizer)
+    params = SamplingParams(max_new_tokens=16, temperature=0.0, stop_token_ids=stop_ids)
+    sampler = NativeSampler.for_tokenizer(model, tokenizer, torch.device("cpu"))
+    generate = lambda prompts, p, s, progress: sampler.generate(prompts, p, s)  # noqa: E731
+    first_prompt = len(chat_prompt_ids(seeds[0].opening, template, tokenizer))
+    dialogue = generate_dialogues(generate, seeds, 1, [], template, tokenizer, params, first_prompt, 0)[0][0]
+    assert dialogue.finish == "context" and len(dialogue.answers) == 1
+    assert [m["role"] for m in dialogue.messages] == ["user", "assistant"]
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_batched_dialogues_equal_one_at_a_time(chat_model, tmp_path, temperature):
     """All seeds x dialogues in one batch per turn give the dialogues that generating every
@@ -87,8 +109,9 @@ def test_batched_dialogues_equal_one_at_a_time(chat_model, tmp_path, temperature
         return [sampler.generate([prompt], p, [seed])[0] for prompt, seed in zip(prompts, s)]
 
     scripted = ["what is module?", "what is error?"]
-    together = generate_dialogues(batched, seeds, 4, scripted, template, tokenizer, params, 100, base_seed=1)
-    alone = generate_dialogues(one_at_a_time, seeds, 4, scripted, template, tokenizer, params, 100, base_seed=1)
+    together = generate_dialogues(batched, seeds, 4, scripted, template, tokenizer, params, ROOM, base_seed=1)
+    alone = generate_dialogues(one_at_a_time, seeds, 4, scripted, template, tokenizer, params, ROOM, base_seed=1)
+    assert [d.finish for g in together for d in g] == ["turns"] * 12
     assert batches == [12, 12, 12]  # every turn of every dialogue in one call
     assert [[d.messages for d in g] for g in together] == [[d.messages for d in g] for g in alone]
     first = together[0][0]
@@ -368,12 +391,12 @@ def test_model_played_user_writes_the_missing_follow_ups(chat_model, tmp_path):
         calls.append(len(messages))
         return user(messages, seeds_)
 
-    dialogues = generate_dialogues(generate, seeds, 2, [], template, tokenizer, params, 100, 0, simulate=counted)
+    dialogues = generate_dialogues(generate, seeds, 2, [], template, tokenizer, params, ROOM, 0, simulate=counted)
     assert calls == [6, 6]  # turns 2 and 3, all 3 seeds x 2 dialogues at once
     for group in dialogues:
         for dialogue in group:
             assert [m["role"] for m in dialogue.messages] == ["user", "assistant"] * 3 and dialogue.finish == "turns"
-    without = generate_dialogues(generate, seeds, 2, [], template, tokenizer, params, 100, 0)
+    without = generate_dialogues(generate, seeds, 2, [], template, tokenizer, params, ROOM, 0)
     assert all(d.finish == "no_follow_up" and len(d.answers) == 1 for group in without for d in group)
 
 

@@ -380,6 +380,15 @@ MUTATIONS = (
              "                    for t, sentence in pairs for template in DPO_EXTRA_QUESTIONS]",
              "                    for t, sentence in pairs for template in DPO_EXTRA_QUESTIONS[:8]]",
              ("tests/test_demo_data.py::test_dpo_prompts_carry_their_topics_reference_answer",)),
+    # --no-progress drops the bars only: a batch job's log keeps the results
+    Mutation("no-progress-hides-stage-results", "megatron_domain/pipeline.py",
+             "        print_stage_summary(name, entry)  # results, not progress",
+             "        progress and print_stage_summary(name, entry)  # results, not progress",
+             ("tests/test_lm_eval.py::test_a_failed_gate_stops_the_pipeline_with_a_message",)),
+    Mutation("no-progress-hides-dpo-round-lines", "megatron_domain/stages/online.py",
+             "        if self.is_main:\n            tqdm.write(f\"[dpo] round {index}:",
+             "        if self.show:\n            tqdm.write(f\"[dpo] round {index}:",
+             ("tests/test_dpo.py::test_online_rounds_pair_best_and_worst_drop_ties_and_resume_exactly",)),
 )
 
 
