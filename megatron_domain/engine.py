@@ -372,10 +372,10 @@ def train(cfg: Config, resume: bool = False, progress: bool | None = None, overw
                    f"{dims.describe()}")
     if cfg.lora.rank > 0:  # counted on every rank (a collective over pipeline stages), printed on one
         trainable, total = trainable_parameters_of(trainer.model, dims)
-    if is_main and cfg.lora.rank > 0:
-        tqdm.write(f"[{run_dir.name}] LoRA rank {cfg.lora.rank}, alpha {cfg.lora.scale_alpha:g} on "
-                   f"{', '.join(cfg.lora.targets)}: {trainable:,} trainable parameters of {total:,} "
-                   f"({trainable / total:.3%})")
+        if is_main:
+            tqdm.write(f"[{run_dir.name}] LoRA rank {cfg.lora.rank}, alpha {cfg.lora.scale_alpha:g} on "
+                       f"{', '.join(cfg.lora.targets)}: {trainable:,} trainable parameters of {total:,} "
+                       f"({trainable / total:.3%})")
     result = TrainResult(run_dir=run_dir)
     trainer.model.train()
     if is_main and cfg.train.hang_timeout_s > 0:

@@ -45,20 +45,27 @@ def peak_flops(device: torch.device, configured_tflops: float = 0.0, dtype: torc
     return measured_matmul_flops(device, dtype)
 
 
-def cpu_capabilities() -> dict:
-    """The CPU a benchmark ran on: model name, logical cores, torch threads and the vector /
-    matrix extensions that decide fp32 vs bf16 speed (AVX2, AVX-512, AVX-512 BF16, AMX)."""
-    info = {"cpu": "unknown", "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    flags: set[str] = set()
+def cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The first CPU's model name and feature flags from /proc/cpuinfo (("unknown", set())
+    where there is none: not Linux)."""
+    model, flags = "unknown", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and info["cpu"] == "unknown":
-                info["cpu"] = value.strip()
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
             elif key.strip() == "flags" and not flags:
                 flags = set(value.split())
     except OSError:  # not Linux
         pass
+    return model, flags
+
+
+def cpu_capabilities() -> dict:
+    """The CPU a benchmark ran on: model name, logical cores, torch threads and the vector /
+    matrix extensions that decide fp32 vs bf16 speed (AVX2, AVX-512, AVX-512 BF16, AMX)."""
+    model, flags = cpu_model_and_flags()
+    info = {"cpu": model, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"):
         info[name] = name in flags
     return info

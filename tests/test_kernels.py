@@ -201,18 +201,14 @@ def test_csrc_rows_run_on_every_avx512_bf16_cpu():
     bf16 brgemm packing, which an AMD EPYC with AVX-512-BF16 but no AMX does not offer, so that
     CPU ran the torch slice math)."""
     from megatron_domain.kernels.extension import prebuilt_extension
+    from megatron_domain.metrics import cpu_model_and_flags
 
     ext = prebuilt_extension()
     if ext is None or not hasattr(ext, "cross_entropy_rows"):
         pytest.skip("the csrc extension is not built (pip install -e . builds it)")
-    flags = set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        pytest.skip("no /proc/cpuinfo to read the CPU flags from")
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.partition(":")[2].split())
-            break
+    _, flags = cpu_model_and_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo to read the CPU flags from (not Linux)")
     expected = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"} <= flags
     assert bool(ext.cross_entropy_rows_supported()) == expected, sorted(f for f in flags if "avx512" in f or "amx" in f)
 
