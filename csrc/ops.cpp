@@ -146,8 +146,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dpo_backward", &dpo_backward, "grad_losses, dloss_dh, segment_ids -> grad_policy");
   m.def("attention_backward_supported", &mdt::attention_backward_supported,
         "whether attention_backward runs q's dtype / head dim on this CPU");
+  m.def("attention_backward_matmuls", &mdt::attention_backward_matmuls,
+        "the matmuls attention_backward runs here by default: 'brgemm' (AMX), 'avx512_bf16', or 'none'");
   m.def("attention_backward", &mdt::attention_backward,
-        "grad_out, q, k, v, out, lse, mask (bool or None), is_causal, scale -> grad_q, grad_k, grad_v (CPU, bf16)");
+        "grad_out, q, k, v, out, lse, mask (bool or None), is_causal, scale, matmuls ('auto' | 'brgemm' | "
+        "'avx512_bf16') -> grad_q, grad_k, grad_v (CPU, bf16)",
+        pybind11::arg("grad_out"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"),
+        pybind11::arg("lse"), pybind11::arg("mask"), pybind11::arg("is_causal"), pybind11::arg("scale"),
+        pybind11::arg("matmuls") = "auto");
   m.def("cross_entropy_rows_supported", &mdt::cross_entropy_rows_supported,
         "whether the cross-entropy row kernels run on this CPU");
   m.def("cross_entropy_rows", &mdt::cross_entropy_rows,

@@ -110,7 +110,7 @@ def bf16_cpu_attention_or_skip():
 
     if not cpu_attention_ready(torch.zeros(1, dtype=torch.bfloat16)):
         pytest.skip("the csrc attention backward needs the prebuilt extension (pip install -e . "
-                    "--no-build-isolation) and a CPU with AVX-512-BF16 or AMX")
+                    "--no-build-isolation) and a CPU with AVX-512-BF16")
 
 
 def relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -157,6 +157,66 @@ def test_cpu_bf16_attention_backward_matches_reference_and_torch(layout, seq, di
         ours_error, torch_error = relative_error(a.grad, r.grad), relative_error(t.grad, r.grad)
         assert ours_error <= 1.1 * torch_error + 1e-4, f"d{name}: {ours_error:.2e} vs torch's {torch_error:.2e}"
         assert relative_error(a.grad, t.grad.double()) < 1e-2, f"d{name} differs from torch's flash backward"
+
+
+def csrc_matmuls_or_skip(matmuls: str) -> None:
+    """Skip (naming why) where this CPU cannot run the kernel's `matmuls` implementation."""
+    from megatron_domain.kernels.extension import prebuilt_extension
+
+    bf16_cpu_attention_or_skip()
+    available = prebuilt_extension().attention_backward_matmuls()
+    if matmuls == "brgemm" and available != "brgemm":
+        pytest.skip(f"oneDNN packs bf16 for brgemm only on AMX CPUs; this one runs {available!r}")
+
+
+@pytest.mark.parametrize("matmuls", ["avx512_bf16", "brgemm"])
+@pytest.mark.parametrize("layout,dim", [("causal", 64), ("documents", 96)])
+def test_cpu_attention_backward_matmul_implementations(matmuls, layout, dim):
+    """The csrc backward's two matmul implementations (AMX brgemm; VDPBF16PS register tiles on
+    AVX-512-BF16 CPUs without AMX) each give gradients as close to the float64 reference as
+    torch's flash backward, on 200 tokens (not a multiple of the 64-key blocks, so partial row
+    tiles), GQA, and 64- and 32-column packed blocks (head dims 64 and 96); "auto" is exactly the
+    implementation `attention_backward_matmuls()` names."""
+    from megatron_domain.kernels.cpu_attention import cpu_flash_attention_forward
+    from megatron_domain.kernels.extension import prebuilt_extension
+
+    csrc_matmuls_or_skip(matmuls)
+    ext = prebuilt_extension()
+    seq = 200
+    q, k, v, document_ids = packed_qkv(bsz=3, heads=4, kv_heads=2, seq=seq, dim=dim, seed=5)
+    if layout == "causal":
+        document_ids = torch.zeros_like(document_ids)
+    mask = AttentionContext.build(document_ids, "sdpa", (3, seq), csrc_backward=True).mask  # [B, 1, S, S] or None
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(6))  # [B, Hq, S, D]
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    dense_document_attention(*ref, document_ids, torch.float64).backward(grad_out.double())
+    qb, kb, vb, gb = (t.bfloat16() for t in (q, k, v, grad_out))
+    out, lse = cpu_flash_attention_forward(qb, kb, vb, mask)
+    grads = ext.attention_backward(gb, qb, kb, vb, out, lse, mask, True, dim ** -0.5, matmuls)
+    theirs = [t.detach().requires_grad_() for t in (qb, kb, vb)]
+    F.scaled_dot_product_attention(*theirs, attn_mask=mask, is_causal=mask is None, enable_gqa=True).backward(gb)
+    for name, a, t, r in zip("qkv", grads, theirs, ref):
+        ours_error, torch_error = relative_error(a, r.grad), relative_error(t.grad, r.grad)
+        assert ours_error <= 1.1 * torch_error + 1e-4, f"{matmuls} d{name}: {ours_error:.2e} vs torch's {torch_error:.2e}"
+    if matmuls == ext.attention_backward_matmuls():
+        for a, b in zip(grads, ext.attention_backward(gb, qb, kb, vb, out, lse, mask, True, dim ** -0.5)):
+            assert torch.equal(a, b)
+
+
+def test_cpu_attention_backward_names_the_matmuls_it_cannot_run():
+    """An unknown implementation, or brgemm on a CPU whose oneDNN does not pack bf16 for it,
+    is refused with the choices this CPU has."""
+    from megatron_domain.kernels.extension import prebuilt_extension
+
+    bf16_cpu_attention_or_skip()
+    ext = prebuilt_extension()
+    q = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
+    lse = torch.zeros(1, 2, 8)
+    with pytest.raises(RuntimeError, match="matmuls='tiles' is not one this CPU runs: 'auto'"):
+        ext.attention_backward(q, q, q, q, q, lse, None, True, 0.125, "tiles")
+    if ext.attention_backward_matmuls() != "brgemm":
+        with pytest.raises(RuntimeError, match="'brgemm' where oneDNN packs bf16 for it"):
+            ext.attention_backward(q, q, q, q, q, lse, None, True, 0.125, "brgemm")
 
 
 def test_cpu_attention_backward_refuses_what_it_cannot_run():

@@ -1,6 +1,6 @@
 // Attention backward on the CPU in bf16, from the forward's log-sum-exp (the flash-attention
-// recurrence), with every matmul on AMX / AVX-512-BF16 tiles through ATen's brgemm
-// (bf16 x bf16 -> fp32 accumulate).
+// recurrence), with every matmul bf16 x bf16 -> fp32 on AMX tiles through ATen's brgemm, or on
+// AVX-512-BF16 dot products where oneDNN offers no brgemm (BlockMatmul below).
 //
 // Why our own: torch 2.13's CPU flash-attention backward takes 5-6x its forward's time in bf16
 // (bench-20m, 4 x 512: 123 ms of a 700 ms training step against 24 ms forward) while its
@@ -98,18 +98,110 @@ MDT_AVX512 void to_bf16_pairs(const float* a, const float* b, BFloat16* dst) {
   }
 }
 
-// brgemm's B operand: the VNNI-packed copy of the row-major [K, N] bf16 block `src` (leading
-// dimension ld; K even; N = kBlock, or 32 for the head dim's columns when it is not a multiple of
-// 64). oneDNN packs at most 64 columns at a time.
-void pack_block(const BFloat16* src, int64_t K, int64_t ld, BFloat16* dst, int64_t N = kBlock) {
-  cpublas::pack(K, N, ld, N, at::kBFloat16, at::kBFloat16, src, dst);
-}
+// The backward's matmuls, C [M, N] (+)= A [M, K] x B [K, N]: A row-major bf16, B "VNNI-packed"
+// ([K / 2][N][2] bf16: rows 2p and 2p + 1 interleaved, K even, N = kBlock, or 32 for the head
+// dim's columns when it is not a multiple of 64), C fp32. Two implementations of one layout:
+// - brgemm: ATen's oneDNN brgemm, AMX tiles. oneDNN packs bf16 for it only on AMX CPUs in our
+//   measurements (an AMD EPYC with AVX-512-BF16 but no AMX: no).
+// - avx512_bf16: our register-tiled loop of VDPBF16PS (a bf16 pair dot product into fp32, the
+//   instruction AVX-512-BF16 CPUs without AMX have; oneDNN offers no brgemm there, and calling
+//   its plain gemm per 64-key block would repack B on every call).
+class BlockMatmul {
+ public:
+  explicit BlockMatmul(bool brgemm) : brgemm_(brgemm) {}
 
-// C [M, N] (+)= A [M, K] x B [K, N] (B packed by pack_block with the same N)
-inline void gemm(int64_t M, int64_t K, const BFloat16* A, int64_t lda, const BFloat16* B, float* C, int64_t ldc,
-                 bool accumulate, int64_t N = kBlock) {
-  cpublas::brgemm(M, N, K, lda, N, ldc, accumulate, A, B, C, true);
-}
+  // B's packed copy of the row-major [K, N] bf16 block `src` (leading dimension ld)
+  void pack(const BFloat16* src, int64_t K, int64_t ld, BFloat16* dst, int64_t N = kBlock) const {
+    if (brgemm_) {  // oneDNN packs at most 64 columns at a time
+      cpublas::pack(K, N, ld, N, at::kBFloat16, at::kBFloat16, src, dst);
+      return;
+    }
+    for (int64_t p = 0; p < K / 2; ++p)
+      for (int64_t n = 0; n < N; ++n) {
+        dst[(p * N + n) * 2] = src[2 * p * ld + n];
+        dst[(p * N + n) * 2 + 1] = src[(2 * p + 1) * ld + n];
+      }
+  }
+
+  // C [M, N] (+)= A [M, K] x B [K, N] (B packed as above with the same N)
+  void gemm(int64_t M, int64_t K, const BFloat16* A, int64_t lda, const BFloat16* B, float* C, int64_t ldc,
+            bool accumulate, int64_t N = kBlock) const {
+    if (brgemm_) {
+      cpublas::brgemm(M, N, K, lda, N, ldc, accumulate, A, B, C, true);
+    } else if (N == kBlock) {
+      vnni_gemm<4>(M, K / 2, A, lda, B, C, ldc, accumulate);
+    } else {
+      TORCH_CHECK(N == 32, "attention_backward: packed blocks are 64 or 32 columns wide");
+      vnni_gemm<2>(M, K / 2, A, lda, B, C, ldc, accumulate);
+    }
+  }
+
+  // brgemm keeps per-thread AMX state; give it back once a thread's tasks are done
+  void release() const {
+    if (brgemm_) cpublas::brgemm_release(true);
+  }
+
+ private:
+  bool brgemm_;
+
+  // rows of C per register tile: rows x NV vectors of 16 fp32 accumulators (24 of AVX-512's 32
+  // registers for 64 columns; 16 for 32 columns), plus NV for B and one for A
+  template <int NV>
+  static constexpr int kTileRows = NV == 4 ? 6 : 8;
+
+  template <int NV>
+  static void vnni_gemm(int64_t M, int64_t pairs, const BFloat16* A, int64_t lda, const BFloat16* B, float* C,
+                        int64_t ldc, bool accumulate) {
+    constexpr int R = kTileRows<NV>;
+    int64_t m = 0;
+    for (; m + R <= M; m += R) vnni_tile<R, NV>(pairs, A + m * lda, lda, B, C + m * ldc, ldc, accumulate);
+    if (m < M) vnni_tail<R - 1, NV>(M - m, pairs, A + m * lda, lda, B, C + m * ldc, ldc, accumulate);
+  }
+
+  // the last `rows` (< R) rows: the tile of exactly that many rows
+  template <int R, int NV>
+  static void vnni_tail(int64_t rows, int64_t pairs, const BFloat16* A, int64_t lda, const BFloat16* B, float* C,
+                        int64_t ldc, bool accumulate) {
+    if constexpr (R > 0) {
+      if (rows == R) {
+        vnni_tile<R, NV>(pairs, A, lda, B, C, ldc, accumulate);
+      } else {
+        vnni_tail<R - 1, NV>(rows, pairs, A, lda, B, C, ldc, accumulate);
+      }
+    }
+  }
+
+  // C [R, 16 NV] (+)= A [R, 2 pairs] x B: per pair p, A's (a_2p, a_2p+1) broadcast to all lanes
+  // and dotted with B's 16 NV packed column pairs
+  template <int R, int NV>
+  MDT_AVX512 static void vnni_tile(int64_t pairs, const BFloat16* A, int64_t lda, const BFloat16* B, float* C,
+                                   int64_t ldc, bool accumulate) {
+    __m512 acc[R][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; ++p) {
+      __m512i b[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(B + (p * NV * 16 + v * 16) * 2);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, A + r * lda + 2 * p, sizeof(pair));
+        const __m512i a = _mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v)
+          acc[r][v] = _mm512_dpbf16_ps(acc[r][v], reinterpret_cast<const __m512bh&>(a),
+                                       reinterpret_cast<const __m512bh&>(b[v]));
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
+  }
+};
 
 // dst [cols, rows] (leading dimension ld_dst) = src [rows, cols]^T (leading dimension ld_src),
 // converted to T, in 16 x 16 tiles (an element-wise strided copy missed the cache on every store
@@ -148,16 +240,26 @@ void copy_rows_padded(const BFloat16* src, int64_t rows, int64_t dim, int64_t ld
 
 bool attention_backward_supported(const at::Tensor& q) {
   return q.device().is_cpu() && q.scalar_type() == at::kBFloat16 && q.size(-1) % kHeadDimStep == 0 &&
-         cpu_has_avx512_bf16() && cpublas::could_pack(at::kBFloat16);
+         cpu_has_avx512_bf16();
+}
+
+std::string attention_backward_matmuls() {
+  if (!cpu_has_avx512_bf16()) return "none";
+  return cpublas::could_pack(at::kBFloat16) ? "brgemm" : "avx512_bf16";
 }
 
 std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                           const c10::optional<at::Tensor>& mask, bool is_causal, double scale) {
+                                           const c10::optional<at::Tensor>& mask, bool is_causal, double scale,
+                                           const std::string& matmuls) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_backward: q, k, v must be [B, H, S, D]");
   TORCH_CHECK(attention_backward_supported(q), "attention_backward: needs bf16 CPU tensors with a head dim that is a "
-              "multiple of 32, on a CPU with AVX-512-BF16 whose oneDNN packs bf16 for brgemm (AMX: an AMD EPYC with "
-              "AVX-512-BF16 alone did not)");
+              "multiple of 32, on a CPU with AVX-512-BF16");
+  const std::string available = attention_backward_matmuls();
+  TORCH_CHECK(matmuls == "auto" || matmuls == "avx512_bf16" || (matmuls == "brgemm" && available == "brgemm"),
+              "attention_backward: matmuls='", matmuls, "' is not one this CPU runs: 'auto' (here '", available,
+              "'), 'avx512_bf16', or 'brgemm' where oneDNN packs bf16 for it (AMX)");
+  const BlockMatmul matmul(matmuls == "brgemm" || (matmuls == "auto" && available == "brgemm"));
   const int64_t batch = q.size(0), heads = q.size(1), seq = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), groups = heads / kv_heads;
   TORCH_CHECK(heads % kv_heads == 0 && k.size(0) == batch && k.size(2) == seq && k.size(3) == dim &&
@@ -210,7 +312,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
       copy_rows_padded(k_data + b * kc.stride(0) + hk * kc.stride(1), seq, dim, kc.stride(2), padded, key.data());
       copy_rows_padded(v_data + b * vc.stride(0) + hk * vc.stride(1), seq, dim, vc.stride(2), padded, value.data());
       for (int64_t c = 0; c < dim; c += dcols)  // B of dQ = dS K: [L, D]
-        pack_block(key.data() + c, padded, dim, key_packed.data() + c * padded, dcols);
+        matmul.pack(key.data() + c, padded, dim, key_packed.data() + c * padded, dcols);
       for (int64_t c = 0; c < padded; c += kBlock) {  // B of S = Q K^T and of dP = dO V^T: [D, L]
         pack_transposed_block(key.data() + c * dim, dim, key_t_packed.data() + c * dim);
         pack_transposed_block(value.data() + c * dim, dim, value_t_packed.data() + c * dim);
@@ -243,9 +345,9 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
               std::memset(dscores.data() + r * padded + k0, 0, kBlock * sizeof(BFloat16));
             }
             // S = Q K^T, dP = dO V^T on rows [r0, rows) x keys [k0, k0 + kBlock)
-            gemm(rows - r0, dim, query.data() + (q0 + r0) * dim, dim, key_t_packed.data() + k0 * dim,
+            matmul.gemm(rows - r0, dim, query.data() + (q0 + r0) * dim, dim, key_t_packed.data() + k0 * dim,
                  scores.data() + r0 * kBlock, kBlock, false);
-            gemm(rows - r0, dim, grad_o.data() + (q0 + r0) * dim, dim, value_t_packed.data() + k0 * dim,
+            matmul.gemm(rows - r0, dim, grad_o.data() + (q0 + r0) * dim, dim, value_t_packed.data() + k0 * dim,
                  dprobs.data() + r0 * kBlock, kBlock, false);
             const bool check_diagonal = is_causal && k0 >= q0;
             for (int64_t r = r0; r < rows; ++r) {
@@ -278,14 +380,14 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
                             dscores_packed.data() + (r - r0) * kBlock);
             }
             // dK^T [D, keys] += Q^T [D, rows] dS [rows, keys]; dV^T [D, keys] += dO^T [D, rows] P [rows, keys]
-            gemm(dim, rows - r0, query_t.data() + q0 + r0, padded, dscores_packed.data(), dk_t.data() + k0, padded,
+            matmul.gemm(dim, rows - r0, query_t.data() + q0 + r0, padded, dscores_packed.data(), dk_t.data() + k0, padded,
                  true);
-            gemm(dim, rows - r0, grad_o_t.data() + q0 + r0, padded, probs_packed.data(), dv_t.data() + k0, padded,
+            matmul.gemm(dim, rows - r0, grad_o_t.data() + q0 + r0, padded, probs_packed.data(), dv_t.data() + k0, padded,
                  true);
           }
           // dQ [rows, D] = dS [rows, span] K [span, D]
           for (int64_t c = 0; c < dim; c += dcols)
-            gemm(rows, span, dscores.data(), padded, key_packed.data() + c * padded, dq.data() + c, dim, false, dcols);
+            matmul.gemm(rows, span, dscores.data(), padded, key_packed.data() + c * padded, dq.data() + c, dim, false, dcols);
           for (int64_t r = 0; r < rows && q0 + r < seq; ++r) {
             BFloat16* dst = grad_q_data + ((b * heads + h) * seq + q0 + r) * dim;
             to_bf16(dq.data() + r * dim, dst, dim);
@@ -297,7 +399,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
       transpose(dk_t.data(), dim, seq, padded, dk_head, dim);
       transpose(dv_t.data(), dim, seq, padded, dv_head, dim);
     }
-    cpublas::brgemm_release(true);
+    matmul.release();
   });
   return {grad_q, grad_k, grad_v};
 }
@@ -306,10 +408,12 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
 
 bool attention_backward_supported(const at::Tensor&) { return false; }
 
+std::string attention_backward_matmuls() { return "none"; }
+
 std::vector<at::Tensor> attention_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, bool,
-                                           double) {
-  TORCH_CHECK(false, "attention_backward: needs an x86-64 CPU with AVX-512-BF16 and AMX");
+                                           double, const std::string&) {
+  TORCH_CHECK(false, "attention_backward: needs an x86-64 CPU with AVX-512-BF16");
 }
 
 #endif

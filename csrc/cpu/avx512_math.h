@@ -1,8 +1,8 @@
 // AVX-512 helpers shared by the CPU kernels (attention backward, cross-entropy rows). The
 // extension itself is compiled for baseline x86-64: these functions target AVX-512 (with
 // AVX-512-BF16) and run only where the caller checked cpu_has_avx512_bf16() (the attention
-// backward also needs oneDNN's bf16 brgemm packing, which only AMX CPUs offered in our
-// measurements).
+// backward uses oneDNN's bf16 brgemm where it packs bf16, which only AMX CPUs offered in our
+// measurements, and its own VDPBF16PS loop elsewhere).
 #pragma once
 #if defined(__x86_64__)
 #include <immintrin.h>

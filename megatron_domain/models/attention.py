@@ -5,7 +5,7 @@ k/v [B, Hkv, S, D] -> [B, Hq, S, D] and tested against a dense masked reference:
 
 - `sdpa` (default, CPU and GPU): `scaled_dot_product_attention` with a boolean
   document-causal mask, or `is_causal=True` when no row holds more than one document; in bf16
-  training on a CPU with AMX / AVX-512-BF16, its fused forward with our csrc backward;
+  training on a CPU with AVX-512-BF16 (AMX or not), its fused forward with our csrc backward;
 - `flex` (GPU): FlexAttention with a document-causal BlockMask (compiled; on CPU torch has
   no FlexAttention backward, so training with it there is refused);
 - `flash_varlen` (GPU, flash-attn installed): the packed rows flattened to [B*S, H, D] with
