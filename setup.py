@@ -9,8 +9,8 @@ import os
 
 from setuptools import find_packages, setup
 
-CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/pack_metadata.cpp", "csrc/cpu/dpo_loss.cpp", "csrc/cpu/attention_backward.cpp",
-               "csrc/cpu/cross_entropy_rows.cpp"]
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/pack_metadata.cpp", "csrc/cpu/dpo_loss.cpp", "csrc/cpu/attention_forward.cpp",
+               "csrc/cpu/attention_backward.cpp", "csrc/cpu/cross_entropy_rows.cpp"]
 CUDA_SOURCES = ["csrc/cuda/pack_metadata.cu", "csrc/cuda/dpo_loss.cu"]
 
 

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cpu/attention_backward.h"
+#include "cpu/attention_forward.h"
 #include "cpu/cross_entropy_rows.h"
 #include "kernels.h"
 
@@ -139,13 +140,18 @@ torch::Tensor dpo_backward(torch::Tensor grad_losses, torch::Tensor dloss_dh, to
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "megatron-domain packing, fused DPO-loss, CPU attention-backward and cross-entropy-row kernels (C++ CPU; CUDA when built WITH_CUDA)";
+  m.doc() = "megatron-domain packing, fused DPO-loss, CPU attention forward / backward and cross-entropy-row kernels (C++ CPU; CUDA when built WITH_CUDA)";
   m.def("has_cuda", &built_with_cuda, "whether this build includes the CUDA kernels");
   m.def("pack_metadata", &pack_metadata, "tokens [B, S], eod_id -> document_ids, position_ids, cu_seqlens");
   m.def("dpo_forward", &dpo_forward, "policy, reference, segment_ids, pairs, beta, label_smoothing, loss_type");
   m.def("dpo_backward", &dpo_backward, "grad_losses, dloss_dh, segment_ids -> grad_policy");
   m.def("attention_backward_supported", &mdt::attention_backward_supported,
         "whether attention_backward runs q's dtype / head dim on this CPU");
+  m.def("attention_forward", &mdt::attention_forward,
+        "q, k, v, mask (bool or None), is_causal, scale, matmuls ('auto' | 'brgemm' | 'avx512_bf16') -> out, lse "
+        "(CPU, bf16; sequence-major memory)",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("mask"), pybind11::arg("is_causal"),
+        pybind11::arg("scale"), pybind11::arg("matmuls") = "auto");
   m.def("attention_backward_matmuls", &mdt::attention_backward_matmuls,
         "the matmuls attention_backward runs here by default: 'brgemm' (AMX), 'avx512_bf16', or 'none'");
   m.def("attention_backward", &mdt::attention_backward,

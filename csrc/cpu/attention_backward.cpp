@@ -8,12 +8,14 @@
 // matmuls on brgemm too.
 //
 // Per (batch, KV head) task, for each query head of the group, each block of 256 queries i and
-// each block of 64 keys j up to the causal bound (rows that see none of block j are skipped):
+// each block of 64 keys j up to the causal bound (rows that see none of block j are skipped, and
+// blocks the mask allows none of):
 //   S_ij = Q_i K_j^T, dP_ij = dO_i V_j^T
 //   P = exp(scale * S - lse) on allowed positions, 0 elsewhere
 //   dS = P * (dP - delta_i) * scale, delta_i = sum_d dO_i * O_i
 //   dQ_i = dS K, dK += dS^T Q_i, dV += P^T dO_i            (dK / dV accumulated in fp32 over the group)
 #include "attention_backward.h"
+#include "attention_blocks.h"
 #include "avx512_math.h"
 
 #include <ATen/Parallel.h>
@@ -33,15 +35,9 @@ namespace mdt {
 #if defined(__x86_64__)
 namespace {
 
-using at::BFloat16;
-namespace cpublas = at::native::cpublas;
+using namespace attention_blocks;
 
-constexpr int64_t kBlock = 64;        // keys per block: the packed column width
 constexpr int64_t kQueryBlock = 256;  // queries per block (fewer, larger brgemm calls)
-// head dims: multiples of 32 (the demo's model has 32; bench-20m and real models 64 or 128). The
-// head dim is a brgemm K (a multiple of 2 suffices) everywhere but in dQ = dS K, where its columns
-// are packed kBlock at a time, or 32 at a time when it is not a multiple of kBlock
-constexpr int64_t kHeadDimStep = 32;
 
 // One query row over a key block of kBlock columns, in place: scores -> P = exp(scale * s -
 // lse), dprobs -> dS = P * (dP - delta) * scale.
@@ -78,14 +74,6 @@ MDT_AVX512 void apply_row_mask(float* s_row, float* dp_row, int64_t keep, const 
   }
 }
 
-// n floats (a multiple of 16, default kBlock) -> bf16 (round to nearest even)
-MDT_AVX512 void to_bf16(const float* src, BFloat16* dst, int64_t n = kBlock) {
-  for (int64_t c = 0; c < n; c += 16) {
-    const __m256bh packed = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + c));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), reinterpret_cast<const __m256i&>(packed));
-  }
-}
-
 // Two rows a, b of kBlock floats -> the kBlock (a_n, b_n) bf16 pairs of brgemm's VNNI B layout
 // ([K / 2][N][2], checked equal to oneDNN's pack), written without a separate pack pass
 MDT_AVX512 void to_bf16_pairs(const float* a, const float* b, BFloat16* dst) {
@@ -98,144 +86,6 @@ MDT_AVX512 void to_bf16_pairs(const float* a, const float* b, BFloat16* dst) {
   }
 }
 
-// The backward's matmuls, C [M, N] (+)= A [M, K] x B [K, N]: A row-major bf16, B "VNNI-packed"
-// ([K / 2][N][2] bf16: rows 2p and 2p + 1 interleaved, K even, N = kBlock, or 32 for the head
-// dim's columns when it is not a multiple of 64), C fp32. Two implementations of one layout:
-// - brgemm: ATen's oneDNN brgemm, AMX tiles. oneDNN packs bf16 for it only on AMX CPUs in our
-//   measurements (an AMD EPYC with AVX-512-BF16 but no AMX: no).
-// - avx512_bf16: our register-tiled loop of VDPBF16PS (a bf16 pair dot product into fp32, the
-//   instruction AVX-512-BF16 CPUs without AMX have; oneDNN offers no brgemm there, and calling
-//   its plain gemm per 64-key block would repack B on every call).
-class BlockMatmul {
- public:
-  explicit BlockMatmul(bool brgemm) : brgemm_(brgemm) {}
-
-  // B's packed copy of the row-major [K, N] bf16 block `src` (leading dimension ld)
-  void pack(const BFloat16* src, int64_t K, int64_t ld, BFloat16* dst, int64_t N = kBlock) const {
-    if (brgemm_) {  // oneDNN packs at most 64 columns at a time
-      cpublas::pack(K, N, ld, N, at::kBFloat16, at::kBFloat16, src, dst);
-      return;
-    }
-    for (int64_t p = 0; p < K / 2; ++p)
-      for (int64_t n = 0; n < N; ++n) {
-        dst[(p * N + n) * 2] = src[2 * p * ld + n];
-        dst[(p * N + n) * 2 + 1] = src[(2 * p + 1) * ld + n];
-      }
-  }
-
-  // C [M, N] (+)= A [M, K] x B [K, N] (B packed as above with the same N)
-  void gemm(int64_t M, int64_t K, const BFloat16* A, int64_t lda, const BFloat16* B, float* C, int64_t ldc,
-            bool accumulate, int64_t N = kBlock) const {
-    if (brgemm_) {
-      cpublas::brgemm(M, N, K, lda, N, ldc, accumulate, A, B, C, true);
-    } else if (N == kBlock) {
-      vnni_gemm<4>(M, K / 2, A, lda, B, C, ldc, accumulate);
-    } else {
-      TORCH_CHECK(N == 32, "attention_backward: packed blocks are 64 or 32 columns wide");
-      vnni_gemm<2>(M, K / 2, A, lda, B, C, ldc, accumulate);
-    }
-  }
-
-  // brgemm keeps per-thread AMX state; give it back once a thread's tasks are done
-  void release() const {
-    if (brgemm_) cpublas::brgemm_release(true);
-  }
-
- private:
-  bool brgemm_;
-
-  // rows of C per register tile: rows x NV vectors of 16 fp32 accumulators (24 of AVX-512's 32
-  // registers for 64 columns; 16 for 32 columns), plus NV for B and one for A
-  template <int NV>
-  static constexpr int kTileRows = NV == 4 ? 6 : 8;
-
-  template <int NV>
-  static void vnni_gemm(int64_t M, int64_t pairs, const BFloat16* A, int64_t lda, const BFloat16* B, float* C,
-                        int64_t ldc, bool accumulate) {
-    constexpr int R = kTileRows<NV>;
-    int64_t m = 0;
-    for (; m + R <= M; m += R) vnni_tile<R, NV>(pairs, A + m * lda, lda, B, C + m * ldc, ldc, accumulate);
-    if (m < M) vnni_tail<R - 1, NV>(M - m, pairs, A + m * lda, lda, B, C + m * ldc, ldc, accumulate);
-  }
-
-  // the last `rows` (< R) rows: the tile of exactly that many rows
-  template <int R, int NV>
-  static void vnni_tail(int64_t rows, int64_t pairs, const BFloat16* A, int64_t lda, const BFloat16* B, float* C,
-                        int64_t ldc, bool accumulate) {
-    if constexpr (R > 0) {
-      if (rows == R) {
-        vnni_tile<R, NV>(pairs, A, lda, B, C, ldc, accumulate);
-      } else {
-        vnni_tail<R - 1, NV>(rows, pairs, A, lda, B, C, ldc, accumulate);
-      }
-    }
-  }
-
-  // C [R, 16 NV] (+)= A [R, 2 pairs] x B: per pair p, A's (a_2p, a_2p+1) broadcast to all lanes
-  // and dotted with B's 16 NV packed column pairs
-  template <int R, int NV>
-  MDT_AVX512 static void vnni_tile(int64_t pairs, const BFloat16* A, int64_t lda, const BFloat16* B, float* C,
-                                   int64_t ldc, bool accumulate) {
-    __m512 acc[R][NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
-    for (int64_t p = 0; p < pairs; ++p) {
-      __m512i b[NV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(B + (p * NV * 16 + v * 16) * 2);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        int32_t pair;
-        std::memcpy(&pair, A + r * lda + 2 * p, sizeof(pair));
-        const __m512i a = _mm512_set1_epi32(pair);
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v)
-          acc[r][v] = _mm512_dpbf16_ps(acc[r][v], reinterpret_cast<const __m512bh&>(a),
-                                       reinterpret_cast<const __m512bh&>(b[v]));
-      }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
-  }
-};
-
-// dst [cols, rows] (leading dimension ld_dst) = src [rows, cols]^T (leading dimension ld_src),
-// converted to T, in 16 x 16 tiles (an element-wise strided copy missed the cache on every store
-// and took ~40% of the kernel's time)
-template <typename S, typename T>
-void transpose(const S* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst, int64_t ld_dst) {
-  constexpr int64_t kTile = 16;
-  for (int64_t r0 = 0; r0 < rows; r0 += kTile)
-    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
-      const int64_t r1 = std::min(r0 + kTile, rows), c1 = std::min(c0 + kTile, cols);
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t r = r0; r < r1; ++r) dst[c * ld_dst + r] = static_cast<T>(src[r * ld_src + c]);
-    }
-}
-
-// brgemm's B operand for X^T [D, kBlock keys], X = the row-major [kBlock, D] bf16 rows at `x`:
-// a VNNI pair of X^T's rows (d, d + 1) is two adjacent elements of one row of X, so the packed
-// block is X's rows transposed as 32-bit words ([D / 2][kBlock] pairs): no 16-bit transpose and
-// no pack pass
-void pack_transposed_block(const BFloat16* x, int64_t dim, BFloat16* dst) {
-  transpose(reinterpret_cast<const uint32_t*>(x), kBlock, dim / 2, dim / 2, reinterpret_cast<uint32_t*>(dst), kBlock);
-}
-
-// the same for bf16 -> bf16, moved as 16-bit words
-void transpose_bf16(const BFloat16* src, int64_t rows, int64_t cols, int64_t ld_src, BFloat16* dst, int64_t ld_dst) {
-  transpose(reinterpret_cast<const uint16_t*>(src), rows, cols, ld_src, reinterpret_cast<uint16_t*>(dst), ld_dst);
-}
-
-// the [S, D] slice (last dim contiguous) zero-padded to `padded` rows, as contiguous bf16
-void copy_rows_padded(const BFloat16* src, int64_t rows, int64_t dim, int64_t ld, int64_t padded, BFloat16* dst) {
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * dim, src + r * ld, dim * sizeof(BFloat16));
-  std::memset(dst + rows * dim, 0, (padded - rows) * dim * sizeof(BFloat16));
-}
-
 }  // namespace
 
 bool attention_backward_supported(const at::Tensor& q) {
@@ -243,10 +93,7 @@ bool attention_backward_supported(const at::Tensor& q) {
          cpu_has_avx512_bf16();
 }
 
-std::string attention_backward_matmuls() {
-  if (!cpu_has_avx512_bf16()) return "none";
-  return cpublas::could_pack(at::kBFloat16) ? "brgemm" : "avx512_bf16";
-}
+std::string attention_backward_matmuls() { return attention_matmuls_here(); }
 
 std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
@@ -255,11 +102,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_backward: q, k, v must be [B, H, S, D]");
   TORCH_CHECK(attention_backward_supported(q), "attention_backward: needs bf16 CPU tensors with a head dim that is a "
               "multiple of 32, on a CPU with AVX-512-BF16");
-  const std::string available = attention_backward_matmuls();
-  TORCH_CHECK(matmuls == "auto" || matmuls == "avx512_bf16" || (matmuls == "brgemm" && available == "brgemm"),
-              "attention_backward: matmuls='", matmuls, "' is not one this CPU runs: 'auto' (here '", available,
-              "'), 'avx512_bf16', or 'brgemm' where oneDNN packs bf16 for it (AMX)");
-  const BlockMatmul matmul(matmuls == "brgemm" || (matmuls == "auto" && available == "brgemm"));
+  const BlockMatmul matmul(BlockMatmul::uses_brgemm("attention_backward", matmuls));
   const int64_t batch = q.size(0), heads = q.size(1), seq = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), groups = heads / kv_heads;
   TORCH_CHECK(heads % kv_heads == 0 && k.size(0) == batch && k.size(2) == seq && k.size(3) == dim &&
@@ -341,6 +184,13 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
           for (int64_t k0 = 0; k0 < span; k0 += kBlock) {
             // causal: rows before k0 see none of this key block (r0 is a multiple of kBlock)
             const int64_t r0 = is_causal ? std::max<int64_t>(k0 - q0, 0) : 0;
+            if (has_mask && !block_allowed(mask_head, mask_ld, mask_cd, std::min(q0 + r0, seq), std::min(q0 + rows, seq),
+                                           k0, std::min(k0 + kBlock, seq))) {
+              // no query row may attend these keys (other documents): dS is 0 there, nothing to add
+              for (int64_t r = 0; r < rows; ++r)
+                std::memset(dscores.data() + r * padded + k0, 0, kBlock * sizeof(BFloat16));
+              continue;
+            }
             for (int64_t r = 0; r < r0; ++r) {
               std::memset(dscores.data() + r * padded + k0, 0, kBlock * sizeof(BFloat16));
             }

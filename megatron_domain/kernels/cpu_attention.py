@@ -1,7 +1,8 @@
-"""Training attention on the CPU in bf16: SDPA's fused CPU flash forward, and the csrc
-attention backward (`csrc/cpu/attention_backward.cpp`: the same math with its matmuls on AMX
-brgemm tiles, or on AVX-512-BF16 dot products where oneDNN offers no bf16 brgemm, as on an AMD
-EPYC without AMX) instead of torch's.
+"""Training attention on the CPU in bf16: a fused flash forward (SDPA's where oneDNN offers bf16
+brgemm, i.e. AMX; elsewhere ours, `csrc/cpu/attention_forward.cpp`), and the csrc attention
+backward (`csrc/cpu/attention_backward.cpp`: the same math with its matmuls on AMX brgemm tiles,
+or on AVX-512-BF16 dot products where oneDNN offers no bf16 brgemm, as on an AMD EPYC without
+AMX) instead of torch's.
 
 Why: torch 2.13's CPU flash-attention backward took 123 ms of a 700 ms bf16 training step
 (bench-20m, 4 x 512, AMX), 5x its forward; ours takes 12.3-13.5 vs 20.5-21.3 ms per layer,
@@ -45,6 +46,17 @@ def csrc_attention_available() -> bool:
     return ext is not None and hasattr(ext, "attention_backward") and ext.attention_backward_supported(probe)
 
 
+@functools.cache
+def csrc_forward_runs() -> bool:
+    """Whether the forward half runs the csrc kernel rather than SDPA's: on AVX-512-BF16 CPUs
+    where oneDNN offers no bf16 brgemm (there torch's forward ran at a third of our kernel's
+    rate: bench-20m layer 16 vs 10 ms on an AMD EPYC); with AMX, torch's forward already runs
+    on brgemm and stays."""
+    ext = _extension()
+    return (ext is not None and hasattr(ext, "attention_forward")
+            and ext.attention_backward_matmuls() == "avx512_bf16")
+
+
 def runs_here(q: torch.Tensor) -> bool:
     """Whether the csrc backward takes this q (bf16, head dim a multiple of 32), once
     `cpu_attention_ready` said yes for the forward."""
@@ -60,9 +72,19 @@ def _extension():
 @torch.library.custom_op("megatron_domain::cpu_flash_attention", mutates_args=())
 def cpu_flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDPA's CPU flash kernel, causal and (when given) restricted by the bool `mask`
-    [B, 1, S, S]: q [B, Hq, S, D], k/v [B, Hkv, S, D] -> (out [B, Hq, S, D], log-sum-exp
-    [B, Hq, S] fp32)."""
+    """Causal attention, restricted by the bool `mask` [B, 1, S, S] when given: q [B, Hq, S, D],
+    k/v [B, Hkv, S, D] -> (out [B, Hq, S, D], log-sum-exp [B, Hq, S] fp32), by the kernel
+    `csrc_forward_runs` picks for this CPU."""
+    return flash_forward(q, k, v, mask, csrc=csrc_forward_runs())
+
+
+def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  csrc: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward half with either kernel (tests run both): `csrc` ours, else SDPA's CPU flash
+    kernel; shapes as `cpu_flash_attention_forward`, both outputs with sequence-major memory."""
+    if csrc:
+        out, lse = _extension().attention_forward(q, k, v, mask, True, q.shape[-1] ** -0.5)
+        return out, lse
     if mask is None:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
     else:

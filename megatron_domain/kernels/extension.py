@@ -18,8 +18,8 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-CPU_SOURCES = ("ops.cpp", "cpu/pack_metadata.cpp", "cpu/dpo_loss.cpp", "cpu/attention_backward.cpp",
-               "cpu/cross_entropy_rows.cpp")
+CPU_SOURCES = ("ops.cpp", "cpu/pack_metadata.cpp", "cpu/dpo_loss.cpp", "cpu/attention_forward.cpp",
+               "cpu/attention_backward.cpp", "cpu/cross_entropy_rows.cpp")
 CUDA_SOURCES = ("cuda/pack_metadata.cu", "cuda/dpo_loss.cu")
 
 
