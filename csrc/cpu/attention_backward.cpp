@@ -99,25 +99,16 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
                                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                            const c10::optional<at::Tensor>& mask, bool is_causal, double scale,
                                            const std::string& matmuls) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_backward: q, k, v must be [B, H, S, D]");
   TORCH_CHECK(attention_backward_supported(q), "attention_backward: needs bf16 CPU tensors with a head dim that is a "
               "multiple of 32, on a CPU with AVX-512-BF16");
   const BlockMatmul matmul(BlockMatmul::uses_brgemm("attention_backward", matmuls));
+  const at::Tensor mask_bool = checked_inputs("attention_backward", q, k, v, mask);  // [B, Hq, S, S] or undefined
   const int64_t batch = q.size(0), heads = q.size(1), seq = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), groups = heads / kv_heads;
-  TORCH_CHECK(heads % kv_heads == 0 && k.size(0) == batch && k.size(2) == seq && k.size(3) == dim &&
-                  v.sizes() == k.sizes(),
-              "attention_backward: k / v must be [B, Hkv, S, D] with Hq a multiple of Hkv");
   for (const at::Tensor* t : {&grad_out, &k, &v, &out})
     TORCH_CHECK(t->scalar_type() == at::kBFloat16, "attention_backward: every tensor but lse must be bf16");
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "attention_backward: grad_out / out must be like q");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3, "attention_backward: lse must be fp32 [B, H, S]");
-  at::Tensor mask_bool;
-  if (mask.has_value() && mask->defined()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4 && mask->size(2) == seq && mask->size(3) == seq,
-                "attention_backward: mask must be bool [B or 1, H or 1, S, S]");
-    mask_bool = mask->expand({batch, heads, seq, seq});
-  }
   const bool has_mask = mask_bool.defined();
   auto last_contiguous = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
   const at::Tensor qc = last_contiguous(q), kc = last_contiguous(k), vc = last_contiguous(v);

@@ -182,6 +182,22 @@ inline void transpose_bf16(const BFloat16* src, int64_t rows, int64_t cols, int6
   transpose(reinterpret_cast<const uint16_t*>(src), rows, cols, ld_src, reinterpret_cast<uint16_t*>(dst), ld_dst);
 }
 
+// Checks the kernels' shared input contract (`kernel` names the caller in the errors): q
+// [B, Hq, S, D], k / v [B, Hkv, S, D] with Hq a multiple of Hkv, an optional bool mask [B or 1,
+// Hq or 1, S, S]; returns the mask expanded to [B, Hq, S, S] (undefined when none was given).
+inline at::Tensor checked_inputs(const char* kernel, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, kernel, ": q, k, v must be [B, H, S, D]");
+  const int64_t batch = q.size(0), heads = q.size(1), seq = q.size(2), dim = q.size(3);
+  TORCH_CHECK(heads % k.size(1) == 0 && k.size(0) == batch && k.size(2) == seq && k.size(3) == dim &&
+                  v.sizes() == k.sizes(),
+              kernel, ": k / v must be [B, Hkv, S, D] with Hq a multiple of Hkv");
+  if (!mask.has_value() || !mask->defined()) return at::Tensor();
+  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4 && mask->size(2) == seq && mask->size(3) == seq,
+              kernel, ": mask must be bool [B or 1, H or 1, S, S]");
+  return mask->expand({batch, heads, seq, seq});
+}
+
 // Whether any query in [q0, q1) may attend any key in [k0, k1) under a bool mask (row stride ld,
 // element stride cd): a block of packed rows whose documents do not meet is skipped whole.
 inline bool block_allowed(const bool* mask, int64_t ld, int64_t cd, int64_t q0, int64_t q1, int64_t k0, int64_t k1) {

@@ -90,22 +90,13 @@ MDT_AVX512 void scale_row(float* row, int64_t n, float factor) {
 std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                           const c10::optional<at::Tensor>& mask, bool is_causal, double scale,
                                           const std::string& matmuls) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_forward: q, k, v must be [B, H, S, D]");
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
                   v.scalar_type() == at::kBFloat16 && q.size(-1) % kHeadDimStep == 0 && cpu_has_avx512_bf16(),
               "attention_forward: needs bf16 CPU tensors with a head dim that is a multiple of 32, on a CPU with "
               "AVX-512-BF16");
+  const at::Tensor mask_bool = checked_inputs("attention_forward", q, k, v, mask);  // [B, Hq, S, S] or undefined
   const int64_t batch = q.size(0), heads = q.size(1), seq = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), groups = heads / kv_heads;
-  TORCH_CHECK(heads % kv_heads == 0 && k.size(0) == batch && k.size(2) == seq && k.size(3) == dim &&
-                  v.sizes() == k.sizes(),
-              "attention_forward: k / v must be [B, Hkv, S, D] with Hq a multiple of Hkv");
-  at::Tensor mask_bool;
-  if (mask.has_value() && mask->defined()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4 && mask->size(2) == seq && mask->size(3) == seq,
-                "attention_forward: mask must be bool [B or 1, H or 1, S, S]");
-    mask_bool = mask->expand({batch, heads, seq, seq});
-  }
   const BlockMatmul matmul(BlockMatmul::uses_brgemm("attention_forward", matmuls));
   const bool has_mask = mask_bool.defined();
   auto last_contiguous = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
