@@ -235,6 +235,32 @@ def test_linear_logprobs_triton_interpreted_equals_reference():
         assert error < TOLERANCE[torch.bfloat16 if name.endswith("bfloat16") else torch.float32], (name, error)
 
 
+def test_linear_logprobs_triton_kernels_compile_for_hopper_without_a_gpu():
+    """The Triton kernels through the real compiler (AST -> TTIR -> PTX -> cubin for sm_90), which
+    needs no GPU: the interpreter accepts code that the compiler rejects (a kernel reading an
+    annotated, not instantiated, constexpr global ran interpreted here and failed on an H200)."""
+    triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton runs this test)")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend to compile with")
+    from megatron_domain.kernels.triton_logprobs import _gradient_kernel, _stats_kernel
+
+    target = GPUTarget("cuda", 90, 32)
+    stats = {"logits_ptr": "*fp32", "targets_ptr": "*i64", "owned_ptr": "*i8", "out_ptr": "*fp32", "n_rows": "i32",
+             "vocab": "i32", "stride_row": "i32", "BLOCK": "constexpr"}
+    compiled = [triton.compile(ASTSource(_stats_kernel, stats, {"BLOCK": 1024}), target=target)]
+    gradient = {"logits_ptr": "*fp32", "lse_ptr": "*fp32", "mean_ptr": "*fp32", "targets_ptr": "*i64",
+                "owned_ptr": "*i8", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "vocab": "i32",
+                "stride_row": "i32", "HAS_ENTROPY": "constexpr", "BLOCK": "constexpr"}
+    for has_entropy in (True, False):
+        constants = {"HAS_ENTROPY": has_entropy, "BLOCK": 1024}
+        compiled.append(triton.compile(ASTSource(_gradient_kernel, gradient, constants), target=target))
+    for kernel in compiled:
+        assert kernel.asm["cubin"] and ".target sm_90" in kernel.asm["ptx"]
+
+
 @pytest.mark.slow
 def test_linear_logprobs_vocab_split_over_two_processes(tmp_path):
     run_on_ranks(2, vocab_parallel_logprobs, str(tmp_path))

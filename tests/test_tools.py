@@ -22,9 +22,10 @@ def test_gpu_check_dry_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(out.read_text())
     for section in ("extension", "kernels", "attention", "fp8", "bench_losses", "bench_vs_transformers", "bench_bf16",
-                    "bench_bf16_fused_ce", "bench_fp8", "bench_rollout"):
+                    "bench_bf16_fused_ce", "bench_fp8", "bench_fp8_fused_ce", "bench_rollout"):
         assert "error" not in summary[section], (section, summary[section])
     kernels = summary["kernels"]
+    assert all("error" not in result for result in kernels.values() if isinstance(result, dict)), kernels
     assert kernels["pack_metadata/cpp"]["equal"] is True
     for name, errors in kernels.items():
         if name.startswith("linear_logprobs") and name.endswith("float32"):
@@ -37,6 +38,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert summary["bench_vs_transformers"]["compiled_fused_ce"]["speedup_vs_hf"] > 0, summary["bench_vs_transformers"]
     assert "skipped" in summary["bench_vs_transformers"]["eager"]  # (the same tool, run by the bench tests below)
     assert summary["bench_bf16"]["tokens_per_s"] > 0 and summary["fp8_speedup"] > 0
+    assert summary["fp8_speedup_fused_ce"] > 0
     rollout = summary["bench_rollout"]  # the generation benchmark: same prompts, lengths and sampling for both
     assert rollout["results"]["native"]["new_tokens"] == rollout["results"]["hf"]["new_tokens"] == 2 * 2 * 4
     assert rollout["native_vs_hf"] > 0 and rollout["machine"]["logical_cores"] >= 1
@@ -93,6 +95,15 @@ def test_bench_dpo_compares_ours_with_trl_on_the_same_tokens(tmp_path):
         assert record[name]["tokens_per_s"] > 0 and record[name]["peak_rss_gb"] > 0, record[name]
         assert abs(record[name]["final_loss"] - 0.6931) < 0.01  # lr 1e-6: both stay at log 2
     assert record["ratios"]["ours/trl"]["tokens_per_s"] > 0
+
+
+def test_bench_reports_the_failing_implementations_own_error():
+    """When a measuring process fails, tools/bench.py exits naming the implementation and showing
+    that process's error (on the H200 only "exit status 1" came back, hiding a Triton error)."""
+    run = subprocess.run([sys.executable, "tools/bench.py", "--preset", "no-such-preset", "--steps", "1",
+                          "--warmup", "0", "--seq", "16"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode != 0
+    assert "tools/bench.py --impl ours failed" in run.stderr and "unknown preset 'no-such-preset'" in run.stderr
 
 
 def test_bench_profile_breaks_the_step_down():

@@ -323,7 +323,9 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--impl", impl, "--peak-flops", str(peak)] + sys.argv[1:]
             if round_index > 0 and "--profile" in cmd:
                 cmd.remove("--profile")
-            proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            if proc.returncode:  # the child's own error, not only "exit status 1"
+                sys.exit(f"tools/bench.py --impl {impl} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
             if args.profile and round_index == 0:
                 sys.stderr.write(f"--- profile of {impl} ({args.dtype}) ---\n{proc.stderr}")
             runs[impl].append(json.loads(proc.stdout.strip().splitlines()[-1]))

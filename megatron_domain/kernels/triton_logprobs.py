@@ -16,7 +16,7 @@ import triton.language as tl
 from megatron_domain.kernels.linear_logprobs import TorchSliceMath, linear_logprobs_chunked
 
 BLOCK = 1024
-NEG_BIG: tl.constexpr = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)  # a global a kernel reads must be a tl.constexpr instance
 
 
 @triton.jit
