@@ -43,13 +43,16 @@ def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, target
 
 
 def default_chunk_rows(vocab: int, device_type: str = "cuda") -> int:
-    """Rows per logits slice. GPUs: about 64 MiB of fp32 logits per slice, between 64 and 4096
-    rows. CPUs: about 16 MiB, at least 256 rows, so a slice is still in cache when its statistics
-    and gradient are taken (bench-20m's bf16 cross-entropy, forward + backward: 84-88 ms at
-    256-512 rows, 110 ms at 1024-2048, 135 ms at 64)."""
+    """Rows per logits slice. GPUs: about 256 MiB of fp32 logits per slice, between 256 and 8192
+    rows: every slice adds its weight gradient into the whole [V, H] fp32 gradient, a pass over
+    V x H x 8 bytes or more, so slices must be tall. (With 64 MiB, 130 rows at Llama 3's vocabulary,
+    an H200 ran the 1B preset's step 40% slower than with full logits.) CPUs: about 16 MiB, at
+    least 256 rows, so a slice is still in cache when its statistics and gradient are taken
+    (bench-20m's bf16 cross-entropy, forward + backward: 84-88 ms at 256-512 rows, 110 ms at
+    1024-2048, 135 ms at 64)."""
     if device_type == "cpu":
         return max(256, min(4096, (1 << 22) // max(vocab, 1)))
-    return max(64, min(4096, (1 << 24) // max(vocab, 1)))
+    return max(256, min(8192, (1 << 26) // max(vocab, 1)))
 
 
 class TorchSliceMath:
@@ -174,6 +177,9 @@ class SliceBuffers:
         self.weight_product = None  # [V, H] in the weight's dtype, made on first use
         self.csrc_accumulate = (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
                                 and cpp_slice_math_available())
+        # CUDA's bf16 / fp16 GEMM with an fp32 output (torch >= 2.8's addmm out_dtype)
+        self.fp32_output_matmul = (weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16)
+                                   and hasattr(torch.ops.aten.addmm, "dtype_out"))
 
     def slice_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """hidden [n, H] @ weight [V, H]^T -> [n, V] logits in the buffers (fp32, or the
@@ -191,7 +197,12 @@ class SliceBuffers:
         """grad_weight [V, H] fp32 += grad_logits [n, V]^T @ hidden_rows [n, H], the matmul in
         the gradient's (bf16 / fp16) dtype into a reused [V, H] block, summed in fp32 (upcast to
         fp32 the matmul ran at fp32 speed on a CPU: 55 ms of a 590 ms bf16 step at bench-20m; a
-        fresh block per slice, and torch's type-promoting add_, cost ~9 ms each in page faults)."""
+        fresh block per slice, and torch's type-promoting add_, cost ~9 ms each in page faults). On
+        CUDA one GEMM with an fp32 output adds into the gradient instead (no [V, H] block)."""
+        if self.fp32_output_matmul:  # one GEMM accumulating into the fp32 gradient, no [V, H] temporary
+            torch.addmm(grad_weight, grad_logits.t(), hidden_rows.to(grad_logits.dtype), out_dtype=torch.float32,
+                        out=grad_weight)  # [V, H]
+            return
         if self.weight_product is None:
             self.weight_product = torch.empty(grad_weight.shape, dtype=grad_logits.dtype, device=grad_weight.device)
         product = torch.mm(grad_logits.t(), hidden_rows.to(grad_logits.dtype), out=self.weight_product)  # [V, H]
