@@ -22,7 +22,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(out.read_text())
     for section in ("extension", "kernels", "attention", "fp8", "bench_losses", "bench_vs_transformers", "bench_bf16",
-                    "bench_bf16_fused_ce", "bench_fp8", "bench_fp8_fused_ce", "bench_rollout"):
+                    "bench_bf16_fused_ce", "bench_fp8", "bench_fp8_fused_ce", "engine", "bench_rollout"):
         assert "error" not in summary[section], (section, summary[section])
     kernels = summary["kernels"]
     assert all("error" not in result for result in kernels.values() if isinstance(result, dict)), kernels
@@ -39,6 +39,15 @@ def test_gpu_check_dry_run(tmp_path):
     assert "skipped" in summary["bench_vs_transformers"]["eager"]  # (the same tool, run by the bench tests below)
     assert summary["bench_bf16"]["tokens_per_s"] > 0 and summary["fp8_speedup"] > 0
     assert summary["fp8_speedup_fused_ce"] > 0
+    for section in ("bench_bf16", "bench_fp8"):  # the profiled steps: ranked ops, shares of one total
+        profile = summary[section]["profile"]
+        shares = [op["share"] for op in profile["top_ops"]]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9, profile
+        assert 0 < profile["matmul_share"] < 1 and set(profile["phase_ms_per_step"]) == {"forward", "backward",
+                                                                                          "optimizer"}
+    engine = summary["engine"]  # the whole engine (mdt train) in one process
+    assert engine["bench"] == "parallel_layouts" and [r["layout"] for r in engine["layouts"]] == ["single"]
+    assert engine["layouts"][0]["tokens_per_s"] > 0 and engine["layouts"][0]["final_loss"] > 0
     rollout = summary["bench_rollout"]  # the generation benchmark: same prompts, lengths and sampling for both
     assert rollout["results"]["native"]["new_tokens"] == rollout["results"]["hf"]["new_tokens"] == 2 * 2 * 4
     assert rollout["native_vs_hf"] > 0 and rollout["machine"]["logical_cores"] >= 1

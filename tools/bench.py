@@ -6,6 +6,7 @@ LlamaForCausalLM with the same shapes, optimizer (torch AdamW) and dtype, in one
     python tools/bench.py --steps 20 --preset bench-20m --batch 4 --seq 512 --dtype bf16
     python tools/bench.py --dtype bf16 --compile --fused-ce      # a GPU: ours as the engine runs it there
     python tools/bench.py --parallel tp=2 --parallel pp=2     # engine: 1 process vs each layout
+    python tools/bench.py --engine --dtype bf16 --compile     # engine: one process only
     python tools/bench.py --dtype bf16 --profile                 # + torch.profiler: top ops, fwd/bwd/optimizer
 
 Each implementation runs in its own subprocess (clean peak-memory numbers, no shared caches);
@@ -21,6 +22,8 @@ runs under torchrun on a synthetic corpus, once as a single process and once per
 threads are split evenly between the processes, and MFU uses the same per-thread matmul
 peak for all, so the ratios compare layouts, not thread counts. The output layer is untied
 in this mode (pipeline stages cannot share a tied embedding), for every layout alike.
+`--engine` runs only the single process (`--compile` -> `train.compile`, `--attention-backend`
+-> `model.attention_backend`); on a GPU, MFU is against the data sheet.
 """
 
 from __future__ import annotations
@@ -126,7 +129,18 @@ def run_one(args) -> dict:
             times.append(time.perf_counter() - start)
     tokens_per_step = args.batch * args.seq
     tokens_per_s = tokens_per_step * len(times) / sum(times)
-    profile = profile_steps(args, model, forward_loss, optimizer, tokens, autocast) if args.profile else None
+    profile = None
+    if args.profile:
+        from megatron_domain.profiling import profile_training_steps
+
+        def optimizer_step() -> None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        profile, table = profile_training_steps(lambda: forward_loss(tokens), optimizer_step, args.profile_steps,
+                                                device, args.profile_top, autocast)
+        print(table, file=sys.stderr)
     peak = args.peak_flops or peak_flops(device, dtype=dtype)
     if device.type == "cuda":
         peak_mem = torch.cuda.max_memory_allocated() / 2**30
@@ -135,47 +149,6 @@ def run_one(args) -> dict:
     return {"impl": args.impl, "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
             "peak_memory_gb": peak_mem, "step_time_s": sum(times) / len(times), "final_loss": float(loss.detach()),
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6, **({"profile": profile} if profile else {})}
-
-
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm")
-PHASES = ("forward", "backward", "optimizer")
-
-
-def profile_steps(args, model, forward_loss, optimizer, tokens, autocast) -> dict:
-    """`args.profile_steps` training steps under torch.profiler: per-phase wall time (ms per
-    step), the matmul share of all ops' self time, and the top `args.profile_top` ops by self
-    time (device time on CUDA); the table goes to stderr."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    device = torch.device(args.device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(args.profile_steps):
-            with record_function("forward"), autocast:
-                loss = forward_loss(tokens)
-            with record_function("backward"):
-                loss.backward()
-            with record_function("optimizer"):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-    averages = prof.key_averages()
-    on_gpu = device.type == "cuda"
-
-    def self_us(event) -> float:
-        return event.self_device_time_total if on_gpu else event.self_cpu_time_total
-    ops = [e for e in averages if e.key not in PHASES and self_us(e) > 0]
-    total = sum(self_us(e) for e in ops)
-    phases = {e.key: e.cpu_time_total / 1e3 / args.profile_steps for e in averages if e.key in PHASES}
-    top = sorted(ops, key=self_us, reverse=True)[: args.profile_top]
-    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
-    print(averages.table(sort_by=sort_by, row_limit=args.profile_top), file=sys.stderr)
-    return {"steps": args.profile_steps, "phase_ms_per_step": phases,
-            "matmul_share": sum(self_us(e) for e in ops if e.key in MATMUL_OPS) / total if total else 0.0,
-            "top_ops": [{"op": e.key, "self_ms_per_step": self_us(e) / 1e3 / args.profile_steps,
-                         "share": self_us(e) / total, "calls_per_step": e.count / args.profile_steps} for e in top]}
 
 
 def make_bench_data(root: Path, vocab_limit: int, num_docs: int = 400, seed: int = 0) -> dict:
@@ -214,16 +187,18 @@ def run_layout(args, data: dict, layout: dict, root: Path, per_thread_flops: flo
         world *= int(layout.get(key, 1))
     layout = {"dp_shard": 1, **layout}
     threads = max(1, (args.threads or os.cpu_count()) // world)
+    peak = per_thread_flops * threads if args.device == "cpu" else per_thread_flops  # a GPU: one per process
     pp = int(layout.get("pp", 1))
     name = "_".join(f"{k}{v}" for k, v in layout.items() if v != 1) or "single"
     # untied output layer for every layout: pipeline stages cannot share a tied embedding
-    cfg = {"mode": "pretrain", "model": {"preset": args.preset, "tie_embeddings": False},
+    cfg = {"mode": "pretrain", "model": {"preset": args.preset, "tie_embeddings": False,
+                                         "attention_backend": args.attention_backend},
            "data": {"tokenizer": data["tokenizer"], "seq_len": args.seq,
                     "corpora": [{"name": "bench", "path": data["corpus"], "weight": 1.0}]},
            "train": {"run_dir": str(root / name), "steps": args.warmup + args.steps, "dtype": args.dtype,
                      "micro_batch_size": args.batch // pp if pp > 1 else args.batch,
                      "global_batch_size": args.batch, "device": args.device, "num_threads": threads,
-                     "peak_tflops": per_thread_flops * threads / 1e12, "progress": False},
+                     "peak_tflops": peak / 1e12, "progress": False, "compile": args.compile},
            "parallel": layout}
     config = root / f"{name}.yaml"
     config.write_text(yaml.safe_dump(cfg))
@@ -247,8 +222,13 @@ def bench_layouts(args) -> dict:
     from megatron_domain.metrics import measured_matmul_flops
 
     vocab = config_from_dict({"model": {"preset": args.preset}, "data": {"seq_len": args.seq}}).model.vocab_size
-    torch.set_num_threads(1)
-    per_thread = measured_matmul_flops(torch.device(args.device), size=1024, repeats=10)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+        per_thread = measured_matmul_flops(torch.device(args.device), size=1024, repeats=10)
+    else:  # one GPU per process: its data-sheet peak in the training dtype
+        from megatron_domain.metrics import peak_flops
+
+        per_thread = peak_flops(torch.device(args.device), dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = make_bench_data(root, vocab)
@@ -288,6 +268,9 @@ def main() -> None:
     parser.add_argument("--parallel", action="append", default=[], metavar="LAYOUT",
                         help="benchmark the engine at this layout (e.g. tp=2, pp=2, tp=2,dp_shard=2) against one "
                              "process; repeatable")
+    parser.add_argument("--engine", action="store_true",
+                        help="benchmark the engine (mdt train, pretrain mode, random-token documents) in one process")
+    parser.add_argument("--attention-backend", default="sdpa", help="the engine's model.attention_backend")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads to split between processes "
                         "(default: all cores)")
     parser.add_argument("--rounds", type=int, default=1, help="alternate ours and transformers this many times and "
@@ -300,7 +283,7 @@ def main() -> None:
     parser.add_argument("--peak-flops", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.parallel:
+    if args.parallel or args.engine:
         print(json.dumps(bench_layouts(args)))
         return
     if args.impl:

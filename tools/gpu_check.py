@@ -1,25 +1,28 @@
 #!/usr/bin/env python
 """The one GPU check: build the csrc CUDA extension, compare every GPU implementation with
 its reference, compare FP8 with bf16, and benchmark training steps of the ~1B Llama preset
-(bf16 and FP8, seq 4096) -> tokens/s, MFU and peak memory; then ours vs transformers (training
-step, tools/bench.py; generation, tools/bench_rollout.py) and the fused-loss benchmark. Writes
-one JSON summary.
+(bf16 and FP8, seq 4096, full logits and fused cross-entropy; the bf16 / FP8 steps with a
+profile of their top kernels) -> tokens/s, MFU and peak memory; then ours vs transformers
+(training step, tools/bench.py; generation, tools/bench_rollout.py), the whole engine in one
+process (tools/bench.py --engine) and the fused-loss benchmark. Writes one JSON summary.
 
-    python tools/gpu_check.py --out gpu_check.json              # on a GPU machine (< 8 min on one H200)
+    python tools/gpu_check.py --out gpu_check.json              # on a GPU machine (~6-7 min on one H200)
     python tools/gpu_check.py --dry-run --out /tmp/check.json   # CPU: the same code at tiny shapes
 
 Every section runs even when an earlier one fails; a failure is recorded as
 {"error": ...} in its place. The JSON is rewritten after every section, and no section starts
 after --budget-s seconds (recorded as skipped), so a run that is cut short keeps its results.
-It runs from a checkout without installing the package (no megatron-core needed). Sections
-whose optional package is missing (flash-attn, Transformer Engine, torchao) say "skipped" with
-the package name. MFU is reported against the measured dense bf16 matmul rate of this GPU
+It runs from a checkout without installing the package. Sections whose optional package is
+missing (flash-attn, Transformer Engine, torchao; megatron-core for the engine's data
+pipeline) say "skipped" with the package name. On a machine without them, carry wheels
+(torchao 0.18.0 and megatron-core 0.16.1 for Python 3.12: README, "On a GPU"). MFU is reported against the measured dense bf16 matmul rate of this GPU
 (the issue's ~790 TFLOP/s on an H200) and against the data-sheet peak.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import sys
@@ -226,6 +229,18 @@ def bench_vs_transformers(dry: bool) -> dict:
     return out
 
 
+def bench_engine(dry: bool) -> dict:
+    """tools/bench.py --engine: the whole engine (mdt train, pretrain mode: data pipeline with
+    document-masked packing, the default kernels incl. the fused cross-entropy, bf16, compiled
+    layers, FlexAttention on a GPU) in one process; needs megatron-core (the data pipeline)."""
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+        return {"skipped": "megatron-core is not installed (the engine's data pipeline; carry its wheel)"}
+    extra = ["--preset", "tiny-test", "--batch", "2", "--seq", "64", "--steps", "2", "--warmup", "1"] if dry else \
+        ["--preset", "llama3.2-1b", "--batch", "4", "--seq", "4096", "--steps", "10", "--warmup", "3", "--dtype", "bf16",
+         "--compile", "--attention-backend", "flex"]
+    return run_tool("bench.py", ["--engine", *extra])
+
+
 def bench_rollout(dry: bool) -> dict:
     """tools/bench_rollout.py: the native KV-cache sampler vs transformers' generate (vLLM is not
     installed on the GPU machines), 16 prompts x 4 samples x 128 new tokens of bench-20m."""
@@ -235,15 +250,17 @@ def bench_rollout(dry: bool) -> dict:
 
 
 def bench_training(device: torch.device, dry: bool, fp8: str, steps: int, compile_layers: bool,
-                   fused_ce: bool = False) -> dict:
+                   fused_ce: bool = False, profile_top: int = 0) -> dict:
     """Training steps of the ~1B preset at seq 4096 (engine model, AdamW, bf16 autocast;
-    full-logits CE, or the fused linear log-probs with `fused_ce`): tokens/s, MFU, peak memory."""
+    full-logits CE, or the fused linear log-probs with `fused_ce`): tokens/s, MFU, peak memory;
+    with `profile_top`, the top ops by self time of two more steps under torch.profiler."""
     from megatron_domain.config import model_config_from_dict
     from megatron_domain.kernels.registry import get_kernel
     from megatron_domain.losses import masked_cross_entropy_sum
     from megatron_domain.metrics import GPU_PEAK_FLOPS, measured_matmul_flops
     from megatron_domain.models.llama import build_model, materialize, training_flops_per_token
     from megatron_domain.optim import adamw_implementation
+    from megatron_domain.profiling import profile_training_steps
 
     preset, batch, seq = ("tiny-test", 2, 64) if dry else ("llama3.2-1b", 4, 4096)
     cfg = model_config_from_dict({"preset": preset})
@@ -265,33 +282,48 @@ def bench_training(device: torch.device, dry: bool, fp8: str, steps: int, compil
     mask = torch.ones(batch * seq, dtype=torch.bool, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    kernel = get_kernel("linear_logprobs", "auto", device) if fused_ce else None
+    # the loss is linear in the log-probs (minus their mean): told so, the kernel takes the gradients
+    # from the forward's own slices, as the engine's causal-LM step (stages/causal_lm.py) does
+    kernel = functools.partial(get_kernel("linear_logprobs", "auto", device),
+                               loss_weights=-torch.ones(batch * seq, device=device)) if fused_ce else None
+
+    def forward_loss() -> torch.Tensor:
+        if fused_ce:
+            logp = model(tokens[:, :-1], positions, targets=tokens[:, 1:], logprobs_kernel=kernel)  # [B, S]
+            return -logp.sum() / logp.numel()
+        logits = model(tokens[:, :-1], positions)  # [B, S, V]
+        loss_sum, count = masked_cross_entropy_sum(logits.flatten(0, 1), tokens[:, 1:].flatten(), mask)
+        return loss_sum / count
+
+    def optimizer_step() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
     times, warmup = [], 1 if dry else 3
     for step in range(warmup + steps):
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            if fused_ce:
-                logp = model(tokens[:, :-1], positions, targets=tokens[:, 1:], logprobs_kernel=kernel)  # [B, S]
-                loss_sum, count = -logp.sum(), torch.tensor(float(logp.numel()), device=device)
-            else:
-                logits = model(tokens[:, :-1], positions)  # [B, S, V]
-                loss_sum, count = masked_cross_entropy_sum(logits.flatten(0, 1), tokens[:, 1:].flatten(), mask)
-        (loss_sum / count).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = forward_loss()
+        loss.backward()
+        optimizer_step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - start)
+    peak_memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     tokens_per_s = batch * seq * len(times) / sum(times)
     flops = training_flops_per_token(cfg, seq) * tokens_per_s
     measured = measured_matmul_flops(device, torch.bfloat16, size=256 if dry else 8192)
     sheet = next((v for k, v in GPU_PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), 0)
-    return {"preset": preset, "batch": batch, "seq": seq, "fp8": fp8, "compiled": compile_layers, "fused_ce": fused_ce,
-            "tokens_per_s": tokens_per_s, "step_time_s": sum(times) / len(times),
-            "mfu_vs_measured_matmul": flops / measured, "measured_matmul_tflops": measured / 1e12,
-            "mfu_vs_datasheet": flops / sheet if sheet else None, "final_loss": float(loss_sum.detach() / count),
-            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    result = {"preset": preset, "batch": batch, "seq": seq, "fp8": fp8, "compiled": compile_layers,
+              "fused_ce": fused_ce, "tokens_per_s": tokens_per_s, "step_time_s": sum(times) / len(times),
+              "mfu_vs_measured_matmul": flops / measured, "measured_matmul_tflops": measured / 1e12,
+              "mfu_vs_datasheet": flops / sheet if sheet else None, "final_loss": float(loss.detach()),
+              "peak_memory_gb": peak_memory}
+    if profile_top:  # where the step's time goes (kernels by device time on a GPU), 2 more steps
+        result["profile"], _ = profile_training_steps(forward_loss, optimizer_step, 2, device, profile_top, autocast())
+    return result
 
 
 def main() -> None:
@@ -304,6 +336,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per benchmark")
     parser.add_argument("--no-compile", action="store_true", help="benchmark without torch.compile per layer")
     parser.add_argument("--skip", nargs="*", default=[], help="section names to skip")
+    parser.add_argument("--profile-top", type=int, default=15,
+                        help="ops listed from a profiled bf16 / float8 step (0: no profile)")
     parser.add_argument("--budget-s", type=float, default=450,
                         help="start no section after this many seconds (the rest are recorded as skipped)")
     args = parser.parse_args()
@@ -326,11 +360,12 @@ def main() -> None:
         "kernels": lambda: check_kernels(device, dry),
         "attention": lambda: check_attention(device, dry),
         "fp8": lambda: check_fp8(device, dry),
-        "bench_bf16": lambda: bench_training(device, dry, "none", steps, compile_layers),
-        "bench_fp8": lambda: bench_training(device, dry, "float8", steps, compile_layers),
+        "bench_bf16": lambda: bench_training(device, dry, "none", steps, compile_layers, profile_top=args.profile_top),
+        "bench_fp8": lambda: bench_training(device, dry, "float8", steps, compile_layers, profile_top=args.profile_top),
         "bench_vs_transformers": lambda: bench_vs_transformers(dry),
         "bench_bf16_fused_ce": lambda: bench_training(device, dry, "none", steps, compile_layers, fused_ce=True),
         "bench_fp8_fused_ce": lambda: bench_training(device, dry, "float8", steps, compile_layers, fused_ce=True),
+        "engine": lambda: bench_engine(dry),
         "bench_losses": lambda: bench_losses(dry),
         "bench_rollout": lambda: bench_rollout(dry),
     }
