@@ -22,7 +22,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(out.read_text())
     for section in ("extension", "kernels", "attention", "fp8", "bench_losses", "bench_vs_transformers", "bench_bf16",
-                    "bench_bf16_fused_ce", "bench_fp8", "bench_fp8_fused_ce", "engine", "bench_rollout"):
+                    "bench_bf16_fused_ce", "bench_fp8", "bench_fp8_fused_ce", "bench_bf16_8b_16_layers",
+                    "bench_fp8_8b_16_layers", "engine", "bench_rollout"):
         assert "error" not in summary[section], (section, summary[section])
     kernels = summary["kernels"]
     assert all("error" not in result for result in kernels.values() if isinstance(result, dict)), kernels
@@ -38,7 +39,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert summary["bench_vs_transformers"]["compiled_fused_ce"]["speedup_vs_hf"] > 0, summary["bench_vs_transformers"]
     assert "skipped" in summary["bench_vs_transformers"]["eager"]  # (the same tool, run by the bench tests below)
     assert summary["bench_bf16"]["tokens_per_s"] > 0 and summary["fp8_speedup"] > 0
-    assert summary["fp8_speedup_fused_ce"] > 0
+    assert summary["fp8_speedup_fused_ce"] > 0 and summary["fp8_speedup_8b_16_layers"] > 0
     for section in ("bench_bf16", "bench_fp8"):  # the profiled steps: ranked ops, shares of one total
         profile = summary[section]["profile"]
         shares = [op["share"] for op in profile["top_ops"]]
