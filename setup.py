@@ -6,6 +6,7 @@ never pulls a CUDA build. GPU machines keep their existing CUDA torch for the sa
 """
 
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -27,6 +28,14 @@ def default_cuda_arch_flags(torch) -> list:
             "-gencode=arch=compute_90,code=compute_90"]
 
 
+def openmp_flags(torch) -> list[str]:
+    """-fopenmp where torch runs its intra-op threads on OpenMP (its Linux builds): without it,
+    at::parallel_for in the C++ kernels compiles to a plain serial call (the attention and
+    cross-entropy kernels ran on one core until the twentieth session). Not linked: the kernels
+    use the OpenMP runtime torch has loaded, so torch.set_num_threads governs them too."""
+    return ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux") else []
+
+
 def kernel_extension() -> dict:
     """The csrc kernels as `megatron_domain._C` when torch is importable at build time (e.g.
     `pip install -e . --no-build-isolation`): CUDA + C++ with a CUDA torch and nvcc, C++ only
@@ -43,9 +52,9 @@ def kernel_extension() -> dict:
     if torch.version.cuda is not None and CUDA_HOME is not None:
         ext = CUDAExtension("megatron_domain._C", CPU_SOURCES + CUDA_SOURCES, include_dirs=include,
                             define_macros=[("WITH_CUDA", None)],
-                            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *default_cuda_arch_flags(torch)]})
+                            extra_compile_args={"cxx": ["-O3", *openmp_flags(torch)], "nvcc": ["-O3", *default_cuda_arch_flags(torch)]})
     else:
-        ext = CppExtension("megatron_domain._C", CPU_SOURCES, include_dirs=include, extra_compile_args=["-O3"])
+        ext = CppExtension("megatron_domain._C", CPU_SOURCES, include_dirs=include, extra_compile_args=["-O3", *openmp_flags(torch)])
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 
 

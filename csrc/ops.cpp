@@ -1,7 +1,9 @@
 // torch binding of the megatron-domain kernels: checks inputs, allocates outputs and calls the
 // CPU (csrc/cpu) or, when built WITH_CUDA, the CUDA (csrc/cuda) entry point of kernels.h.
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <atomic>
 #include <vector>
 
 #include "cpu/attention_backward.h"
@@ -26,6 +28,19 @@ bool built_with_cuda() {
 #else
   return false;
 #endif
+}
+
+// How many threads at::parallel_for runs `tasks` tasks on in this build: torch's intra-op
+// threads when the extension was compiled with -fopenmp (INTRA_OP_PARALLEL; torch's CPU builds
+// use OpenMP), 1 when not: then every CPU kernel here ran on one core.
+int64_t intra_op_threads_used(int64_t tasks) {
+  std::vector<std::atomic<int>> seen(at::get_num_threads());
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    if (begin < end) seen[at::get_thread_num() % seen.size()].store(1);  // OpenMP: one chunk per thread
+  });
+  int64_t used = 0;
+  for (const auto& flag : seen) used += flag.load();
+  return used;
 }
 
 void check_cuda_available(const torch::Tensor& t, const char* op) {
@@ -142,6 +157,8 @@ torch::Tensor dpo_backward(torch::Tensor grad_losses, torch::Tensor dloss_dh, to
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "megatron-domain packing, fused DPO-loss, CPU attention forward / backward and cross-entropy-row kernels (C++ CPU; CUDA when built WITH_CUDA)";
   m.def("has_cuda", &built_with_cuda, "whether this build includes the CUDA kernels");
+  m.def("intra_op_threads_used", &intra_op_threads_used,
+        "threads at::parallel_for spreads `tasks` tasks over (1 when built without OpenMP)");
   m.def("pack_metadata", &pack_metadata, "tokens [B, S], eod_id -> document_ids, position_ids, cu_seqlens");
   m.def("dpo_forward", &dpo_forward, "policy, reference, segment_ids, pairs, beta, label_smoothing, loss_type");
   m.def("dpo_backward", &dpo_backward, "grad_losses, dloss_dh, segment_ids -> grad_policy");

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -64,7 +65,9 @@ def load_extension() -> ModuleType:
     build_dir = Path(os.environ.get("MDT_EXTENSION_DIR", Path.home() / ".cache" / "megatron_domain" / "extension"))
     build_dir = build_dir / ("cuda" if with_cuda else "cpu") / f"torch-{torch.__version__}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3"] + (["-DWITH_CUDA"] if with_cuda else [])
+    # -fopenmp: at::parallel_for is serial without it (see setup.py's openmp_flags)
+    openmp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux") else []
+    flags = ["-O3", *openmp] + (["-DWITH_CUDA"] if with_cuda else [])
     return load(name="megatron_domain_ext", sources=extension_sources(with_cuda), extra_cflags=flags,
                 extra_cuda_cflags=["-O3"], extra_include_paths=[str(CSRC)], build_directory=str(build_dir),
                 with_cuda=with_cuda, verbose=False)
