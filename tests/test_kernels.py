@@ -217,21 +217,24 @@ def test_csrc_kernels_run_on_torchs_intra_op_threads():
     """The C++ kernels' at::parallel_for spreads work over torch's threads and follows
     torch.set_num_threads. Built without -fopenmp it compiles to a serial call: until the
     twentieth session every csrc CPU kernel ran on one core (bench-20m attention per layer,
-    2 threads: forward 11.9 -> 6.3 ms, backward 23.8 -> 12.5 ms once fixed)."""
+    2 threads: forward 11.9 -> 6.3 ms, backward 23.8 -> 12.5 ms once fixed). In a fresh process:
+    vLLM's CPU worker, started in-process by the rollout tests, replaces torch.set_num_threads in
+    its process with a function that does nothing (vllm/v1/worker/cpu_worker.py)."""
     from megatron_domain.kernels.extension import prebuilt_extension
 
-    ext = prebuilt_extension()
-    if ext is None:
+    if prebuilt_extension() is None:
         pytest.skip("the csrc extension is not built (pip install -e . builds it)")
     if "OpenMP" not in torch.__config__.parallel_info():
         pytest.skip("this torch does not run its intra-op threads on OpenMP")
-    before = torch.get_num_threads()
-    try:
-        for threads in (2, 1, 3):
-            torch.set_num_threads(threads)
-            assert ext.intra_op_threads_used(12) == threads
-    finally:
-        torch.set_num_threads(before)
+    code = ("import json, torch; from megatron_domain.kernels.extension import prebuilt_extension\n"
+            "ext = prebuilt_extension(); used = {}\n"
+            "for threads in (2, 1, 3):\n"
+            "    torch.set_num_threads(threads); used[threads] = ext.intra_op_threads_used(12)\n"
+            "print(json.dumps(used))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    used = json.loads(result.stdout.strip().splitlines()[-1])
+    assert used == {"2": 2, "1": 1, "3": 3}, used
 
 
 def test_linear_logprobs_triton_interpreted_equals_reference():
