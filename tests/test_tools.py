@@ -21,7 +21,7 @@ def test_gpu_check_dry_run(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(out.read_text())
-    for section in ("extension", "kernels", "attention", "fp8", "bench_losses", "bench_vs_transformers", "bench_bf16",
+    for section in ("extension", "kernels", "attention", "fp8", "attention_speed", "bench_losses", "bench_vs_transformers", "bench_bf16",
                     "bench_bf16_fused_ce", "bench_fp8", "bench_fp8_fused_ce", "bench_bf16_8b_16_layers",
                     "bench_fp8_8b_16_layers", "engine", "bench_rollout"):
         assert "error" not in summary[section], (section, summary[section])
@@ -35,6 +35,10 @@ def test_gpu_check_dry_run(tmp_path):
             assert errors["grad_err"] < 1e-4, (name, errors)
     assert summary["attention"]["sdpa"]["ok"] and summary["attention"]["flex"]["ok"]
     assert summary["fp8"]["float8"]["relative_error"] < 0.1  # e4m3 keeps ~3 significant bits
+    speed = summary["attention_speed"]  # forward + backward of each kernel that runs here, timed
+    for name in ("sdpa_flash/causal", "sdpa_math/causal", "sdpa/causal", "sdpa/documents"):
+        assert speed[name]["ms"] > 0, (name, speed)
+    assert speed["sdpa/causal"]["tflops"] > 0 and "tflops" not in speed["sdpa/documents"]
     assert summary["bench_losses"]["vocab"]["4096"]["loss_diff"] < 1e-4
     assert summary["bench_vs_transformers"]["compiled_fused_ce"]["speedup_vs_hf"] > 0, summary["bench_vs_transformers"]
     assert "skipped" in summary["bench_vs_transformers"]["eager"]  # (the same tool, run by the bench tests below)

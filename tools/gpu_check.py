@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """The one GPU check: build the csrc CUDA extension, compare every GPU implementation with
-its reference, compare FP8 with bf16, and benchmark training steps of the ~1B Llama preset
-(bf16 and FP8, seq 4096, full logits and fused cross-entropy; the bf16 / FP8 steps with a
-profile of their top kernels) -> tokens/s, MFU and peak memory; then ours vs transformers
+its reference, compare FP8 with bf16, time each attention kernel (SDPA's flash / cuDNN /
+memory-efficient, the engine's sdpa and Flex; causal and packed), and benchmark training steps
+of the ~1B Llama preset (bf16 and FP8, seq 4096, full logits and fused cross-entropy; the bf16 /
+FP8 steps with a profile of their top kernels) -> tokens/s, MFU and peak memory; then ours vs transformers
 (training step, tools/bench.py; generation, tools/bench_rollout.py), the whole engine in one
 process (tools/bench.py --engine) and the fused-loss benchmark. Writes one JSON summary.
 
@@ -166,6 +167,84 @@ def check_attention(device: torch.device, dry: bool) -> dict:
             out[name]["ok"] = out[name]["max_err"] <= out[name]["tolerance"]
         except Exception as exc:
             out[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    return out
+
+
+def attention_tflops(bsz: int, heads: int, seq: int, dim: int, causal: bool) -> float:
+    """Forward + backward matmul TFLOP of one attention call: QK^T and PV forward (4 B H S^2 D,
+    halved when causal), 2.5x that backward (dQ, dK, dV and the recomputed scores)."""
+    forward = 4 * bsz * heads * seq * seq * dim * (0.5 if causal else 1.0)
+    return 3.5 * forward / 1e12
+
+
+def time_call(fn, device: torch.device, reps: int) -> float:
+    """Mean milliseconds of fn() over `reps` calls after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+def time_attention(device: torch.device, dry: bool) -> dict:
+    """Forward + backward time of each SDPA kernel (flash, cuDNN, memory-efficient, math) and of
+    the engine's backends at the 1B preset's attention shape (32 query / 8 KV heads, head dim 64,
+    seq 4096), causal and over packed documents: which kernel the engine should ask for on this
+    GPU (attention is 1.6 of the 9.0 GFLOP a token at that preset, and stays bf16 under float8)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from megatron_domain.models.attention import ATTENTION_BACKENDS, AttentionContext
+
+    bsz, heads, kv_heads, seq, dim = (1, 4, 2, 128, 16) if dry else (1, 32, 8, 4096, 64)
+    dtype = torch.float32 if dry else torch.bfloat16
+    reps = 2 if dry else 10
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(bsz, heads, seq, dim, generator=gen).to(device, dtype).requires_grad_()
+    k = torch.randn(bsz, kv_heads, seq, dim, generator=gen).to(device, dtype).requires_grad_()
+    v = torch.randn(bsz, kv_heads, seq, dim, generator=gen).to(device, dtype).requires_grad_()
+    grad = torch.randn(bsz, heads, seq, dim, generator=gen).to(device, dtype)
+    lengths = torch.tensor([seq // 8, seq // 4, seq // 2, seq - seq // 8 - seq // 4 - seq // 2])
+    document_ids = torch.repeat_interleave(torch.arange(4), lengths)[None].to(device)  # [1, S]
+    out: dict = {"shape": {"batch": bsz, "heads": heads, "kv_heads": kv_heads, "seq": seq, "head_dim": dim,
+                           "dtype": str(dtype)}}
+
+    def measured(attend, causal: bool) -> dict:
+        """ms of forward + backward; TFLOP/s for the causal pattern (packed documents do less work)."""
+        def step():
+            attend().backward(grad)
+        ms = time_call(step, device, reps)
+        rate = {"tflops": round(attention_tflops(bsz, heads, seq, dim, True) / (ms / 1e3), 3)} if causal else {}
+        return {"ms": round(ms, 3), **rate}
+
+    k_rep, v_rep = (t.repeat_interleave(heads // kv_heads, dim=1).detach().requires_grad_() for t in (k, v))
+    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    for name, backend in kernels.items():
+        if name == "math" and not dry:
+            continue  # materializes [H, S, S] scores: no candidate at seq 4096
+        if device.type != "cuda" and name in ("cudnn", "efficient"):
+            out[f"sdpa_{name}/causal"] = {"skipped": "a CUDA kernel"}
+            continue
+
+        def causal_sdpa(backend=backend):
+            with sdpa_kernel([backend]):
+                return torch.nn.functional.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True)
+        recorded(out, f"sdpa_{name}/causal", lambda: measured(causal_sdpa, True))
+    for name in ("sdpa", "flex"):  # the engine's backends as a layer calls them (GQA, document mask)
+        contexts = {"causal": AttentionContext.build(None, name, (bsz, seq)),
+                    "documents": AttentionContext.build(document_ids, name)}
+        for layout, ctx in contexts.items():
+            def engine_attention(name=name, ctx=ctx):
+                return ATTENTION_BACKENDS[name](q, k, v, ctx)
+            if name == "flex" and device.type != "cuda":
+                out[f"{name}/{layout}"] = {"skipped": "FlexAttention has no backward on a CPU"}
+                continue
+            recorded(out, f"{name}/{layout}", lambda: measured(engine_attention, layout == "causal"))
     return out
 
 
@@ -370,6 +449,7 @@ def main() -> None:
         "kernels": lambda: check_kernels(device, dry),
         "attention": lambda: check_attention(device, dry),
         "fp8": lambda: check_fp8(device, dry),
+        "attention_speed": lambda: time_attention(device, dry),
         "bench_bf16": lambda: bench_training(device, dry, "none", steps, compile_layers, profile_top=args.profile_top),
         "bench_fp8": lambda: bench_training(device, dry, "float8", steps, compile_layers, profile_top=args.profile_top),
         "bench_vs_transformers": lambda: bench_vs_transformers(dry),
