@@ -69,3 +69,20 @@ def test_bf16_rows_are_padded_to_repeat_matmul_shapes_only_on_a_cpu():
     assert matmul_row_multiple("bf16", torch.device("cpu")) == CPU_BF16_ROW_MULTIPLE == 64
     assert matmul_row_multiple("fp32", torch.device("cpu")) == 1
     assert matmul_row_multiple("bf16", torch.device("cuda")) == 1  # a device object; no GPU needed
+
+
+def test_mfu_is_measured_against_the_matmul_rate_of_the_training_dtype(tiny_config):
+    """A bf16 run's MFU denominator is this CPU's bf16 matmul rate, not its fp32 one: measured
+    against fp32, the demo's bf16 stages on an AVX-512-BF16 CPU (bf16 matmuls ~2.2x fp32)
+    logged MFU 1.08-1.19. Where bf16 is the fast dtype here, its rate is well above fp32's."""
+    import pytest
+
+    from megatron_domain.engine import mfu_peak_flops
+
+    if fast_training_dtype(torch.device("cpu"))[0] != "bf16":
+        pytest.skip("bf16 is not the fast dtype on this CPU (no AMX or AVX-512 BF16): the rates are not ordered")
+    cpu = torch.device("cpu")
+    bf16 = mfu_peak_flops(tiny_config("bf16", dtype="bf16"), cpu)
+    fp32 = mfu_peak_flops(tiny_config("fp32", dtype="fp32"), cpu)
+    assert bf16 > 1.3 * fp32, (bf16 / 1e9, fp32 / 1e9)  # measured: 2.2x (EPYC, no AMX), ~4x (AMX)
+    assert mfu_peak_flops(tiny_config("set", dtype="bf16", peak_tflops=2.5), cpu) == 2.5e12

@@ -291,7 +291,7 @@ def main() -> None:
 
         counts = count_parameters(model_config_from_hf(read_hf_config(root / "model")))
         params = counts["non_embedding"]
-        peak = measured_matmul_flops(torch.device("cpu"), torch.float32)
+        peak = measured_matmul_flops(torch.device("cpu"), torch.float32, min_seconds=1.0)
         try:
             import trl
             record["trl_version"] = trl.__version__

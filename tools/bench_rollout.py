@@ -224,7 +224,7 @@ def main() -> None:
         results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
     cfg = bench_model(args.preset, torch.device("cpu")).cfg
     flops = forward_flops_per_token(cfg, args.prompt_len + args.new_tokens // 2)
-    peak = peak_flops(device)
+    peak = peak_flops(device, min_seconds=1.0)  # fp32: the dtype the samplers run in
     for r in results.values():
         r["mfu"] = r["tokens_per_s"] * flops / peak
     summary = {"bench": "rollout", "preset": args.preset, "prompts": args.prompts, "n": args.n,
