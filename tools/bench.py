@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-TRAIN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from megatron_domain.convert import DTYPES  # noqa: E402  (after the path insert)
 
 
 def build(impl: str, preset: str, seq: int, device: torch.device, dtype: torch.dtype, compile_layers: bool = False,
@@ -104,7 +104,7 @@ def run_one(args) -> dict:
     from megatron_domain.metrics import peak_flops
 
     device = torch.device(args.device)
-    dtype = TRAIN_DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     ours_only = args.impl == "ours"
     model, forward_loss, flops_per_token = build(args.impl, args.preset, args.seq, device, dtype,
                                                  args.compile and ours_only, args.fused_ce and ours_only)
@@ -226,12 +226,12 @@ def bench_layouts(args) -> dict:
     vocab = config_from_dict({"model": {"preset": args.preset}, "data": {"seq_len": args.seq}}).model.vocab_size
     if args.device == "cpu":
         torch.set_num_threads(1)
-        per_thread = measured_matmul_flops(torch.device(args.device), TRAIN_DTYPES[args.dtype], size=1024, repeats=10,
+        per_thread = measured_matmul_flops(torch.device(args.device), DTYPES[args.dtype], size=1024, repeats=10,
                                            min_seconds=1.0)
     else:  # one GPU per process: its data-sheet peak in the training dtype
         from megatron_domain.metrics import peak_flops
 
-        per_thread = peak_flops(torch.device(args.device), dtype=TRAIN_DTYPES[args.dtype])
+        per_thread = peak_flops(torch.device(args.device), dtype=DTYPES[args.dtype])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = make_bench_data(root, vocab)
@@ -302,7 +302,7 @@ def main() -> None:
     # matmul rate differed by ~15% in one run, which made equal speeds show different MFUs)
     from megatron_domain.metrics import peak_flops
 
-    peak = peak_flops(torch.device(args.device), dtype=TRAIN_DTYPES[args.dtype], min_seconds=1.0)
+    peak = peak_flops(torch.device(args.device), dtype=DTYPES[args.dtype], min_seconds=1.0)
     runs: dict[str, list[dict]] = {impl: [] for impl in impls}
     for round_index in range(args.rounds):  # ours, hf, ours, hf, ...: a noisy machine's drift hits both alike
         for impl in impls:
